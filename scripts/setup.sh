@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what blkexport needs on Debian 12 (idempotent), then npm ci and the build.
+#   scripts/setup.sh          runtime only: libfuse2 (fuse-native's libfuse.so.2), fuse (fusermount)
+#   scripts/setup.sh --test   also the test oracle and tools: qemu-utils, qemu-system-common
+#                             (qemu-storage-daemon), fio, parted, fdisk, e2fsprogs, file
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pkgs=(libfuse2 file)
+# fusermount comes from 'fuse' (libfuse 2) or 'fuse3'; they conflict, either will do.
+if ! command -v fusermount >/dev/null 2>&1 && ! command -v fusermount3 >/dev/null 2>&1; then pkgs+=(fuse); fi
+if [[ "${1:-}" == "--test" ]]; then
+  pkgs+=(qemu-utils qemu-system-common fio parted fdisk e2fsprogs util-linux)
+fi
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: missing Debian packages: ${missing[*]} (run as root, or apt-get install them)" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -c /dev/fuse ]]; then
+  echo "setup: warning: /dev/fuse is missing (modprobe fuse, or run the container with --device /dev/fuse)" >&2
+fi
+
+# npm ci only when the lock changed since the last install.
+stamp=node_modules/.blkexport-lock-stamp
+if [[ ! -f $stamp ]] || ! cmp -s package-lock.json "$stamp"; then
+  npm ci --no-audit --no-fund --loglevel=error
+  cp package-lock.json "$stamp"
+fi
+npm run --silent build

@@ -1,0 +1,60 @@
+/**
+ * What the rest of blkexport sees of the block layer: an opened node of the
+ * graph. Exports and engines talk to a BlockNode and never to a driver.
+ * Offsets and lengths are byte counts (JS numbers: exact up to 2^53).
+ */
+
+export type BlockRole = 'protocol' | 'format' | 'filter';
+
+/** One extent answered by blockStatus. */
+export interface BlockExtent {
+  offset: number;
+  length: number;
+  /** The range holds data in this node or one of its backing files (false: reads as zeroes because nothing is there). */
+  data: boolean;
+  /** The range is known to read as zeroes. */
+  zero: boolean;
+}
+
+/** Capabilities are asked once and cached by callers (nbdkit's can_write, can_zero, ...). */
+export interface BlockCapabilities {
+  write: boolean;
+  truncate: boolean;
+  writeZeroes: boolean;
+  discard: boolean;
+}
+
+export interface BlockNode {
+  /** The node-name (manifest, or generated for implicit nodes such as an image's own backing file). */
+  readonly nodeName: string;
+  readonly driver: string;
+  readonly role: BlockRole;
+  /** Children: file first, then backing (when present). */
+  readonly children: readonly BlockNode[];
+  /** Current read-only state (changes only through reopen). */
+  readonly readOnly: boolean;
+
+  /** Virtual size in bytes. */
+  length(): number;
+  /** Fill `buf` with the bytes at [offset, offset+buf.length); the range must lie inside length(). */
+  read(offset: number, buf: Buffer): Promise<void>;
+  /** Write all of `buf` at offset; the range must lie inside length() (grow with truncate first). */
+  write(offset: number, buf: Buffer): Promise<void>;
+  /** Make [offset, offset+length) read as zeroes; mayUnmap allows deallocating. */
+  writeZeroes(offset: number, length: number, opts: { mayUnmap: boolean }): Promise<void>;
+  /** Hint that the range is no longer needed; contents afterwards are unspecified but stable. */
+  discard(offset: number, length: number): Promise<void>;
+  /** Make every completed write durable (this node and all children). */
+  flush(): Promise<void>;
+  /** Change the virtual size. */
+  truncate(size: number): Promise<void>;
+  /** Allocation status of the extent starting at offset (at most `length` bytes long). */
+  blockStatus(offset: number, length: number): Promise<BlockExtent>;
+  /** Bytes the node occupies on the host (for st_blocks). */
+  allocatedSize(): Promise<number>;
+  capabilities(): BlockCapabilities;
+  /** Change mutable options in place (prepare, then commit on every node, or abort). */
+  reopen(opts: { readOnly?: boolean }): Promise<void>;
+  /** Flush (when writable) and release every resource; children are closed by the graph. */
+  close(): Promise<void>;
+}

@@ -1,0 +1,92 @@
+/**
+ * The one error type of blkexport. Every failure a user can see carries a code
+ * (a string union, never an enum) and, where it has one, a place: a manifest
+ * position (file:line:col) or an image path and field.
+ */
+
+export type BlkErrorCode =
+  // manifests
+  | 'MANIFEST_SYNTAX'
+  | 'MANIFEST_SCHEMA'
+  | 'MANIFEST_SEMANTIC'
+  | 'MANIFEST_COLLISION'
+  // images and the block layer
+  | 'IMAGE_INVALID'
+  | 'IMAGE_UNSUPPORTED'
+  | 'IMAGE_CORRUPT'
+  | 'IMAGE_ENCRYPTED'
+  | 'IMAGE_TOO_LARGE'
+  | 'OUT_OF_RANGE'
+  | 'READ_ONLY'
+  | 'NOT_SUPPORTED'
+  | 'BACKING_POLICY'
+  | 'BACKING_CHAIN'
+  | 'IO'
+  // exports and mounts
+  | 'EXPORT_EXISTS'
+  | 'EXPORT_INVALID'
+  | 'MOUNT_FAILED'
+  | 'PATH_POLICY'
+  | 'LOCKED'
+  // command line and agent
+  | 'USAGE'
+  | 'AGENT'
+  | 'INTERNAL';
+
+/** Where an error happened: a manifest position or an image (with the field that was wrong). */
+export interface BlkErrorPlace {
+  file?: string;
+  line?: number;
+  col?: number;
+  /** JSON pointer inside a manifest document, e.g. /spec/exports/0/id */
+  path?: string;
+  /** Image header or table field, e.g. "l1_table_offset" */
+  field?: string;
+}
+
+export class BlkError extends Error {
+  readonly code: BlkErrorCode;
+  readonly place: BlkErrorPlace;
+  /** errno to answer a FUSE request with when this error reaches the export (default EIO) */
+  readonly errno: number | undefined;
+
+  constructor(
+    code: BlkErrorCode,
+    message: string,
+    place: BlkErrorPlace = {},
+    opts: { cause?: unknown; errno?: number } = {},
+  ) {
+    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    this.name = 'BlkError';
+    this.code = code;
+    this.place = place;
+    this.errno = opts.errno;
+  }
+
+  /** `FILE:LINE:COL: message (at /json/path)`, or `FILE: message` for images. */
+  format(): string {
+    const { file, line, col, path, field } = this.place;
+    let where = '';
+    if (file !== undefined) {
+      where = file;
+      if (line !== undefined) where += `:${line}${col !== undefined ? `:${col}` : ''}`;
+      where += ': ';
+    }
+    let msg = `${where}${this.message}`;
+    if (path !== undefined && path !== '') msg += ` (at ${path})`;
+    if (field !== undefined) msg += ` (field ${field})`;
+    return msg;
+  }
+}
+
+/** True when `e` is a BlkError (also across module copies). */
+export function isBlkError(e: unknown): e is BlkError {
+  return e instanceof BlkError || (e instanceof Error && e.name === 'BlkError' && 'code' in e);
+}
+
+/** A one-line message for any thrown value, never a stack trace. */
+export function describeError(e: unknown): string {
+  if (isBlkError(e)) return e.format();
+  if (e instanceof Error) return e.message;
+  return String(e);
+}
