@@ -33,6 +33,10 @@ export interface BlockNode {
   readonly children: readonly BlockNode[];
   /** Current read-only state (changes only through reopen). */
   readonly readOnly: boolean;
+  /** The host file behind this node (a protocol node's own file, a format node's file child's). */
+  readonly filename?: string;
+  /** `dev:ino` of that host file, used to detect backing-chain cycles. */
+  readonly fileKey?: string;
 
   /** Virtual size in bytes. */
   length(): number;

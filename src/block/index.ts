@@ -1,0 +1,10 @@
+/** The block layer's public surface. */
+export type { BlockDriver, OpenContext, ReopenOptions } from './driver.js';
+export { BlockGraph, MAX_BACKING_DEPTH, openGraph, openNode } from './graph.js';
+export { reopenTogether } from './node.js';
+export { type OpenedImage, type OpenImageOptions, openImage } from './open-image.js';
+export type { NodeOptions } from './options.js';
+export { makePathPolicy, type PathPolicy } from './path-policy.js';
+export { type ProbedFormat, probeBytes, probeFormat, probeNode } from './probe.js';
+export { openRawWindow } from './raw-window.js';
+export type { BlockCapabilities, BlockExtent, BlockNode, BlockRole } from './types.js';

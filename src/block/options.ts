@@ -1,0 +1,25 @@
+/**
+ * Normalized node options, the shape the engine hands to openGraph/openNode.
+ * Names are camelCase spellings of QEMU's QAPI options (node-name → nodeName,
+ * read-only → readOnly); the manifest layer does the translation.
+ */
+
+export interface NodeOptions {
+  driver: string;
+  nodeName?: string;
+  readOnly?: boolean;
+  /** `file` driver: the host path. */
+  filename?: string;
+  /** Format drivers: the protocol child, as a node-name or inline options. */
+  file?: string | NodeOptions;
+  /** qcow2: a node-name, inline options, `null` for none; absent = follow the image's own backing file. */
+  backing?: string | NodeOptions | null;
+  /** raw: window start in the child. */
+  offset?: number;
+  /** raw: window length. */
+  size?: number;
+  /** qcow2: bound of the L2-table cache in bytes. */
+  l2CacheBytes?: number;
+  /** qcow2 (internal): format of the image's own backing file, when this node was opened as one. */
+  backingOf?: string;
+}

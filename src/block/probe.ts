@@ -1,0 +1,72 @@
+/**
+ * Format probing from an image's first bytes, for `format: auto` on the image
+ * a user names (never on backing files: their format must be recorded).
+ * qcow2 and raw are supported; other formats are recognized by their magic
+ * and refused, so they are never presented as raw.
+ */
+import { closeSync, constants, openSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { BlkError } from '../errors.js';
+import { preadFull } from './protocol/file-io.js';
+import type { BlockNode } from './types.js';
+
+export type ProbedFormat = 'qcow2' | 'raw';
+
+/** Bytes probing looks at. */
+export const PROBE_BYTES = 512;
+
+function unsupported(format: string, file: string | undefined): BlkError {
+  return new BlkError('IMAGE_UNSUPPORTED', `format ${format} is not supported yet`, { file });
+}
+
+/** Names the format of an image from its first bytes; throws IMAGE_UNSUPPORTED for known unsupported formats. */
+export function probeBytes(head: Buffer, file?: string): ProbedFormat {
+  const ascii = (off: number, s: string) =>
+    head.length >= off + s.length && head.toString('latin1', off, off + s.length) === s;
+  if (ascii(0, 'QFI\xfb')) {
+    const version = head.length >= 8 ? head.readUInt32BE(4) : 0;
+    if (version === 1) throw unsupported('qcow (version 1)', file);
+    if (version === 2 || version === 3) return 'qcow2';
+    throw new BlkError('IMAGE_UNSUPPORTED', `qcow2 version ${version} is not supported`, {
+      file,
+      field: 'version',
+    });
+  }
+  if (ascii(0, 'KDMV') || ascii(0, 'COWD') || ascii(0, '# Disk DescriptorFile'))
+    throw unsupported('vmdk', file);
+  if (ascii(0, 'vhdxfile')) throw unsupported('vhdx', file);
+  if (ascii(0, 'conectix')) throw unsupported('vpc', file);
+  if (head.length >= 0x44 && head.readUInt32LE(0x40) === 0xbeda107f) throw unsupported('vdi', file);
+  if (ascii(0, 'QED\0')) throw unsupported('qed', file);
+  if (ascii(0, 'LUKS\xba\xbe')) throw unsupported('luks', file);
+  if (ascii(0, 'WithoutFreeSpace') || ascii(0, 'WithouFreSpacExt')) throw unsupported('parallels', file);
+  if (ascii(0, 'Bochs Virtual HD Image')) throw unsupported('bochs', file);
+  if (ascii(0, '#!/bin/sh\n#V2.0 Format')) throw unsupported('cloop', file);
+  return 'raw';
+}
+
+/** Probes an opened node (reads its first bytes through the node, so a mount over the path does not matter). */
+export async function probeNode(node: BlockNode): Promise<ProbedFormat> {
+  const n = Math.min(PROBE_BYTES, node.length());
+  const head = Buffer.alloc(n);
+  await node.read(0, head);
+  return probeBytes(head, node.filename);
+}
+
+/** Probes the image at `path`: 'qcow2' or 'raw', or throws IMAGE_UNSUPPORTED naming the format found. */
+export async function probeFormat(path: string): Promise<ProbedFormat> {
+  const file = resolve(path);
+  let fd: number;
+  try {
+    fd = openSync(file, constants.O_RDONLY);
+  } catch (e) {
+    throw new BlkError('IO', `cannot open: ${(e as Error).message}`, { file }, { cause: e });
+  }
+  try {
+    const head = Buffer.alloc(PROBE_BYTES);
+    await preadFull(fd, head, 0, PROBE_BYTES, 0);
+    return probeBytes(head, file);
+  } finally {
+    closeSync(fd);
+  }
+}

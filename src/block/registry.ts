@@ -1,0 +1,24 @@
+/** The drivers the native engine knows, by name. */
+import { BlkError } from '../errors.js';
+import type { BlockDriver } from './driver.js';
+import { qcow2Format } from './format/qcow2/driver.js';
+import { rawFormat } from './format/raw.js';
+import { fileProtocol } from './protocol/file.js';
+
+const DRIVERS: ReadonlyMap<string, BlockDriver> = new Map([
+  ['file', fileProtocol],
+  ['raw', rawFormat],
+  ['qcow2', qcow2Format],
+]);
+
+/** The driver called `name`, or a NOT_SUPPORTED error. */
+export function findDriver(name: string): BlockDriver {
+  const d = DRIVERS.get(name);
+  if (!d) throw new BlkError('NOT_SUPPORTED', `block driver '${name}' is not supported`);
+  return d;
+}
+
+/** Names of every registered driver. */
+export function driverNames(): string[] {
+  return [...DRIVERS.keys()];
+}
