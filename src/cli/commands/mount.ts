@@ -1,0 +1,191 @@
+/**
+ * `blkexport mount IMAGE [MOUNTPOINT]`: one export in the foreground, no
+ * manifest (the seed's qemu-fuse-disk-export.py use case). --daemonize
+ * returns only once the export is mounted and readable from another process.
+ */
+import { spawn } from 'node:child_process';
+import { unlink, writeFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
+import { type OneShot, type OneShotOptions, startOneShot } from '../../engine/one-shot.js';
+import { BlkError, describeError } from '../../errors.js';
+import { parseCommandArgs } from '../args.js';
+import { formatBytes } from '../format.js';
+
+export const summary = 'export one image as a raw file (default: over the image itself)';
+export const usage = `usage: blkexport mount IMAGE [MOUNTPOINT] [options]
+
+Presents IMAGE (qcow2 or raw, probed) as a raw image file at MOUNTPOINT, which
+defaults to IMAGE itself: until unmounted, \`file\`, \`parted\`, \`kpartx\`,
+\`mount -o loop\` see the guest disk. Serves in the foreground until Ctrl-C or
+SIGTERM, then flushes, unmounts and exits 0.
+
+options:
+  --format F             auto (default), raw or qcow2
+  --writable             allow writes (a probed-raw image needs --format raw)
+  --growable             writes past the end grow the image; allows truncate
+  --allow-other          let other users open the export (default: try, fall back)
+  --partition N          export only partition N of the MBR or GPT table
+  --daemonize            return once the export is mounted and readable
+  --pidfile F            write the serving process's pid to F once exported
+  --create-mountpoint    create MOUNTPOINT as an empty file if missing (removed at unmount)
+  --allow-root DIR       image, backing files and mountpoint must lie inside DIR
+                         (repeatable; default: the image's directory)
+`;
+
+const DAEMON_ENV = 'BLKEXPORT_DAEMON_CHILD';
+
+function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidfile: string | undefined } {
+  const { values, positionals } = parseCommandArgs('mount', args, {
+    format: { type: 'string', default: 'auto' },
+    writable: { type: 'boolean', default: false },
+    growable: { type: 'boolean', default: false },
+    'allow-other': { type: 'boolean' },
+    partition: { type: 'string' },
+    daemonize: { type: 'boolean', default: false },
+    pidfile: { type: 'string' },
+    'create-mountpoint': { type: 'boolean', default: false },
+    'allow-root': { type: 'string', multiple: true, default: [] },
+  });
+  if (positionals.length < 1 || positionals.length > 2) {
+    throw new BlkError('USAGE', 'expected IMAGE [MOUNTPOINT] (see blkexport mount --help)');
+  }
+  const format = values.format as string;
+  if (format !== 'auto' && format !== 'raw' && format !== 'qcow2') {
+    throw new BlkError('USAGE', `--format must be auto, raw or qcow2, not '${format}'`);
+  }
+  let partition: number | undefined;
+  if (values.partition !== undefined) {
+    if (!/^[1-9][0-9]{0,3}$/.test(values.partition)) {
+      throw new BlkError(
+        'USAGE',
+        `--partition takes a partition number (1, 2, ...), not '${values.partition}'`,
+      );
+    }
+    partition = Number(values.partition);
+  }
+  if (values.growable && !values.writable) throw new BlkError('USAGE', '--growable needs --writable');
+  const opts: OneShotOptions = {
+    image: resolve(positionals[0]!),
+    format,
+    writable: values.writable as boolean,
+    growable: values.growable as boolean,
+    allowOther: values['allow-other'] === undefined ? 'auto' : values['allow-other'] ? 'on' : 'off',
+    createMountpoint: values['create-mountpoint'] as boolean,
+    allowRoots: (values['allow-root'] as string[]).map((r) => resolve(r)),
+  };
+  if (positionals[1] !== undefined) opts.mountpoint = resolve(positionals[1]);
+  if (partition !== undefined) opts.partition = partition;
+  return { opts, daemonize: values.daemonize as boolean, pidfile: values.pidfile && resolve(values.pidfile) };
+}
+
+function describe(s: OneShot): string {
+  const what = s.partition
+    ? `partition ${s.partition.index} (${s.partition.scheme}, offset ${s.partition.offset}) of ${s.image} (${s.format})`
+    : `${s.image} (${s.format})`;
+  const mode = s.export.isWritable ? (s.export.isGrowable ? 'writable, growable' : 'writable') : 'read-only';
+  return `exported ${what} on ${s.mountpoint} as raw, ${formatBytes(s.size)}, ${mode}`;
+}
+
+/** Serves until a signal; resolves with the exit status. */
+async function serve(
+  opts: OneShotOptions,
+  pidfile: string | undefined,
+  ready: (msg: string) => void,
+): Promise<number> {
+  const session = await startOneShot(opts);
+  if (pidfile) {
+    try {
+      await writeFile(pidfile, `${process.pid}\n`);
+    } catch (e) {
+      await session.stop();
+      throw new BlkError('USAGE', `cannot write pidfile '${pidfile}': ${(e as Error).message}`);
+    }
+  }
+  session.export.onError = (op, err) => console.error(`blkexport mount: ${op} failed: ${describeError(err)}`);
+  ready(describe(session));
+  return new Promise((resolveExit) => {
+    let stopping = false;
+    const stop = (sig: string) => {
+      if (stopping) return;
+      stopping = true;
+      session
+        .stop()
+        .then(
+          () => 0,
+          (e) => {
+            console.error(`blkexport mount: stopping on ${sig}: ${describeError(e)}`);
+            return 1;
+          },
+        )
+        .then(async (code) => {
+          if (pidfile) await unlink(pidfile).catch(() => undefined);
+          resolveExit(code);
+        });
+    };
+    for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => stop(sig));
+  });
+}
+
+/** Starts a detached copy of this command and waits for its ready/failed message. */
+function daemonize(args: string[]): Promise<number> {
+  const childArgs = [
+    ...process.execArgv,
+    process.argv[1]!,
+    'mount',
+    ...args.filter((a) => a !== '--daemonize'),
+  ];
+  const child = spawn(process.execPath, childArgs, {
+    detached: true,
+    stdio: ['ignore', 'ignore', 'ignore', 'ipc'],
+    env: { ...process.env, [DAEMON_ENV]: '1' },
+  });
+  return new Promise((resolveExit) => {
+    let answered = false;
+    child.on('message', (m: { ok: boolean; message: string }) => {
+      answered = true;
+      if (m.ok) {
+        console.log(`${m.message} (pid ${child.pid})`);
+        child.disconnect();
+        child.unref();
+        resolveExit(0);
+      } else {
+        console.error(`blkexport mount: ${m.message}`);
+        resolveExit(1);
+      }
+    });
+    child.on('exit', (code, signal) => {
+      if (!answered) {
+        console.error(
+          `blkexport mount: the serving process exited (${signal ?? `status ${code}`}) before the export was ready`,
+        );
+        resolveExit(1);
+      }
+    });
+    child.on('error', (e) => {
+      if (!answered) {
+        answered = true;
+        console.error(`blkexport mount: cannot start the serving process: ${e.message}`);
+        resolveExit(1);
+      }
+    });
+  });
+}
+
+export async function run(args: string[]): Promise<number> {
+  const { opts, daemonize: bg, pidfile } = parse(args);
+  if (bg) return daemonize(args);
+  if (process.env[DAEMON_ENV] === '1' && process.send) {
+    // The detached child of --daemonize: report readiness or failure through IPC, then serve silently.
+    const send = process.send.bind(process);
+    try {
+      return await serve(opts, pidfile, (message) => {
+        send({ ok: true, message });
+        process.disconnect?.();
+      });
+    } catch (e) {
+      send({ ok: false, message: describeError(e) });
+      return 1;
+    }
+  }
+  return serve(opts, pidfile, (msg) => console.log(`${msg}; Ctrl-C to stop`));
+}

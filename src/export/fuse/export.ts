@@ -1,0 +1,232 @@
+/**
+ * The FUSE export driver: one BlockNode presented as one raw file, with
+ * qemu-storage-daemon's semantics (REFERENCE.md §A) and blkexport's stricter
+ * size rule (SPEC §1: size changes need `growable`). It sees one node, never
+ * the graph; generic checks (unique ids and mountpoints, writable over a
+ * read-only node) live in the export registry.
+ */
+import { constants } from 'node:fs';
+import type { BlockNode } from '../../block/types.js';
+import { Errno, type FileAttr, type FileFsMount, type FileFsOps, FuseErrno, mountFileFs } from './binding.js';
+
+export type AllowOther = 'auto' | 'on' | 'off';
+
+export interface FuseExportOptions {
+  id: string;
+  /** Absolute path of an existing regular file. */
+  mountpoint: string;
+  writable: boolean;
+  growable: boolean;
+  allowOther: AllowOther;
+  /** fsname that marks the mount as ours in /proc/mounts. */
+  fsname: string;
+}
+
+/** Counters an export keeps for status and metrics (plain increments: nothing on the hot path allocates). */
+export interface ExportStats {
+  reads: number;
+  readBytes: number;
+  writes: number;
+  writeBytes: number;
+  flushes: number;
+  errors: number;
+}
+
+const O_ACCMODE = 3;
+
+/** Largest request libfuse 2 hands us; also what we ask for with max_read/max_write. */
+const MAX_REQUEST = 128 * 1024;
+
+/** Rounds up to the next multiple of 512, as QSD reports the size. */
+export function roundUpToSector(n: number): number {
+  return Math.ceil(n / 512) * 512;
+}
+
+export class FuseExport {
+  readonly id: string;
+  readonly mountpoint: string;
+  readonly node: BlockNode;
+  readonly stats: ExportStats = { reads: 0, readBytes: 0, writes: 0, writeBytes: 0, flushes: 0, errors: 0 };
+  /** Called with every failure answered as EIO (logs). */
+  onError: ((op: string, err: unknown) => void) | undefined;
+
+  private writable: boolean;
+  private growable: boolean;
+  private allowOther = false;
+  private mode: number;
+  private uid = process.getuid?.() ?? 0;
+  private gid = process.getgid?.() ?? 0;
+  private closed = false;
+  private mount: FileFsMount | undefined;
+  /** Serializes size changes (growing writes and truncates). */
+  private resizing: Promise<void> = Promise.resolve();
+
+  private constructor(node: BlockNode, opts: FuseExportOptions) {
+    this.id = opts.id;
+    this.mountpoint = opts.mountpoint;
+    this.node = node;
+    this.writable = opts.writable;
+    this.growable = opts.growable;
+    this.mode = opts.writable ? 0o600 : 0o400;
+  }
+
+  /** Mounts `node` on opts.mountpoint; with allow-other auto, falls back to a mount without allow_other. */
+  static async start(node: BlockNode, opts: FuseExportOptions): Promise<FuseExport> {
+    const exp = new FuseExport(node, opts);
+    const attempt = (allowOther: boolean) =>
+      mountFileFs(opts.mountpoint, exp.ops(), {
+        readOnly: !opts.writable,
+        allowOther,
+        fsname: opts.fsname,
+        subtype: 'blkexport',
+        maxRead: MAX_REQUEST,
+      });
+    if (opts.allowOther === 'auto') {
+      try {
+        exp.mount = await attempt(true);
+        exp.allowOther = true;
+      } catch {
+        exp.mount = await attempt(false);
+      }
+    } else {
+      exp.allowOther = opts.allowOther === 'on';
+      exp.mount = await attempt(exp.allowOther);
+    }
+    return exp;
+  }
+
+  get isWritable(): boolean {
+    return this.writable;
+  }
+
+  get isGrowable(): boolean {
+    return this.growable;
+  }
+
+  /** Changes growable in place (writable needs a remount and is the engine's job). */
+  setGrowable(growable: boolean): void {
+    this.growable = growable;
+  }
+
+  /** Flushes the node (when writable), unmounts lazily; later requests on open descriptors get ENOTCONN. */
+  async stop(): Promise<void> {
+    if (this.closed) return;
+    if (this.writable) await this.node.flush();
+    await this.mount?.unmount();
+    this.closed = true;
+  }
+
+  private check(): void {
+    if (this.closed) throw new FuseErrno(Errno.ENOTCONN, 'export removed');
+  }
+
+  private async resize(size: number): Promise<void> {
+    const run = this.resizing.then(() => (size > this.node.length() ? this.node.truncate(size) : undefined));
+    this.resizing = run.catch(() => undefined);
+    await run;
+  }
+
+  private ops(): FileFsOps {
+    const node = this.node;
+    return {
+      getattr: async (): Promise<FileAttr> => {
+        this.check();
+        const now = new Date();
+        const allocated = await node.allocatedSize().catch(() => 0);
+        return {
+          mode: constants.S_IFREG | this.mode,
+          uid: this.uid,
+          gid: this.gid,
+          size: roundUpToSector(node.length()),
+          blocks: Math.ceil(allocated / 512),
+          mtime: now,
+          atime: now,
+          ctime: now,
+        };
+      },
+      open: (flags) => {
+        this.check();
+        if (!this.writable && (flags & O_ACCMODE) !== constants.O_RDONLY) {
+          throw new FuseErrno(Errno.EACCES, 'export is read-only');
+        }
+      },
+      read: async (buf, length, position) => {
+        this.check();
+        const size = node.length();
+        if (position >= size) return 0;
+        const n = Math.min(length, size - position);
+        await node.read(position, n === buf.length ? buf : buf.subarray(0, n));
+        this.stats.reads++;
+        this.stats.readBytes += n;
+        return n;
+      },
+      write: async (buf, length, position) => {
+        this.check();
+        if (!this.writable) throw new FuseErrno(Errno.EACCES, 'export is read-only');
+        let n = length;
+        const end = position + length;
+        if (end > node.length()) {
+          if (this.growable) {
+            await this.resize(end);
+          } else if (position >= node.length()) {
+            throw new FuseErrno(Errno.ENOSPC, 'write past the end of a non-growable export');
+          } else {
+            n = node.length() - position; // short write up to EOF, as QSD
+          }
+        }
+        await node.write(position, n === buf.length ? buf : buf.subarray(0, n));
+        this.stats.writes++;
+        this.stats.writeBytes += n;
+        return n;
+      },
+      truncate: async (size) => {
+        this.check();
+        if (!this.writable) throw new FuseErrno(Errno.EACCES, 'export is read-only');
+        if (size === node.length()) return;
+        // Stricter than QSD on purpose: a stray `truncate -s 0` must not destroy a disk.
+        if (!this.growable) throw new FuseErrno(Errno.EPERM, 'size changes need a growable export');
+        const run = this.resizing.then(() => node.truncate(size));
+        this.resizing = run.catch(() => undefined);
+        await run;
+      },
+      chmod: (mode) => {
+        this.check();
+        const perms = mode & 0o777;
+        if ((mode & constants.S_IFMT) !== 0 && (mode & constants.S_IFMT) !== constants.S_IFREG) {
+          throw new FuseErrno(Errno.EINVAL);
+        }
+        if (!this.allowOther && (perms & 0o077) !== 0) throw new FuseErrno(Errno.EPERM);
+        if (!this.writable && (perms & 0o222) !== 0) throw new FuseErrno(Errno.EROFS);
+        this.mode = perms;
+      },
+      chown: (uid, gid) => {
+        this.check();
+        const keep = 0xffffffff;
+        const newUid = uid === keep || uid === -1 ? this.uid : uid;
+        const newGid = gid === keep || gid === -1 ? this.gid : gid;
+        if ((newUid !== this.uid || newGid !== this.gid) && !this.allowOther)
+          throw new FuseErrno(Errno.EPERM);
+        this.uid = newUid;
+        this.gid = newGid;
+      },
+      utimens: () => {
+        throw new FuseErrno(Errno.EOPNOTSUPP, 'timestamps cannot be set');
+      },
+      flush: async () => {
+        if (this.closed || !this.writable) return;
+        this.stats.flushes++;
+        await node.flush();
+      },
+      fsync: async () => {
+        this.check();
+        if (!this.writable) return;
+        this.stats.flushes++;
+        await node.flush();
+      },
+      onError: (op, err) => {
+        this.stats.errors++;
+        this.onError?.(op, err);
+      },
+    };
+  }
+}

@@ -1,0 +1,74 @@
+/**
+ * The kernel's mount table, as this process sees it (/proc/self/mountinfo),
+ * and how our own FUSE mounts are recognized in it: fstype `fuse.blkexport`,
+ * source `blkexport:<pid>` (one-shot `mount`) or `blkexport-agent:<pid>`.
+ */
+import { readFile } from 'node:fs/promises';
+
+export interface MountEntry {
+  mountId: number;
+  parentId: number;
+  mountpoint: string;
+  fstype: string;
+  source: string;
+  mountOptions: string;
+  superOptions: string;
+}
+
+export const FUSE_SUBTYPE = 'blkexport';
+export const FUSE_FSTYPE = `fuse.${FUSE_SUBTYPE}`;
+
+export type MountOwner = { kind: 'mount' | 'agent'; pid: number };
+
+/** Undoes mountinfo's octal escapes (\040 for space, \011, \012, \134). */
+function unescapeMountField(s: string): string {
+  return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(Number.parseInt(o, 8)));
+}
+
+/** Parses the text of /proc/<pid>/mountinfo. */
+export function parseMountInfo(text: string): MountEntry[] {
+  const out: MountEntry[] = [];
+  for (const line of text.split('\n')) {
+    if (!line) continue;
+    const sep = line.indexOf(' - ');
+    if (sep < 0) continue;
+    const a = line.slice(0, sep).split(' ');
+    const b = line.slice(sep + 3).split(' ');
+    if (a.length < 6 || b.length < 3) continue;
+    out.push({
+      mountId: Number(a[0]),
+      parentId: Number(a[1]),
+      mountpoint: unescapeMountField(a[4]!),
+      mountOptions: a[5]!,
+      fstype: b[0]!,
+      source: unescapeMountField(b[1]!),
+      superOptions: b[2]!,
+    });
+  }
+  return out;
+}
+
+/** Reads and parses this process's mount table. */
+export async function readMountTable(): Promise<MountEntry[]> {
+  return parseMountInfo(await readFile('/proc/self/mountinfo', 'utf8'));
+}
+
+/** The fsname we give a mount served by `kind` in process `pid`. */
+export function fsnameFor(kind: MountOwner['kind'], pid: number): string {
+  return `${kind === 'agent' ? 'blkexport-agent' : 'blkexport'}:${pid}`;
+}
+
+/** Who serves a mount of ours, from its source field; undefined for anything else. */
+export function mountOwner(entry: MountEntry): MountOwner | undefined {
+  if (entry.fstype !== FUSE_FSTYPE) return undefined;
+  const m = /^(blkexport|blkexport-agent):(\d+)$/.exec(entry.source);
+  if (!m) return undefined;
+  return { kind: m[1] === 'blkexport-agent' ? 'agent' : 'mount', pid: Number(m[2]) };
+}
+
+/** The topmost mount on `mountpoint` (several can be stacked on one path), if any. */
+export function topMountAt(entries: MountEntry[], mountpoint: string): MountEntry | undefined {
+  let top: MountEntry | undefined;
+  for (const e of entries) if (e.mountpoint === mountpoint) top = e;
+  return top;
+}
