@@ -1,0 +1,81 @@
+/**
+ * Names that must be unique across all manifests of a host: metadata.name,
+ * node-names, export ids and mountpoints. Files are taken in order; a file that
+ * collides with an earlier accepted one is refused as a whole, and the earlier
+ * one stays valid.
+ */
+import { BlkError } from '../errors.js';
+import { appliesToHost, hostsOverlap } from './hosts.js';
+import type { ManifestDocument, ManifestFile, SourcePos } from './types.js';
+
+type Kind = 'manifest name' | 'node-name' | 'export id' | 'mountpoint';
+
+interface Claim {
+  kind: Kind;
+  value: string;
+  doc: ManifestDocument;
+  source: SourcePos;
+}
+
+function claimsOf(doc: ManifestDocument): Claim[] {
+  const claims: Claim[] = [{ kind: 'manifest name', value: doc.name, doc, source: doc.source }];
+  for (const n of doc.nodes)
+    claims.push({ kind: 'node-name', value: n.options['node-name'], doc, source: n.source });
+  for (const e of doc.exports) {
+    claims.push({ kind: 'export id', value: e.options.id, doc, source: e.source });
+    claims.push({ kind: 'mountpoint', value: e.options.mountpoint, doc, source: e.source });
+  }
+  return claims;
+}
+
+function where(s: SourcePos): string {
+  return `${s.file}:${s.line}:${s.col}`;
+}
+
+/**
+ * Checks collisions across `files` in the order given (a directory's sorted
+ * order); with `hostname`, only documents for that host take part, otherwise
+ * documents whose `hosts:` cannot overlap may reuse names. Returns new file
+ * records; inputs are not changed.
+ */
+export function checkCollisions(
+  files: readonly ManifestFile[],
+  opts: { hostname?: string } = {},
+): ManifestFile[] {
+  const accepted = new Map<string, Claim[]>();
+  return files.map((f) => {
+    if (!f.valid) return f;
+    const staged: Claim[] = [];
+    const problems: BlkError[] = [];
+    for (const doc of f.documents) {
+      if (opts.hostname !== undefined && !appliesToHost(doc, opts.hostname)) continue;
+      for (const claim of claimsOf(doc)) {
+        const key = `${claim.kind}|${claim.value}`;
+        const earlier = [
+          ...(accepted.get(key) ?? []),
+          ...staged.filter((c) => `${c.kind}|${c.value}` === key),
+        ];
+        const other = earlier.find((c) => hostsOverlap(c.doc, doc));
+        if (other) {
+          const sameFile = other.source.file === f.file;
+          problems.push(
+            new BlkError(
+              'MANIFEST_COLLISION',
+              `${claim.kind} "${claim.value}" is already used by manifest "${other.doc.name}" at ${where(other.source)}` +
+                (sameFile ? '' : '; this manifest is refused as a whole'),
+              { file: f.file, line: claim.source.line, col: claim.source.col, path: claim.source.path },
+            ),
+          );
+        } else {
+          staged.push(claim);
+        }
+      }
+    }
+    if (problems.length > 0) return { ...f, valid: false, problems: [...f.problems, ...problems] };
+    for (const c of staged) {
+      const key = `${c.kind}|${c.value}`;
+      accepted.set(key, [...(accepted.get(key) ?? []), c]);
+    }
+    return f;
+  });
+}

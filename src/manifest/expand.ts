@@ -1,0 +1,205 @@
+/**
+ * Expands one schema-valid document into normalized nodes and exports:
+ * inline children get a node-name, sizes become numbers, defaults are filled,
+ * and shorthand exports (`image:`) become the long form's graph.
+ */
+import { parseSize } from './size.js';
+import type {
+  ExportOptions,
+  ExportSpec,
+  ManifestDocument,
+  NodeDriver,
+  NodeOptions,
+  NodeSpec,
+  OnOffAuto,
+  SourcePos,
+} from './types.js';
+
+/** Finds the source position of a JSON pointer in the document being expanded. */
+export type Locate = (pointer: string, at?: 'key' | 'value') => SourcePos;
+
+/** A problem found after the schema passed, still as a pointer into the document. */
+export interface DocumentProblem {
+  pointer: string;
+  at: 'key' | 'value';
+  message: string;
+}
+
+/** The blockdev shape the schema admits (driver-specific fields optional). */
+interface RawBlockdev {
+  driver: 'file' | 'raw' | 'qcow2';
+  'node-name'?: string;
+  filename?: string;
+  'read-only'?: boolean;
+  locking?: OnOffAuto;
+  cache?: { direct?: boolean; 'no-flush'?: boolean };
+  file?: string | RawBlockdev;
+  backing?: string | RawBlockdev | null;
+  offset?: number | string;
+  size?: number | string;
+}
+
+interface RawExport {
+  type?: 'fuse';
+  id: string;
+  'node-name'?: string;
+  image?: string;
+  format?: 'auto' | 'raw' | 'qcow2';
+  partition?: number;
+  mountpoint?: string;
+  'create-mountpoint'?: boolean;
+  writable?: boolean;
+  growable?: boolean;
+  'allow-other'?: OnOffAuto;
+}
+
+/** The document shape the schema admits. */
+export interface RawDocument {
+  apiVersion: 'blkexport/v1';
+  kind: 'ExportSet';
+  metadata: { name: string; labels?: Record<string, string> };
+  spec: { engine?: 'native' | 'qemu'; hosts?: string[]; blockdevs?: RawBlockdev[]; exports?: RawExport[] };
+}
+
+/** Node-names of the nodes a shorthand export expands to. */
+export function shorthandNodeNames(id: string): { file: string; format: string; partition: string } {
+  return { file: `${id}-file`, format: `${id}-fmt`, partition: `${id}-part` };
+}
+
+class Expander {
+  readonly nodes: NodeSpec[] = [];
+  readonly exports: ExportSpec[] = [];
+  readonly problems: DocumentProblem[] = [];
+
+  constructor(private readonly locate: Locate) {}
+
+  size(pointer: string, value: number | string | undefined): number | undefined {
+    if (value === undefined) return undefined;
+    const r = parseSize(value);
+    if (r.ok) return r.bytes;
+    this.problems.push({ pointer, at: 'value', message: r.message });
+    return undefined;
+  }
+
+  /** Adds a blockdev (and its inline children, first); returns its node-name. */
+  blockdev(b: RawBlockdev, pointer: string, fallbackName: string, generatedFor?: string): string {
+    const name = b['node-name'] ?? fallbackName;
+    const child = (ref: string | RawBlockdev | null | undefined, role: 'file' | 'backing') => {
+      if (ref === undefined || ref === null || typeof ref === 'string') return ref;
+      return this.blockdev(ref, `${pointer}/${role}`, `${name}-${role}`, `inline ${role} of ${name}`);
+    };
+    const opts: NodeOptions = { 'node-name': name, driver: b.driver, 'read-only': b['read-only'] ?? false };
+    if (b.driver === 'file') {
+      opts.filename = b.filename!;
+      opts.locking = b.locking ?? 'auto';
+    } else {
+      const file = child(b.file, 'file');
+      if (file !== undefined && file !== null) opts.file = file;
+    }
+    if (b.driver === 'qcow2' && b.backing !== undefined) opts.backing = child(b.backing, 'backing') ?? null;
+    if (b.driver === 'raw') {
+      opts.offset = this.size(`${pointer}/offset`, b.offset) ?? 0;
+      const size = this.size(`${pointer}/size`, b.size);
+      if (size !== undefined) opts.size = size;
+    }
+    if (b.cache) opts.cache = { direct: b.cache.direct ?? false, 'no-flush': b.cache['no-flush'] ?? false };
+    const spec: NodeSpec = { options: opts, source: this.locate(pointer) };
+    if (generatedFor !== undefined && b['node-name'] === undefined) spec.generatedFor = generatedFor;
+    this.nodes.push(spec);
+    return name;
+  }
+
+  export(e: RawExport, pointer: string): void {
+    const common = {
+      type: e.type ?? 'fuse',
+      id: e.id,
+      'create-mountpoint': e['create-mountpoint'] ?? false,
+      writable: e.writable ?? false,
+      growable: e.growable ?? false,
+      'allow-other': e['allow-other'] ?? 'auto',
+    } as const;
+    const source = this.locate(pointer);
+    if (e.image === undefined) {
+      const options: ExportOptions = { ...common, 'node-name': e['node-name']!, mountpoint: e.mountpoint! };
+      this.exports.push({ options, source, shorthand: false });
+      return;
+    }
+    const names = shorthandNodeNames(e.id);
+    const readOnly = !common.writable;
+    const format = e.format ?? 'auto';
+    const why = `shorthand export ${e.id}`;
+    this.nodes.push({
+      options: {
+        'node-name': names.file,
+        driver: 'file',
+        'read-only': readOnly,
+        filename: e.image,
+        locking: 'auto',
+      },
+      source,
+      generatedFor: why,
+    });
+    const fmt: NodeOptions = {
+      'node-name': names.format,
+      driver: format as NodeDriver,
+      'read-only': readOnly,
+      file: names.file,
+    };
+    if (format === 'auto') fmt.unresolved = ['driver'];
+    if (format === 'raw') fmt.offset = 0;
+    this.nodes.push({ options: fmt, source, generatedFor: why });
+    let top = names.format;
+    if (e.partition !== undefined) {
+      this.nodes.push({
+        options: {
+          'node-name': names.partition,
+          driver: 'raw',
+          'read-only': readOnly,
+          file: names.format,
+          partition: e.partition,
+          unresolved: ['offset', 'size'],
+        },
+        source,
+        generatedFor: why,
+      });
+      top = names.partition;
+    }
+    const options: ExportOptions = {
+      ...common,
+      'node-name': top,
+      mountpoint: e.mountpoint ?? e.image,
+      image: e.image,
+      format,
+    };
+    if (e.partition !== undefined) options.partition = e.partition;
+    this.exports.push({ options, source, shorthand: true });
+  }
+}
+
+/** Expands a schema-valid document; size problems (beyond 2^53) come back as problems. */
+export function expandDocument(
+  data: RawDocument,
+  file: string,
+  index: number,
+  locate: Locate,
+): { document: ManifestDocument; problems: DocumentProblem[] } {
+  const x = new Expander(locate);
+  (data.spec.blockdevs ?? []).forEach((b, i) => {
+    x.blockdev(b, `/spec/blockdevs/${i}`, b['node-name']!);
+  });
+  (data.spec.exports ?? []).forEach((e, i) => {
+    x.export(e, `/spec/exports/${i}`);
+  });
+  const document: ManifestDocument = {
+    file,
+    index,
+    name: data.metadata.name,
+    labels: data.metadata.labels ?? {},
+    engine: data.spec.engine ?? 'native',
+    nodes: x.nodes,
+    exports: x.exports,
+    source: locate(''),
+  };
+  if (data.spec.hosts !== undefined) document.hosts = data.spec.hosts;
+  return { document, problems: x.problems };
+}

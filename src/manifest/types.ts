@@ -1,0 +1,104 @@
+/**
+ * Manifests after loading: every blockdev flattened into normalized node
+ * options (inline children named, sizes as numbers, defaults filled) and every
+ * export in long form. Option names keep QEMU's QAPI spelling, as in the YAML.
+ */
+import type { BlkError } from '../errors.js';
+
+/** Where a node or an export was written: file, 1-based line and column, JSON pointer in the document. */
+export interface SourcePos {
+  file: string;
+  line: number;
+  col: number;
+  path: string;
+}
+
+/** `auto`: the format is probed from the image's magic when the node is opened. */
+export type NodeDriver = 'file' | 'raw' | 'qcow2' | 'auto';
+
+/** What an engine may have to resolve when it applies a node (shorthand `format: auto`, `partition:`). */
+export type Unresolved = 'driver' | 'offset' | 'size';
+
+export type OnOffAuto = 'auto' | 'on' | 'off';
+
+/** Normalized options of one block node; children are named by node-name, never inline. */
+export interface NodeOptions {
+  'node-name': string;
+  driver: NodeDriver;
+  'read-only': boolean;
+  /** file: the host path (absolute). */
+  filename?: string;
+  /** file: QEMU-compatible image locking. */
+  locking?: OnOffAuto;
+  cache?: { direct: boolean; 'no-flush': boolean };
+  /** Format drivers: the node-name of the protocol child. */
+  file?: string;
+  /** qcow2: node-name of the backing node, null for none; absent: follow the image's own backing file. */
+  backing?: string | null;
+  /** raw: window start in bytes (0 unless given). */
+  offset?: number;
+  /** raw: window length in bytes; absent: to the end of the child. */
+  size?: number;
+  /** raw over a partition (shorthand `partition:`): offset and size come from the partition table. */
+  partition?: number;
+  /** Options the engine fills in when it applies the node ("resolved when applied"). */
+  unresolved?: Unresolved[];
+}
+
+/** Normalized options of one export (long form; the shorthand fields stay for display). */
+export interface ExportOptions {
+  type: 'fuse';
+  id: string;
+  'node-name': string;
+  mountpoint: string;
+  'create-mountpoint': boolean;
+  writable: boolean;
+  growable: boolean;
+  'allow-other': OnOffAuto;
+  /** Shorthand only: the image the export was written with. */
+  image?: string;
+  /** Shorthand only: the requested format (auto: probed when applied). */
+  format?: 'auto' | 'raw' | 'qcow2';
+  /** Shorthand only: the partition exported. */
+  partition?: number;
+}
+
+/** A node as declared, with where it came from. */
+export interface NodeSpec {
+  options: NodeOptions;
+  source: SourcePos;
+  /** Set for nodes the user did not name: why the node exists ("inline file of fmt0", "shorthand export foo"). */
+  generatedFor?: string;
+}
+
+/** An export as declared, with where it came from. */
+export interface ExportSpec {
+  options: ExportOptions;
+  source: SourcePos;
+  /** True when written as shorthand (`image:`). */
+  shorthand: boolean;
+}
+
+/** One valid YAML document (one ExportSet). */
+export interface ManifestDocument {
+  file: string;
+  /** 0-based index of the document in its file. */
+  index: number;
+  name: string;
+  labels: Record<string, string>;
+  engine: 'native' | 'qemu';
+  /** Absent: every host. */
+  hosts?: string[];
+  nodes: NodeSpec[];
+  exports: ExportSpec[];
+  source: SourcePos;
+}
+
+/** One manifest file: valid as a whole, or refused with every problem found. */
+export interface ManifestFile {
+  file: string;
+  valid: boolean;
+  /** The documents that validated; when `valid` is false they do not count as desired state. */
+  documents: ManifestDocument[];
+  problems: BlkError[];
+}
