@@ -36,9 +36,19 @@ export function needTools(t: TestContext, ...tools: string[]): boolean {
 }
 
 /** A fresh temporary directory removed when the test ends (also on failure). */
-export function tempDir(t: { after(fn: () => void): void }, prefix = 'blkexport-test-'): string {
+export function tempDir(
+  t: { after(fn: () => void): void },
+  prefix = 'blkexport-test-',
+  beforeRemove?: (dir: string) => void,
+): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  t.after(() => {
+    try {
+      beforeRemove?.(dir);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
   return dir;
 }
 
