@@ -15,15 +15,20 @@ interface Claim {
   value: string;
   doc: ManifestDocument;
   source: SourcePos;
+  generatedFor?: string;
 }
 
 function claimsOf(doc: ManifestDocument): Claim[] {
+  // Exports first, so a shorthand whose id collides is reported once, not also for its generated nodes.
   const claims: Claim[] = [{ kind: 'manifest name', value: doc.name, doc, source: doc.source }];
-  for (const n of doc.nodes)
-    claims.push({ kind: 'node-name', value: n.options['node-name'], doc, source: n.source });
   for (const e of doc.exports) {
     claims.push({ kind: 'export id', value: e.options.id, doc, source: e.source });
     claims.push({ kind: 'mountpoint', value: e.options.mountpoint, doc, source: e.source });
+  }
+  for (const n of doc.nodes) {
+    const claim: Claim = { kind: 'node-name', value: n.options['node-name'], doc, source: n.source };
+    if (n.generatedFor !== undefined) claim.generatedFor = n.generatedFor;
+    claims.push(claim);
   }
   return claims;
 }
@@ -49,7 +54,14 @@ export function checkCollisions(
     const problems: BlkError[] = [];
     for (const doc of f.documents) {
       if (opts.hostname !== undefined && !appliesToHost(doc, opts.hostname)) continue;
+      const collidingIds = new Set<string>();
       for (const claim of claimsOf(doc)) {
+        if (
+          claim.generatedFor !== undefined &&
+          collidingIds.has(claim.generatedFor.replace(/^shorthand export /, ''))
+        ) {
+          continue;
+        }
         const key = `${claim.kind}|${claim.value}`;
         const earlier = [
           ...(accepted.get(key) ?? []),
@@ -57,6 +69,7 @@ export function checkCollisions(
         ];
         const other = earlier.find((c) => hostsOverlap(c.doc, doc));
         if (other) {
+          if (claim.kind === 'export id') collidingIds.add(claim.value);
           const sameFile = other.source.file === f.file;
           problems.push(
             new BlkError(
@@ -71,7 +84,12 @@ export function checkCollisions(
         }
       }
     }
-    if (problems.length > 0) return { ...f, valid: false, problems: [...f.problems, ...problems] };
+    if (problems.length > 0) {
+      problems.sort(
+        (a, b) => (a.place.line ?? 0) - (b.place.line ?? 0) || (a.place.col ?? 0) - (b.place.col ?? 0),
+      );
+      return { ...f, valid: false, problems: [...f.problems, ...problems] };
+    }
     for (const c of staged) {
       const key = `${c.kind}|${c.value}`;
       accepted.set(key, [...(accepted.get(key) ?? []), c]);

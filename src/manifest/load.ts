@@ -1,6 +1,6 @@
 /** Loads one manifest file: YAML (all documents), schema, expansion and per-document checks, every problem at once. */
 import { readFileSync } from 'node:fs';
-import { type Document, isMap, LineCounter, parseAllDocuments, type YAMLError } from 'yaml';
+import { type Document, isMap, isScalar, LineCounter, parseAllDocuments, type YAMLError } from 'yaml';
 import { BlkError, type BlkErrorCode } from '../errors.js';
 import { checkDocument } from './check.js';
 import { type DocumentProblem, expandDocument, type RawDocument } from './expand.js';
@@ -21,7 +21,8 @@ function syntaxProblem(file: string, e: YAMLError, lineCounter: LineCounter): Bl
 }
 
 function isEmptyDocument(doc: Document): boolean {
-  return doc.contents === null && doc.errors.length === 0;
+  // A document of comments only parses as a null scalar.
+  return doc.contents === null || (isScalar(doc.contents) && doc.contents.value === null);
 }
 
 function sortByPosition(problems: BlkError[]): BlkError[] {

@@ -159,7 +159,8 @@ export function schemaProblems(errors: readonly ErrorObject[], data: unknown): S
     }
     const problem = messageOf(e, valueAt(data, e.instancePath));
     if (!problem) continue;
-    const key = `${problem.pointer}|${problem.message}`;
+    // A wrong type is reported once per value, by the outermost schema (integer | string for sizes).
+    const key = e.keyword === 'type' ? `${problem.pointer}|type` : `${problem.pointer}|${problem.message}`;
     if (seen.has(key)) continue;
     seen.add(key);
     out.push(problem);
