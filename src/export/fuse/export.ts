@@ -7,6 +7,7 @@
  */
 import { constants } from 'node:fs';
 import type { BlockNode } from '../../block/types.js';
+import { LatencyHistogram } from '../latency.js';
 import { Errno, type FileAttr, type FileFsMount, type FileFsOps, FuseErrno, mountFileFs } from './binding.js';
 
 export type AllowOther = 'auto' | 'on' | 'off';
@@ -30,6 +31,8 @@ export interface ExportStats {
   writeBytes: number;
   flushes: number;
   errors: number;
+  readLatency: LatencyHistogram;
+  writeLatency: LatencyHistogram;
 }
 
 const O_ACCMODE = 3;
@@ -46,7 +49,16 @@ export class FuseExport {
   readonly id: string;
   readonly mountpoint: string;
   readonly node: BlockNode;
-  readonly stats: ExportStats = { reads: 0, readBytes: 0, writes: 0, writeBytes: 0, flushes: 0, errors: 0 };
+  readonly stats: ExportStats = {
+    reads: 0,
+    readBytes: 0,
+    writes: 0,
+    writeBytes: 0,
+    flushes: 0,
+    errors: 0,
+    readLatency: new LatencyHistogram(),
+    writeLatency: new LatencyHistogram(),
+  };
   /** Called with every failure answered as EIO (logs). */
   onError: ((op: string, err: unknown) => void) | undefined;
 
@@ -155,7 +167,9 @@ export class FuseExport {
         const size = node.length();
         if (position >= size) return 0;
         const n = Math.min(length, size - position);
+        const t0 = performance.now();
         await node.read(position, n === buf.length ? buf : buf.subarray(0, n));
+        this.stats.readLatency.observe((performance.now() - t0) / 1000);
         this.stats.reads++;
         this.stats.readBytes += n;
         return n;
@@ -174,7 +188,9 @@ export class FuseExport {
             n = node.length() - position; // short write up to EOF, as QSD
           }
         }
+        const t0 = performance.now();
         await node.write(position, n === buf.length ? buf : buf.subarray(0, n));
+        this.stats.writeLatency.observe((performance.now() - t0) / 1000);
         this.stats.writes++;
         this.stats.writeBytes += n;
         return n;
