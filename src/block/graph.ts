@@ -5,14 +5,12 @@
  */
 import { BlkError } from '../errors.js';
 import type { OpenContext } from './driver.js';
+import { MAX_BACKING_DEPTH } from './limits.js';
 import { type GraphNode, wrapNode } from './node.js';
 import type { NodeOptions } from './options.js';
 import type { PathPolicy } from './path-policy.js';
 import { findDriver } from './registry.js';
 import type { BlockNode } from './types.js';
-
-/** Longest backing chain followed (the image itself counts as depth 0). */
-export const MAX_BACKING_DEPTH = 16;
 
 type Chain = { depth: number; seen: ReadonlySet<string> };
 
@@ -99,6 +97,27 @@ export class BlockGraph {
     this.opened.push(node);
     this.byName.set(nodeName, node);
     return node;
+  }
+
+  /**
+   * Closes one node (the engine's "remove node" step). Refused while another
+   * node uses it as a child. Its generated children (inline options, an
+   * image's own backing file) go with it when nothing else uses them.
+   */
+  async closeNode(name: string): Promise<void> {
+    const node = this.byName.get(name);
+    if (!node) throw new BlkError('IMAGE_INVALID', `no node called '${name}' is open`);
+    const user = this.opened.find((n) => n !== node && n.children.includes(node));
+    if (user) throw new BlkError('IMAGE_INVALID', `node '${name}' is still used by node '${user.nodeName}'`);
+    const children = [...node.children];
+    this.opened.splice(this.opened.indexOf(node), 1);
+    this.byName.delete(name);
+    await node.close();
+    for (const c of children) {
+      const inUse = this.opened.some((n) => n.children.includes(c));
+      if (c.nodeName.startsWith('#') && !inUse && this.byName.has(c.nodeName))
+        await this.closeNode(c.nodeName);
+    }
   }
 
   /** Closes every node, parents first; keeps going after an error and throws the first one. */
