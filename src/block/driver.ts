@@ -8,7 +8,7 @@
 
 import type { NodeOptions } from './options.js';
 import type { PathPolicy } from './path-policy.js';
-import type { BlockCapabilities, BlockExtent, BlockNode, BlockRole } from './types.js';
+import type { BlockCapabilities, BlockExtent, BlockNode, BlockRole, ImageInfo } from './types.js';
 
 /** Options a reopen may change; a driver lists the ones it supports in `mutableOptions`. */
 export interface ReopenOptions {
@@ -70,6 +70,8 @@ export interface BlockDriver<S = unknown> {
 
   // --- capabilities (asked once by callers) -------------------------------
   capabilities?(s: S): Partial<BlockCapabilities>;
+  /** Format details for `info`. */
+  imageInfo?(s: S): ImageInfo;
   /** The host file behind the node (protocol drivers; format nodes inherit their file child's). */
   describe?(s: S): { filename?: string; fileKey?: string };
   /** The read-only state of the driver (after reopen commits). */

@@ -1,6 +1,7 @@
 /** The block layer's public surface. */
 export type { BlockDriver, OpenContext, ReopenOptions } from './driver.js';
-export { BlockGraph, MAX_BACKING_DEPTH, openGraph, openNode } from './graph.js';
+export { BlockGraph, openGraph, openNode } from './graph.js';
+export { DEFAULT_L2_CACHE_BYTES, MAX_BACKING_DEPTH } from './limits.js';
 export { reopenTogether } from './node.js';
 export { type OpenedImage, type OpenImageOptions, openImage } from './open-image.js';
 export type { NodeOptions } from './options.js';

@@ -155,6 +155,7 @@ export function wrapNode<S>(
         discard: !ro && (c.discard ?? driver.discard !== undefined),
       };
     },
+    imageInfo: driver.imageInfo ? () => driver.imageInfo!(state) : undefined,
     async reopen(opts) {
       // The node and its file child (recursively) change together; backing files stay read-only.
       await reopenTogether(fileSubtree(node), opts);

@@ -24,6 +24,30 @@ export interface BlockCapabilities {
   discard: boolean;
 }
 
+/** One internal snapshot, as `info` shows it. */
+export interface SnapshotInfo {
+  id: string;
+  name: string;
+  vmStateSize: number;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number;
+  icount: number | undefined;
+}
+
+/** What a format node knows about its image (for `blkexport info`). */
+export interface ImageInfo {
+  format: string;
+  virtualSize: number;
+  clusterSize?: number;
+  dirty?: boolean;
+  /** The backing file name as recorded in the image. */
+  backingFilename?: string;
+  backingFormat?: string;
+  snapshots?: SnapshotInfo[];
+  formatSpecific?: { type: string; data: Record<string, unknown> };
+}
+
 export interface BlockNode {
   /** The node-name (manifest, or generated for implicit nodes such as an image's own backing file). */
   readonly nodeName: string;
@@ -57,6 +81,8 @@ export interface BlockNode {
   /** Bytes the node occupies on the host (for st_blocks). */
   allocatedSize(): Promise<number>;
   capabilities(): BlockCapabilities;
+  /** Format details (format nodes that have them, e.g. qcow2). */
+  imageInfo?(): ImageInfo;
   /** Change mutable options in place (prepare, then commit on every node, or abort). */
   reopen(opts: { readOnly?: boolean }): Promise<void>;
   /** Flush (when writable) and release every resource; children are closed by the graph. */
