@@ -1,0 +1,176 @@
+/**
+ * `blkexport info IMAGE [-o json]`: format, sizes, features, backing file and
+ * snapshots of an image, read by our own block layer. The JSON uses the
+ * names of `qemu-img info --output=json`. Like qemu-img, the backing file is
+ * not opened unless --backing-chain asks for it.
+ */
+import { dirname, isAbsolute, join, resolve } from 'node:path';
+import { openImage } from '../../block/open-image.js';
+import type { BlockNode } from '../../block/types.js';
+import { BlkError } from '../../errors.js';
+import { parseCommandArgs } from '../args.js';
+import { formatBytes } from '../format.js';
+
+export const summary = 'format, virtual size, cluster size, backing chain, features, snapshots';
+export const usage = `usage: blkexport info IMAGE [-o human|json] [--format auto|raw|qcow2] [--backing-chain]
+        [--allow-root DIR]...
+
+Shows what blkexport sees in IMAGE. JSON field names follow
+\`qemu-img info --output=json\`.
+
+options:
+  -o, --output FMT     human (default) or json
+  --format F           auto (default: probe), raw or qcow2
+  --backing-chain      also describe every backing file (followed only inside the allowed roots)
+  --allow-root DIR     where backing files may be followed from (default: the image's directory)
+`;
+
+/** One image's description with qemu-img's JSON names. */
+export type InfoJson = Record<string, unknown>;
+
+function describeNode(node: BlockNode, format: string, filename: string, actualSize: number): InfoJson {
+  const i = node.imageInfo?.();
+  const out: InfoJson = {
+    'virtual-size': node.length(),
+    filename,
+    format,
+    'actual-size': actualSize,
+  };
+  if (i?.clusterSize !== undefined) out['cluster-size'] = i.clusterSize;
+  if (i?.backingFilename !== undefined) {
+    out['backing-filename'] = i.backingFilename;
+    out['full-backing-filename'] = isAbsolute(i.backingFilename)
+      ? i.backingFilename
+      : join(dirname(filename), i.backingFilename);
+    if (i.backingFormat !== undefined) out['backing-filename-format'] = i.backingFormat;
+  }
+  if (i?.snapshots && i.snapshots.length > 0) {
+    out.snapshots = i.snapshots.map((s) => ({
+      icount: s.icount,
+      'vm-clock-nsec': s.vmClockNsec % 1e9,
+      name: s.name,
+      'date-sec': s.dateSec,
+      'date-nsec': s.dateNsec,
+      'vm-clock-sec': Math.floor(s.vmClockNsec / 1e9),
+      id: s.id,
+      'vm-state-size': s.vmStateSize,
+    }));
+  }
+  if (i?.formatSpecific) out['format-specific'] = i.formatSpecific;
+  out['dirty-flag'] = i?.dirty ?? false;
+  return out;
+}
+
+/** Describes the image at `filename` (and its backing chain when asked) in qemu-img's JSON shape. */
+export async function imageInfoJson(
+  filename: string,
+  opts: { format?: 'auto' | 'raw' | 'qcow2'; backingChain?: boolean; allowedRoots?: string[] } = {},
+): Promise<InfoJson[]> {
+  const path = resolve(filename);
+  const img = await openImage({
+    filename: path,
+    format: opts.format ?? 'auto',
+    readOnly: true,
+    backing: opts.backingChain ? 'follow' : 'none',
+    allowedRoots: opts.allowedRoots,
+  });
+  try {
+    const out: InfoJson[] = [];
+    let node: BlockNode | undefined = img.node;
+    let name = path;
+    let format = img.format;
+    while (node) {
+      const file = node.children[0];
+      const actual = file ? await file.allocatedSize() : await node.allocatedSize();
+      const d = describeNode(node, format, name, actual);
+      out.push(d);
+      if (!opts.backingChain) break;
+      const backing: BlockNode | undefined = node.driver === 'qcow2' ? node.children[1] : undefined;
+      // children are [file, backing?, data file?]; a data file is a protocol node, a backing never is.
+      if (!backing || backing.role === 'protocol') break;
+      name = (d['full-backing-filename'] as string) ?? backing.filename ?? '?';
+      format = backing.driver;
+      node = backing;
+    }
+    return out;
+  } finally {
+    await img.close();
+  }
+}
+
+function humanBytes(n: number): string {
+  return formatBytes(n).replace(/ \(\d+ bytes\)$/, '');
+}
+
+function renderValue(v: unknown): string {
+  return Array.isArray(v) ? (v.length ? JSON.stringify(v) : '[]') : String(v);
+}
+
+/** qemu-img-like text for one image. */
+export function renderInfo(d: InfoJson): string {
+  const lines = [
+    `image: ${d.filename}`,
+    `file format: ${d.format}`,
+    `virtual size: ${formatBytes(d['virtual-size'] as number)}`,
+    `disk size: ${humanBytes(d['actual-size'] as number)}`,
+  ];
+  if (d['cluster-size'] !== undefined) lines.push(`cluster_size: ${d['cluster-size']}`);
+  if (d['backing-filename'] !== undefined) {
+    let b = `backing file: ${d['backing-filename']}`;
+    if (d['full-backing-filename'] !== d['backing-filename'])
+      b += ` (actual path: ${d['full-backing-filename']})`;
+    lines.push(b);
+    if (d['backing-filename-format'] !== undefined)
+      lines.push(`backing file format: ${d['backing-filename-format']}`);
+  }
+  const snaps = d.snapshots as Record<string, number | string>[] | undefined;
+  if (snaps?.length) {
+    lines.push('Snapshot list:');
+    lines.push('ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT');
+    for (const s of snaps) {
+      const date = new Date((s['date-sec'] as number) * 1000).toISOString().replace('T', ' ').slice(0, 19);
+      const clock = s['vm-clock-sec'] as number;
+      const hms = `${String(Math.floor(clock / 3600)).padStart(4, '0')}:${String(Math.floor(clock / 60) % 60).padStart(2, '0')}:${String(clock % 60).padStart(2, '0')}.${String(Math.floor((s['vm-clock-nsec'] as number) / 1e6)).padStart(3, '0')}`;
+      lines.push(
+        `${String(s.id).padEnd(9)} ${String(s.name).padEnd(17)} ${humanBytes(s['vm-state-size'] as number).padStart(7)} ${date} ${hms} ${s.icount ?? '--'}`,
+      );
+    }
+  }
+  lines.push(`dirty flag: ${d['dirty-flag']}`);
+  const fs = d['format-specific'] as { type: string; data: Record<string, unknown> } | undefined;
+  if (fs) {
+    lines.push('Format specific information:');
+    for (const [k, v] of Object.entries(fs.data)) lines.push(`    ${k}: ${renderValue(v)}`);
+  }
+  return lines.join('\n');
+}
+
+/** Runs `blkexport info`. */
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseCommandArgs('info', args, {
+    output: { type: 'string', short: 'o', default: 'human' },
+    format: { type: 'string', default: 'auto' },
+    'backing-chain': { type: 'boolean', default: false },
+    'allow-root': { type: 'string', multiple: true },
+  });
+  if (positionals.length !== 1)
+    throw new BlkError('USAGE', 'info needs exactly one IMAGE (see blkexport info --help)');
+  const output = values.output;
+  if (output !== 'human' && output !== 'json')
+    throw new BlkError('USAGE', `unknown output format '${output}'`);
+  const format = values.format;
+  if (format !== 'auto' && format !== 'raw' && format !== 'qcow2') {
+    throw new BlkError('USAGE', `unknown format '${format}' (auto, raw or qcow2)`);
+  }
+  const infos = await imageInfoJson(positionals[0]!, {
+    format,
+    backingChain: values['backing-chain'],
+    allowedRoots: values['allow-root'],
+  });
+  if (output === 'json') {
+    console.log(JSON.stringify(values['backing-chain'] ? infos : infos[0], null, 4));
+  } else {
+    console.log(infos.map(renderInfo).join('\n\n'));
+  }
+  return 0;
+}
