@@ -1,0 +1,21 @@
+/** The reconciler's pure core: desired state, diff and plan rendering. */
+export {
+  changedReason,
+  compareExports,
+  compareNodes,
+  EXPORT_MOUNT_TIME_OPTIONS,
+  EXPORT_MUTABLE_OPTIONS,
+  NODE_MUTABLE_OPTIONS,
+} from './compare.js';
+export { desiredFromManifests } from './desired.js';
+export { diff } from './diff.js';
+export type * from './model.js';
+export { EMPTY_OBSERVED } from './model.js';
+export {
+  describeExport,
+  describeNode,
+  planHasChanges,
+  planToJson,
+  renderPlan,
+  renderStep,
+} from './render.js';

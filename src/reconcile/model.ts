@@ -1,0 +1,118 @@
+/**
+ * The reconciler's vocabulary: the desired state (from manifests), the observed
+ * state (what an engine reports), and the plan of steps between them. Options
+ * keep QEMU's QAPI spelling (`node-name`, `read-only`, `allow-other`).
+ */
+import type { ExportOptions, NodeOptions, SourcePos } from '../manifest/types.js';
+
+export type { ExportOptions, NodeOptions, SourcePos };
+
+/** Where a desired node or export was declared. */
+export interface Origin extends SourcePos {
+  /** metadata.name of the manifest document. */
+  manifest: string;
+  /** For nodes the user did not name: why the node exists ("shorthand export foo", "inline file of fmt0"). */
+  generatedFor?: string;
+}
+
+export interface DesiredNode {
+  options: NodeOptions;
+  origin: Origin;
+}
+
+export interface DesiredExport {
+  options: ExportOptions;
+  origin: Origin;
+  /** Written as shorthand (`image:`). */
+  shorthand: boolean;
+}
+
+/** The union of the valid manifests for this host; nodes in declaration order. */
+export interface Desired {
+  nodes: DesiredNode[];
+  exports: DesiredExport[];
+}
+
+/**
+ * A node as an engine reports it: the options it was opened with, exactly as
+ * its add/reopen step gave them (an `auto` driver stays `auto`, so an applied
+ * plan diffs to nothing); what the engine resolved goes in `resolved`.
+ */
+export interface ObservedNode {
+  options: NodeOptions;
+  resolved?: { driver?: string; offset?: number; size?: number };
+}
+
+/** mounted: in the kernel's mount table and answering; unmounted: missing from it; stale: ENOTCONN. */
+export type ExportState = 'mounted' | 'unmounted' | 'stale';
+
+/** An export as an engine reports it: the options of its add/reopen step, and its state. */
+export interface ObservedExport {
+  options: ExportOptions;
+  state: ExportState;
+  /** Free text for stale/unmounted (shown in the plan). */
+  reason?: string;
+}
+
+/** What the engine has: only nodes and exports that plan steps created. */
+export interface Observed {
+  nodes: ObservedNode[];
+  exports: ObservedExport[];
+}
+
+/** Nothing open, nothing mounted. */
+export const EMPTY_OBSERVED: Observed = Object.freeze({ nodes: [], exports: [] }) as Observed;
+
+/** One option that differs: its name, the observed value, the desired value. */
+export interface Change {
+  option: string;
+  from: unknown;
+  to: unknown;
+}
+
+/** Why an entity is removed and added again. */
+export interface Replacement {
+  /** Human reason, naming what forces the replacement: "filename changed", "node prot0 replaced". */
+  reason: string;
+  /** All of the entity's own option changes (empty when replaced only because of a child). */
+  changes: Change[];
+}
+
+/**
+ * One step of a plan. Engines apply steps in order; add/reopen/repair steps
+ * carry the full desired options, remove steps the observed ones.
+ */
+export type Step =
+  | { action: 'remove-export'; export: ExportOptions; replace?: Replacement }
+  | { action: 'remove-node'; node: NodeOptions; replace?: Replacement }
+  | { action: 'reopen-export'; export: ExportOptions; changes: Change[]; origin: Origin }
+  | { action: 'reopen-node'; node: NodeOptions; changes: Change[]; origin: Origin }
+  | { action: 'add-node'; node: NodeOptions; origin: Origin; replace?: Replacement }
+  | { action: 'add-export'; export: ExportOptions; origin: Origin; replace?: Replacement }
+  | {
+      action: 'repair-export';
+      export: ExportOptions;
+      origin: Origin;
+      /** What was observed. */
+      state: Exclude<ExportState, 'mounted'>;
+      reason?: string;
+      /** Mutable options that change with the remount. */
+      changes: Change[];
+    };
+
+export type StepAction = Step['action'];
+
+/** Counts of entities (nodes and exports) per kind of change. */
+export interface PlanSummary {
+  add: number;
+  reopen: number;
+  replace: number;
+  remove: number;
+  repair: number;
+}
+
+/** An ordered list of steps; empty when the observed state already matches. */
+export interface Plan {
+  steps: Step[];
+  summary: PlanSummary;
+}
