@@ -18,14 +18,15 @@ cp samples/demo.qcow2 "$img"
 say() { printf '\n$ %s\n' "$*"; "$@"; }
 
 say file "$img"
-say bin/blkexport mount "$img" --daemonize
-say file "$img"
-command -v sfdisk >/dev/null && say sfdisk -l "$img"
+# Partition 1 first: once the image itself is exported, its path shows the raw view.
 say bin/blkexport mount "$img" "$part" --partition 1 --create-mountpoint --daemonize
 say file "$part"
 if command -v debugfs >/dev/null; then
   say debugfs -R 'cat /README.txt' "$part" 2>/dev/null
 fi
-say bin/blkexport umount "$part"
+say bin/blkexport mount "$img" --daemonize
+say file "$img"
+command -v sfdisk >/dev/null && say sfdisk -l "$img"
 say bin/blkexport umount "$img"
+say bin/blkexport umount "$part"
 say file "$img"

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(libfuse2 file)
+pkgs=(libfuse2 file fdisk)
 # fusermount comes from 'fuse' (libfuse 2) or 'fuse3'; they conflict, either will do.
 if ! command -v fusermount >/dev/null 2>&1 && ! command -v fusermount3 >/dev/null 2>&1; then pkgs+=(fuse); fi
 if [[ "${1:-}" == "--test" ]]; then
