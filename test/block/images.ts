@@ -5,7 +5,7 @@
  */
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { qemuImg, qemuIo, randomBytes, seededRandom } from '../helpers/tools.js';
+import { qemuImg, qemuIo, randomBytes, runOk, seededRandom } from '../helpers/tools.js';
 
 export type WriteKind = 'data' | 'zero' | 'zero-unmap' | 'discard' | 'compressed';
 
@@ -40,7 +40,14 @@ export function scatteredWrites(
 }
 
 /** Runs the writes through qemu-io on `image`; data comes from per-write seeded random files in `dir`. */
-export function applyWrites(dir: string, image: string, format: string, writes: Write[], seed: number): void {
+export function applyWrites(
+  dir: string,
+  image: string,
+  format: string,
+  writes: Write[],
+  seed: number,
+  cwd?: string,
+): void {
   const rand = seededRandom(seed);
   const cmds: string[] = [];
   writes.forEach((x, i) => {
@@ -53,7 +60,11 @@ export function applyWrites(dir: string, image: string, format: string, writes: 
     else cmds.push('-c', `discard ${x.off} ${x.len}`);
   });
   // qemu-io takes a bounded number of commands comfortably; chunk to stay well under ARG_MAX.
-  for (let i = 0; i < cmds.length; i += 200) qemuIo('-f', format, ...cmds.slice(i, i + 200), image);
+  for (let i = 0; i < cmds.length; i += 200) {
+    const args = ['-f', format, ...cmds.slice(i, i + 200), image];
+    if (cwd === undefined) qemuIo(...args);
+    else runOk('qemu-io', args, { cwd });
+  }
 }
 
 /** qemu-img create -f qcow2 with -o options; returns the path. */
@@ -75,8 +86,8 @@ export function createQcow2(
 }
 
 /** The guest-visible bytes of `image` as a raw file (the oracle). */
-export function convertToRaw(image: string, out: string): string {
-  qemuImg('convert', '-O', 'raw', image, out);
+export function convertToRaw(image: string, out: string, cwd?: string): string {
+  runOk('qemu-img', ['convert', '-O', 'raw', image, out], { cwd });
   return out;
 }
 

@@ -66,9 +66,8 @@ export async function imageInfoJson(
   filename: string,
   opts: { format?: 'auto' | 'raw' | 'qcow2'; backingChain?: boolean; allowedRoots?: string[] } = {},
 ): Promise<InfoJson[]> {
-  const path = resolve(filename);
   const img = await openImage({
-    filename: path,
+    filename: resolve(filename),
     format: opts.format ?? 'auto',
     readOnly: true,
     backing: opts.backingChain ? 'follow' : 'none',
@@ -77,7 +76,8 @@ export async function imageInfoJson(
   try {
     const out: InfoJson[] = [];
     let node: BlockNode | undefined = img.node;
-    let name = path;
+    // Like qemu-img: the name as given, and backing names joined to its directory.
+    let name = filename;
     let format = img.format;
     while (node) {
       const file = node.children[0];

@@ -11,6 +11,7 @@ import { DEFAULT_L2_CACHE_BYTES } from '../../limits.js';
 import { resolveImplicitFile } from '../../path-policy.js';
 import type { BlockExtent, BlockNode, ImageInfo } from '../../types.js';
 import { openBacking } from './backing.js';
+import { readBitmaps } from './bitmaps.js';
 import { parseExtensions } from './extensions.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW,
@@ -87,6 +88,7 @@ async function openQcow2(ctx: OpenContext): Promise<Qcow2State> {
   const rtBytes = header.refcountTableClusters * cs;
   const refTable = await readAt(file, header.refcountTableOffset, rtBytes);
   const { snapshots, tableBytes } = await readSnapshots(header, file, fileLength, path);
+  const bitmaps = await readBitmaps(header, ext, file, fileLength, path);
 
   const metadata: [string, number, number][] = [['header', 0, cs]];
   if (header.l1Size > 0) {
@@ -143,6 +145,7 @@ async function openQcow2(ctx: OpenContext): Promise<Qcow2State> {
     ),
     refcounts: new RefcountReader(header, refTable, file, fileLength, path),
     snapshots,
+    bitmaps,
     metadata,
     corrupt: false,
   };
@@ -158,14 +161,18 @@ function info(s: Qcow2State): ImageInfo {
   };
   if (h.version === 3) {
     data['lazy-refcounts'] = (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n;
-    if (s.ext.bitmaps) data.bitmaps = [];
+    if (s.bitmaps.length > 0) {
+      data.bitmaps = s.bitmaps.map((b) => ({ flags: b.flags, name: b.name, granularity: b.granularity }));
+    }
   }
   data['refcount-bits'] = 2 ** h.refcountOrder;
-  data.corrupt = (h.incompatible & INCOMPAT_CORRUPT) !== 0n || s.corrupt;
-  data['extended-l2'] = h.extendedL2;
-  if (s.externalData) {
-    if (s.ext.dataFile !== undefined) data['data-file'] = s.ext.dataFile;
-    data['data-file-raw'] = (h.autoclear & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+  if (h.version === 3) {
+    if (s.externalData) {
+      if (s.ext.dataFile !== undefined) data['data-file'] = s.ext.dataFile;
+      data['data-file-raw'] = (h.autoclear & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+    }
+    data.corrupt = (h.incompatible & INCOMPAT_CORRUPT) !== 0n || s.corrupt;
+    data['extended-l2'] = h.extendedL2;
   }
   return {
     format: 'qcow2',

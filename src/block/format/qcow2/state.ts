@@ -1,6 +1,7 @@
 /** The opened state of a qcow2 node, shared by the files that implement its concerns. */
 import { BlkError } from '../../../errors.js';
 import type { BlockNode } from '../../types.js';
+import type { Qcow2Bitmap } from './bitmaps.js';
 import type { Qcow2Extensions } from './extensions.js';
 import type { Qcow2Header } from './header.js';
 import type { RefcountReader } from './refcount.js';
@@ -25,6 +26,7 @@ export interface Qcow2State {
   compressedCache: TableCache;
   refcounts: RefcountReader;
   snapshots: Qcow2Snapshot[];
+  bitmaps: Qcow2Bitmap[];
   /** Fixed metadata areas [start, end) no L2 table may overlap. */
   metadata: [string, number, number][];
   /** Set when a run-time check found corruption: the image is never written. */
