@@ -1,0 +1,281 @@
+/**
+ * `npm run bench`: fio through qemu-storage-daemon's FUSE export, through
+ * blkexport's, and on the plain raw file, on identical images, interleaved and
+ * repeated; writes a Markdown report to bench/results/ and prints it.
+ *
+ *   npm run bench                     1 GiB images, 3 × 10 s per server and workload
+ *   npm run bench -- --quick          256 MiB, 1 × 2 s (checks the harness, not for quoting)
+ *   npm run bench -- --only rand-read --servers qsd,plain --size 512M --runtime 5 --reps 3
+ * Environment: BENCH_SIZE, BENCH_RUNTIME, BENCH_REPS, BENCH_DIR (where images go; default the OS temp dir).
+ */
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, rm, statfs, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { BlkError, describeError } from '../src/errors.js';
+import { measureAgent } from './agent.js';
+import { Cleanup, cleanUpOnSignals } from './cleanup.js';
+import { headline, runFio } from './fio.js';
+import { type BenchImages, type ImagePair, makeFreshPair, makeImages, removePair } from './images.js';
+import { describeMachine } from './machine.js';
+import { mountPoints, runCommand, unmountIfMounted } from './proc.js';
+import { type Cell, type RowResult, renderReport } from './report.js';
+import { makeServers, SERVER_IDS, type Server, type ServerId } from './servers.js';
+import { WORKLOADS, type Workload } from './workloads.js';
+
+const REPO = new URL('..', import.meta.url).pathname.replace(/\/$/, '');
+const MiB = 2 ** 20;
+
+interface Options {
+  size: number;
+  runtimeS: number;
+  reps: number;
+  quick: boolean;
+  only: string[];
+  servers: ServerId[];
+  baseDir: string;
+  outDir: string;
+}
+
+const USAGE = `usage: npm run bench -- [--quick] [--size SIZE] [--runtime SEC] [--reps N]
+                        [--only ID[,ID...]] [--servers qsd,blkexport,plain] [--dir DIR] [--out DIR]
+  --quick      256 MiB images, 1 repetition of 2 s (a check of the harness, not figures to quote)
+  --size       image size, e.g. 1G (default; env BENCH_SIZE), 256M
+  --runtime    seconds per fio run (default 10; env BENCH_RUNTIME)
+  --reps       repetitions per server and workload (default 3; env BENCH_REPS)
+  --only       workloads with these ids, or whose id contains one of these strings (ids: ${WORKLOADS.map((w) => w.id).join(', ')})
+  --servers    which columns to measure (default all)
+  --dir        where the temporary images and mountpoints go (default: env BENCH_DIR, else the OS temp dir)
+  --out        where the report goes (default bench/results)`;
+
+/** Parses 512, 64K, 256M, 1G (binary suffixes). */
+function parseSize(s: string): number {
+  const m = /^(\d+)([KMGT]?)i?B?$/i.exec(s.trim());
+  if (!m) throw new BlkError('USAGE', `not a size: '${s}' (e.g. 256M, 1G)`);
+  const mult = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[
+    m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'
+  ];
+  return Number(m[1]) * mult;
+}
+
+function positiveInt(s: string, what: string): number {
+  const n = Number(s);
+  if (!Number.isSafeInteger(n) || n < 1)
+    throw new BlkError('USAGE', `${what} must be a positive integer, not '${s}'`);
+  return n;
+}
+
+function parseOptions(argv: string[]): Options | undefined {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      quick: { type: 'boolean', default: false },
+      size: { type: 'string' },
+      runtime: { type: 'string' },
+      reps: { type: 'string' },
+      only: { type: 'string' },
+      servers: { type: 'string' },
+      dir: { type: 'string' },
+      out: { type: 'string' },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+    strict: true,
+  });
+  if (values.help) {
+    console.log(USAGE);
+    return undefined;
+  }
+  const quick = values.quick === true;
+  const size = parseSize(values.size ?? process.env.BENCH_SIZE ?? (quick ? '256M' : '1G'));
+  if (size < 64 * MiB || size % MiB !== 0)
+    throw new BlkError('USAGE', 'the image size must be a multiple of 1 MiB, at least 64 MiB');
+  const servers = (values.servers ?? SERVER_IDS.join(',')).split(',').map((s) => s.trim());
+  for (const s of servers) {
+    if (!(SERVER_IDS as readonly string[]).includes(s))
+      throw new BlkError('USAGE', `unknown server '${s}' (${SERVER_IDS.join(', ')})`);
+  }
+  return {
+    size,
+    runtimeS: positiveInt(values.runtime ?? process.env.BENCH_RUNTIME ?? (quick ? '2' : '10'), '--runtime'),
+    reps: positiveInt(values.reps ?? process.env.BENCH_REPS ?? (quick ? '1' : '3'), '--reps'),
+    quick,
+    only: values.only
+      ? values.only
+          .split(',')
+          .map((s) => s.trim())
+          .filter(Boolean)
+      : [],
+    servers: servers as ServerId[],
+    baseDir: values.dir ?? process.env.BENCH_DIR ?? tmpdir(),
+    outDir: values.out ?? join(REPO, 'bench', 'results'),
+  };
+}
+
+function log(msg: string): void {
+  process.stderr.write(`bench: ${msg}\n`);
+}
+
+async function preflight(opts: Options): Promise<void> {
+  for (const tool of ['fio', 'qemu-img', 'qemu-storage-daemon', 'umount']) {
+    const r = await runCommand('sh', ['-c', `command -v ${tool}`], { timeoutMs: 10_000 });
+    if (r.status !== 0)
+      throw new BlkError(
+        'USAGE',
+        `${tool} is required (Debian: fio, qemu-utils, qemu-system-common or qemu-storage-daemon)`,
+      );
+  }
+  if (!existsSync('/dev/fuse'))
+    throw new BlkError('USAGE', '/dev/fuse is missing: FUSE exports cannot run here');
+  const fs = await statfs(opts.baseDir);
+  const need = 8 * opts.size;
+  if (fs.bavail * fs.bsize < need) {
+    throw new BlkError(
+      'USAGE',
+      `${opts.baseDir} has ${Math.floor((fs.bavail * fs.bsize) / MiB)} MiB free; the run needs about ${need / MiB} MiB (try --size or --dir)`,
+    );
+  }
+}
+
+/** Unmounts anything left under `dir`, then removes it (retrying while a lazily detached mount lets go). */
+async function removeWorkDir(dir: string): Promise<void> {
+  for (let attempt = 0; ; attempt++) {
+    for (const mp of await mountPoints()) if (mp.startsWith(`${dir}/`)) await unmountIfMounted(mp);
+    try {
+      await rm(dir, { recursive: true, force: true });
+      return;
+    } catch (e) {
+      if (attempt >= 10) throw e;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+}
+
+function pairFor(images: BenchImages, w: Workload): ImagePair | undefined {
+  return w.image === 'fresh' ? undefined : images[w.image];
+}
+
+/** One server, one workload, one repetition: serve, run fio, stop. Returns the headline figure. */
+async function measureOnce(
+  server: Server,
+  w: Workload,
+  images: BenchImages,
+  dir: string,
+  opts: Options,
+  cell: Cell,
+): Promise<void> {
+  const pair = pairFor(images, w) ?? (await makeFreshPair(dir, opts.size));
+  try {
+    const exported = await server.serve(pair, { writable: w.writes, size: opts.size });
+    try {
+      const r = await runFio(w, exported.path, opts.runtimeS);
+      cell.values.push(headline(w, r));
+      cell.raw.push(r);
+    } finally {
+      await exported.stop();
+    }
+  } finally {
+    if (w.image === 'fresh') await removePair(pair);
+  }
+}
+
+async function main(argv: string[]): Promise<number> {
+  const opts = parseOptions(argv);
+  if (!opts) return 0;
+  // An --only item selects the workload with exactly that id, else every workload whose id contains it.
+  const selects = (o: string, w: Workload): boolean =>
+    WORKLOADS.some((x) => x.id === o) ? w.id === o : w.id.includes(o);
+  const workloads = WORKLOADS.filter((w) => !opts.only.length || opts.only.some((o) => selects(o, w)));
+  if (!workloads.length)
+    throw new BlkError('USAGE', `--only matches no workload (${WORKLOADS.map((w) => w.id).join(', ')})`);
+  await preflight(opts);
+
+  const cleanup = new Cleanup();
+  cleanUpOnSignals(cleanup);
+  const started = new Date();
+  try {
+    const dir = await mkdtemp(join(opts.baseDir, 'blkexport-bench-'));
+    cleanup.add(`work directory ${dir}`, () => removeWorkDir(dir));
+    const machine = await describeMachine(REPO);
+    const runs = workloads.length * opts.reps * opts.servers.length;
+    log(
+      `${workloads.length} workloads × ${opts.servers.length} servers × ${opts.reps} × ${opts.runtimeS} s ≈ ${Math.ceil((runs * (opts.runtimeS + 2)) / 60)} min, images in ${dir}`,
+    );
+    const images = await makeImages(dir, opts.size, log);
+    const servers = makeServers({ dir, cleanup, repo: REPO }).filter((s) => opts.servers.includes(s.id));
+
+    const rows: RowResult[] = [];
+    let done = 0;
+    for (const w of workloads) {
+      const cells = Object.fromEntries(
+        SERVER_IDS.map((id) => [id, { values: [], raw: [] } as Cell]),
+      ) as Record<ServerId, Cell>;
+      for (const id of SERVER_IDS)
+        if (!opts.servers.includes(id)) cells[id].failure = 'not measured in this run (--servers)';
+      for (let rep = 0; rep < opts.reps; rep++) {
+        // Rotate the order each repetition so that no server always runs first (page cache, thermal state).
+        const order = servers.map((_, i) => servers[(i + rep) % servers.length]!);
+        for (const server of order) {
+          if (cleanup.aborting) throw new BlkError('AGENT', 'interrupted');
+          done++;
+          const cell = cells[server.id];
+          if (cell.failure) continue; // it failed on an earlier repetition: the reason is recorded once
+          try {
+            await measureOnce(server, w, images, dir, opts, cell);
+            log(
+              `[${done}/${runs}] ${w.id} ${server.id} rep ${rep + 1}: ${cell.values.at(-1)!.toFixed(1)} ${w.unit}`,
+            );
+          } catch (e) {
+            cell.failure = describeError(e).replaceAll(dir, '$TMP');
+            log(`[${done}/${runs}] ${w.id} ${server.id} rep ${rep + 1}: n/a: ${cell.failure}`);
+          }
+        }
+      }
+      rows.push({ workload: w, cells });
+    }
+
+    const agent = await measureAgent();
+    const meta = {
+      started,
+      finished: new Date(),
+      command: `npm run bench${argv.length ? ` -- ${argv.join(' ')}` : ''}`,
+      sizeBytes: opts.size,
+      runtimeS: opts.runtimeS,
+      reps: opts.reps,
+      quick: opts.quick,
+      machine,
+    };
+    const report = renderReport(meta, rows, agent);
+    await mkdir(opts.outDir, { recursive: true });
+    const stamp = started.toISOString().slice(0, 16).replace(':', '').replace('T', '-');
+    const base = join(opts.outDir, `${stamp}${opts.quick ? '-quick' : ''}`);
+    await writeFile(`${base}.md`, report);
+    await writeFile(
+      `${base}.json`,
+      `${JSON.stringify({ meta, rows: rows.map((r) => ({ workload: r.workload.id, cells: r.cells })), agent }, null, 2)}\n`,
+    );
+    console.log(report);
+    log(`report written to ${base}.md (raw fio figures in ${base}.json)`);
+    // QSD and the plain file are the reference: if they fail, the harness (or the machine) is broken.
+    const broken = rows.filter((r) =>
+      (['qsd', 'plain'] as const).some((id) => opts.servers.includes(id) && r.cells[id].failure),
+    );
+    if (broken.length) {
+      log(`reference columns failed on: ${broken.map((r) => r.workload.id).join(', ')}`);
+      return 1;
+    }
+    return 0;
+  } finally {
+    await cleanup.runAll();
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (e) => {
+    log(describeError(e));
+    process.exitCode = 1;
+  },
+);

@@ -1,0 +1,222 @@
+/**
+ * The three ways the benchmark reaches the same guest disk: qemu-storage-daemon's
+ * FUSE export of the qcow2, blkexport's FUSE export of the qcow2 (through the
+ * `blkexport mount --daemonize` / `umount` CLI), and the raw twin as a plain
+ * host file. Each export registers its undo step before it starts anything.
+ */
+import { existsSync } from 'node:fs';
+import { readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { BlkError, describeError } from '../src/errors.js';
+import type { Cleanup } from './cleanup.js';
+import type { ImagePair } from './images.js';
+import { isMounted, runCommand, startServer, unmountIfMounted, waitExit, waitUntil } from './proc.js';
+
+export type ServerId = 'qsd' | 'blkexport' | 'plain';
+
+export const SERVER_IDS: readonly ServerId[] = ['qsd', 'blkexport', 'plain'];
+
+/** A disk being served: fio runs on `path`; `stop` unmounts and ends the server (idempotent). */
+export interface Exported {
+  path: string;
+  stop(): Promise<void>;
+}
+
+export interface Server {
+  id: ServerId;
+  label: string;
+  /** Serves `pair` (the qcow2, or the raw twin for the plain file); a BlkError says why it cannot. */
+  serve(pair: ImagePair, opts: { writable: boolean; size: number }): Promise<Exported>;
+}
+
+export interface ServerContext {
+  /** The run's temporary directory (mountpoints and pid files live there). */
+  dir: string;
+  cleanup: Cleanup;
+  /** The repository, for bin/blkexport and dist/. */
+  repo: string;
+}
+
+const MOUNT_TIMEOUT_MS = 30_000;
+
+/** The last lines of a tool's complaint, on one line. */
+function complaint(text: string): string {
+  const lines = text
+    .split('\n')
+    .map((l) => l.trim())
+    .filter(Boolean);
+  const s = lines.slice(-2).join(' / ');
+  return s.length > 240 ? `${s.slice(0, 237)}...` : s || 'no message';
+}
+
+/** QEMU's option syntax doubles commas inside values. */
+function qemuValue(s: string): string {
+  return s.replaceAll(',', ',,');
+}
+
+async function mountedWithSize(path: string, size: number): Promise<boolean> {
+  if (!(await isMounted(path))) return false;
+  // A separate process from the server, so looking at the mount cannot deadlock it.
+  return (await stat(path)).size === Math.ceil(size / 512) * 512;
+}
+
+async function emptyMountpoint(path: string): Promise<void> {
+  if (await isMounted(path))
+    throw new BlkError('MOUNT_FAILED', `${path} is still mounted from an earlier run`);
+  await writeFile(path, '');
+}
+
+/** qemu-storage-daemon 7.2 with `--export type=fuse`, in the foreground as our child. */
+function qsdServer(ctx: ServerContext): Server {
+  const mnt = join(ctx.dir, 'mnt-qsd');
+  return {
+    id: 'qsd',
+    label: 'qemu-storage-daemon',
+    async serve(pair, { writable, size }) {
+      const args = [
+        '--blockdev',
+        `node-name=prot,driver=file,filename=${qemuValue(pair.qcow2)}`,
+        '--blockdev',
+        'node-name=fmt,driver=qcow2,file=prot',
+        '--export',
+        `type=fuse,id=exp0,node-name=fmt,mountpoint=${qemuValue(mnt)},writable=${writable ? 'on' : 'off'}`,
+      ];
+      let proc: ReturnType<typeof startServer> | undefined;
+      const stop = ctx.cleanup.add('qemu-storage-daemon', async () => {
+        if (proc && !(await waitExit(proc.child, 0))) {
+          proc.child.kill('SIGTERM');
+          if (!(await waitExit(proc.child, 30_000))) {
+            proc.child.kill('SIGKILL');
+            await waitExit(proc.child, 5_000);
+          }
+        }
+        await unmountIfMounted(mnt);
+      });
+      await emptyMountpoint(mnt);
+      if (ctx.cleanup.aborting) throw new BlkError('MOUNT_FAILED', 'interrupted');
+      const started = startServer('qemu-storage-daemon', args);
+      proc = started;
+      try {
+        await waitUntil(
+          async () => {
+            if (started.child.exitCode !== null || started.child.signalCode !== null) {
+              throw new BlkError(
+                'MOUNT_FAILED',
+                `qemu-storage-daemon exited: ${complaint(started.stderr())}`,
+              );
+            }
+            return mountedWithSize(mnt, size);
+          },
+          MOUNT_TIMEOUT_MS,
+          `qemu-storage-daemon to mount ${mnt}`,
+        );
+      } catch (e) {
+        await stop();
+        throw e;
+      }
+      return { path: mnt, stop };
+    },
+  };
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function readPid(pidfile: string): Promise<number | undefined> {
+  try {
+    const pid = Number((await readFile(pidfile, 'utf8')).trim());
+    return Number.isSafeInteger(pid) && pid > 1 ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** blkexport's one-shot export (SPEC §3): `mount --daemonize --pidfile`, then `umount`. */
+function blkexportServer(ctx: ServerContext): Server {
+  const mnt = join(ctx.dir, 'mnt-blkexport');
+  const pidfile = join(ctx.dir, 'blkexport.pid');
+  const bin = join(ctx.repo, 'bin', 'blkexport');
+  const built = join(ctx.repo, 'dist', 'cli', 'main.js');
+  const cli = (args: string[], timeoutMs: number) =>
+    runCommand(process.execPath, [bin, ...args], { timeoutMs, server: true });
+  /** A `mount --daemonize` still running: shutting down waits for it, or its export would outlive the run. */
+  let pending: Promise<unknown> | undefined;
+
+  /** Unmounts through the CLI; falls back to killing the pid from the pid file and a lazy unmount. */
+  async function shutdown(): Promise<void> {
+    await pending?.catch(() => {});
+    const pid = await readPid(pidfile);
+    if (await isMounted(mnt)) {
+      const r = await cli(['umount', mnt], 60_000);
+      if (r.status !== 0)
+        process.stderr.write(`bench: blkexport umount ${mnt}: ${complaint(r.stderr || r.stdout)}\n`);
+    }
+    if (pid !== undefined) {
+      for (let i = 0; i < 100 && pidAlive(pid); i++) await sleep(100);
+      if (pidAlive(pid)) {
+        process.stderr.write(`bench: blkexport (pid ${pid}) still running after umount; killing it\n`);
+        process.kill(pid, 'SIGKILL');
+      }
+    }
+    await unmountIfMounted(mnt);
+    await rm(pidfile, { force: true });
+  }
+
+  return {
+    id: 'blkexport',
+    label: 'blkexport',
+    async serve(pair, { writable, size }) {
+      if (!existsSync(built))
+        throw new BlkError('NOT_SUPPORTED', 'not built (dist/cli/main.js missing: npm run build)');
+      const stop = ctx.cleanup.add('blkexport mount', shutdown);
+      await emptyMountpoint(mnt);
+      await rm(pidfile, { force: true });
+      const args = ['mount', pair.qcow2, mnt, '--daemonize', '--pidfile', pidfile];
+      if (writable) args.push('--writable');
+      try {
+        if (ctx.cleanup.aborting) throw new BlkError('MOUNT_FAILED', 'interrupted');
+        pending = cli(args, 120_000);
+        const r = await (pending as ReturnType<typeof cli>);
+        pending = undefined;
+        if (r.status !== 0) {
+          throw new BlkError(
+            'MOUNT_FAILED',
+            `blkexport mount exited ${r.status ?? r.signal}: ${complaint(r.stderr || r.stdout)}`,
+          );
+        }
+        await waitUntil(() => mountedWithSize(mnt, size), 10_000, `blkexport's mount on ${mnt}`);
+      } catch (e) {
+        try {
+          await stop();
+        } catch (e2) {
+          process.stderr.write(`bench: cleaning up a failed blkexport mount: ${describeError(e2)}\n`);
+        }
+        throw e;
+      }
+      return { path: mnt, stop };
+    },
+  };
+}
+
+/** The raw twin read and written directly on the host file system: the physical limit of this machine. */
+function plainServer(): Server {
+  return {
+    id: 'plain',
+    label: 'plain raw file',
+    async serve(pair) {
+      return { path: pair.raw, stop: async () => {} };
+    },
+  };
+}
+
+/** The servers of a run, in SERVER_IDS order. */
+export function makeServers(ctx: ServerContext): Server[] {
+  return [qsdServer(ctx), blkexportServer(ctx), plainServer()];
+}

@@ -1,0 +1,119 @@
+/**
+ * The I/O workloads of the benchmark (issues 4, 6 and 9): one row of the
+ * report each. Sizes: 1 MiB for sequential throughput, 4 KiB for IOPS.
+ */
+
+/** Which image a workload runs on (see images.ts). */
+export type ImageKind = 'allocated' | 'compressed' | 'fresh' | 'overwrite';
+
+export type Unit = 'MB/s' | 'IOPS';
+
+export interface Workload {
+  /** Short id for --only and the JSON results. */
+  id: string;
+  /** The row's title in the report. */
+  title: string;
+  image: ImageKind;
+  /** The export must be writable. */
+  writes: boolean;
+  unit: Unit;
+  /**
+   * Cover the whole image once (each block exactly once, in random order for
+   * random workloads), with the runtime as a cap, instead of looping for the
+   * runtime. A looping run would measure something else after its first pass:
+   * buffered reads would come from the kernel's page cache of the open FUSE
+   * file instead of the server, and writes to a fresh image would overwrite.
+   */
+  onePass?: boolean;
+  /** fio job options (besides file, runtime and output format, which fio.ts adds). */
+  fio: string[];
+}
+
+const libaio = (depth: number): string[] => ['--ioengine=libaio', `--iodepth=${depth}`, '--direct=1'];
+
+export const WORKLOADS: readonly Workload[] = [
+  {
+    id: 'seq-read-buffered',
+    title: 'seq read 1 MiB, buffered (one pass)',
+    image: 'allocated',
+    writes: false,
+    onePass: true,
+    unit: 'MB/s',
+    fio: ['--rw=read', '--bs=1M', '--ioengine=psync', '--direct=0'],
+  },
+  {
+    id: 'seq-read-direct',
+    title: 'seq read 1 MiB, O_DIRECT',
+    image: 'allocated',
+    writes: false,
+    unit: 'MB/s',
+    fio: ['--rw=read', '--bs=1M', '--ioengine=psync', '--direct=1'],
+  },
+  {
+    id: 'rand-read-qd1',
+    title: 'rand read 4 KiB, QD1 (libaio, O_DIRECT)',
+    image: 'allocated',
+    writes: false,
+    unit: 'IOPS',
+    fio: ['--rw=randread', '--bs=4k', ...libaio(1)],
+  },
+  {
+    id: 'rand-read-qd16',
+    title: 'rand read 4 KiB, QD16 (libaio, O_DIRECT)',
+    image: 'allocated',
+    writes: false,
+    unit: 'IOPS',
+    fio: ['--rw=randread', '--bs=4k', ...libaio(16)],
+  },
+  {
+    id: 'seq-read-compressed',
+    title: 'seq read 1 MiB, buffered, zlib-compressed qcow2 (one pass)',
+    image: 'compressed',
+    writes: false,
+    onePass: true,
+    unit: 'MB/s',
+    fio: ['--rw=read', '--bs=1M', '--ioengine=psync', '--direct=0'],
+  },
+  {
+    id: 'rand-read-compressed',
+    title: 'rand read 4 KiB, QD1, zlib-compressed qcow2',
+    image: 'compressed',
+    writes: false,
+    unit: 'IOPS',
+    fio: ['--rw=randread', '--bs=4k', ...libaio(1)],
+  },
+  {
+    id: 'seq-write-fresh',
+    title: 'seq write 1 MiB, buffered + fsync, fresh qcow2 (allocating, one pass)',
+    image: 'fresh',
+    writes: true,
+    onePass: true,
+    unit: 'MB/s',
+    fio: ['--rw=write', '--bs=1M', '--ioengine=psync', '--direct=0', '--end_fsync=1'],
+  },
+  {
+    id: 'rand-write-fresh',
+    title: 'rand write 4 KiB, QD16, fresh qcow2 (allocating, one pass)',
+    image: 'fresh',
+    writes: true,
+    onePass: true,
+    unit: 'IOPS',
+    fio: ['--rw=randwrite', '--bs=4k', ...libaio(16)],
+  },
+  {
+    id: 'rand-write-overwrite',
+    title: 'rand write 4 KiB, QD16, allocated qcow2 (overwriting)',
+    image: 'overwrite',
+    writes: true,
+    unit: 'IOPS',
+    fio: ['--rw=randwrite', '--bs=4k', ...libaio(16)],
+  },
+  {
+    id: 'rand-rw-70-30',
+    title: 'rand 70/30 read/write 4 KiB, QD16, allocated qcow2',
+    image: 'overwrite',
+    writes: true,
+    unit: 'IOPS',
+    fio: ['--rw=randrw', '--rwmixread=70', '--bs=4k', ...libaio(16)],
+  },
+];
