@@ -4,7 +4,9 @@
  * tsx; the last test runs bin/blkexport when the build (npm run build) exists.
  */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { BIN, REPO, type RunResult, run, tempDir } from '../helpers/tools.js';
@@ -153,6 +155,76 @@ test('plan: --socket with nothing listening says so and plans against nothing mo
   assert.equal(r.status, 2);
   assert.match(r.stderr, /no agent answers on .*agent\.sock \(ENOENT\); assuming nothing is mounted/);
   assert.match(r.stdout, /^# host .*; observed: nothing mounted$/m);
+});
+
+test('plan: --socket uses the observed state the agent reports on GET /observed', async (t) => {
+  const dir = tempDir(t);
+  const socket = join(dir, 'agent.sock');
+  const img = '/var/lib/blkexport/images/guest.qcow2';
+  const observed = {
+    nodes: [
+      {
+        options: { 'node-name': 'prot0', driver: 'file', 'read-only': false, filename: img, locking: 'auto' },
+      },
+      { options: { 'node-name': 'fmt0', driver: 'qcow2', 'read-only': false, file: 'prot0' } },
+      {
+        options: {
+          'node-name': 'old0',
+          driver: 'file',
+          'read-only': true,
+          filename: '/srv/old.raw',
+          locking: 'auto',
+        },
+      },
+    ],
+    exports: [
+      {
+        state: 'mounted',
+        options: {
+          type: 'fuse',
+          id: 'exp0',
+          'node-name': 'fmt0',
+          mountpoint: img,
+          'create-mountpoint': false,
+          writable: false,
+          growable: false,
+          'allow-other': 'auto',
+        },
+      },
+    ],
+  };
+  const paths: string[] = [];
+  const server = createServer((req, res) => {
+    paths.push(`${req.method} ${req.url}`);
+    res.setHeader('content-type', 'application/json');
+    res.end(JSON.stringify(observed));
+  });
+  t.after(() => server.close());
+  await new Promise<void>((resolve) => server.listen(socket, resolve));
+  // The server lives in this process, so the CLI must run asynchronously.
+  const child = spawn(
+    process.execPath,
+    ['--import', 'tsx', '-e', ENTRY, 'plan', '--manifests', 'manifests/examples', '--socket', socket],
+    {
+      cwd: REPO,
+    },
+  );
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => {
+    stdout += d;
+  });
+  child.stderr.on('data', (d) => {
+    stderr += d;
+  });
+  const status = await new Promise<number | null>((resolve) => child.on('close', resolve));
+  assert.equal(status, 2, stderr);
+  assert.deepEqual(paths, ['GET /observed']);
+  const lines = stdout.split('\n');
+  assert.ok(lines.includes('- node old0'), stdout);
+  assert.ok(lines.includes('~ export exp0 writable: false → true (reopen in place)'), stdout);
+  assert.doesNotMatch(stdout, /\+ (node prot0|node fmt0|export exp0)/);
+  assert.match(stdout, /observed: the agent on .*agent\.sock$/m);
 });
 
 test('plan: an empty directory plans no changes (exit 0)', (t) => {

@@ -45,10 +45,10 @@ options:
   --host NAME        plan for host NAME (spec.hosts); default: this machine's hostname
 `;
 
-/** Asks the agent on `socketPath` for its observed state; undefined (with why) when that is not possible. */
+/** Asks the agent on `socketPath` for its observed state (GET /observed); undefined (with why) when that fails. */
 async function observedFromAgent(socketPath: string): Promise<{ observed?: Observed; why: string }> {
   return new Promise((resolve) => {
-    const req = request({ socketPath, path: '/status', method: 'GET', timeout: 2000 }, (res) => {
+    const req = request({ socketPath, path: '/observed', method: 'GET', timeout: 2000 }, (res) => {
       let body = '';
       res.setEncoding('utf8');
       res.on('data', (chunk: string) => {
@@ -56,9 +56,10 @@ async function observedFromAgent(socketPath: string): Promise<{ observed?: Obser
       });
       res.on('end', () => {
         try {
-          const status = JSON.parse(body) as { observed?: Observed };
-          const o = status.observed;
-          if (o && Array.isArray(o.nodes) && Array.isArray(o.exports)) {
+          // The body is an Observed ({nodes, exports}), or wraps one as {observed: ...}.
+          const json = JSON.parse(body) as Observed & { observed?: Observed };
+          const o = json.observed ?? json;
+          if (res.statusCode === 200 && o && Array.isArray(o.nodes) && Array.isArray(o.exports)) {
             resolve({ observed: o, why: `the agent on ${socketPath}` });
           } else {
             resolve({ why: `the agent on ${socketPath} does not report its observed state` });
