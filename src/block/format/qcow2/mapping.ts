@@ -146,6 +146,10 @@ function decodeEntry(
   const host = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
   const copied = (hi & 0x80000000) !== 0;
   const allocated = host !== 0 || (s.externalData && copied);
+  // Offset 0 with COPIED names host cluster 0, legal only in an external data file.
+  if (host === 0 && copied && !s.externalData && (h.extendedL2 || (lo & 1) === 0)) {
+    throw corruption(s, 'l2_entry', `${where}: data cluster is the header`);
+  }
   if (allocated) {
     if (host % cs !== 0)
       throw corruption(s, 'l2_entry', `${where}: host offset ${host} is not cluster-aligned`);
