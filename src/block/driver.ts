@@ -74,6 +74,8 @@ export interface BlockDriver<S = unknown> {
   imageInfo?(s: S): ImageInfo;
   /** The host file behind the node (protocol drivers; format nodes inherit their file child's). */
   describe?(s: S): { filename?: string; fileKey?: string };
+  /** Called once the state is wrapped into its node (lets a driver offer tools a view keyed by node). */
+  attach?(s: S, node: BlockNode): void;
   /** The read-only state of the driver (after reopen commits). */
   isReadOnly?(s: S): boolean;
 }

@@ -188,6 +188,7 @@ export function wrapNode<S>(
       if (driver.close) await driver.close(state);
     },
   };
+  driver.attach?.(state, node);
   return node;
 }
 

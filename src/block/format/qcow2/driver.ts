@@ -24,6 +24,7 @@ import {
   parseHeader,
   roundUp,
 } from './header.js';
+import { registerQcow2Node } from './inspect.js';
 import { COMPRESSED, DATA, type MappedExtent, mapRange, UNALLOCATED, ZERO } from './mapping.js';
 import { readGuest } from './read.js';
 import { RefcountReader } from './refcount.js';
@@ -248,6 +249,7 @@ export const qcow2Format = defineDriver<Qcow2State>({
   isReadOnly: () => true,
   describe: (s) => ({ filename: s.file.filename, fileKey: s.file.fileKey }),
   imageInfo: info,
+  attach: (s, node) => registerQcow2Node(node, s),
 });
 
 export type { Qcow2State };
