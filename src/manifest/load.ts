@@ -15,8 +15,29 @@ function yamlMessage(e: YAMLError): string {
   return first.replace(/ at line \d+, column \d+:?$/, '');
 }
 
-function syntaxProblem(file: string, e: YAMLError, lineCounter: LineCounter): BlkError {
-  const pos = e.linePos?.[0] ?? lineCounter.linePos(e.pos[0]);
+function syntaxProblem(file: string, text: string, e: YAMLError, lineCounter: LineCounter): BlkError {
+  // yaml may point at the indentation before a badly indented token: point at the token.
+  let offset = e.pos[0];
+  while (text[offset] === ' ') offset++;
+  // An unterminated quoted string is found at the end of the file: point at its opening quote.
+  const quote = /^Missing closing (["'])quote/.exec(e.message)?.[1];
+  if (quote !== undefined) {
+    const open = text.lastIndexOf(quote, Math.max(0, e.pos[0] - 1));
+    if (open >= 0) offset = open;
+  }
+  // An unclosed flow collection is found where the next block starts: point at its opening bracket.
+  const close = /end with an? ([\]}])/.exec(e.message)?.[1];
+  if (close !== undefined) {
+    const open = close === ']' ? '[' : '{';
+    for (let i = e.pos[0] - 1, depth = 0; i >= 0; i--) {
+      if (text[i] === close) depth++;
+      else if (text[i] === open && depth-- === 0) {
+        offset = i;
+        break;
+      }
+    }
+  }
+  const pos = lineCounter.linePos(offset);
   return new BlkError('MANIFEST_SYNTAX', yamlMessage(e), { file, line: pos.line, col: pos.col });
 }
 
@@ -48,7 +69,7 @@ export function loadManifestText(file: string, text: string): ManifestFile {
   const list = Array.isArray(docs) ? docs : [];
   list.forEach((doc, index) => {
     if (doc.errors.length > 0) {
-      for (const e of doc.errors) problems.push(syntaxProblem(file, e, lineCounter));
+      for (const e of doc.errors) problems.push(syntaxProblem(file, text, e, lineCounter));
       return;
     }
     if (isEmptyDocument(doc)) return;
