@@ -5,8 +5,10 @@
  * the graph; generic checks (unique ids and mountpoints, writable over a
  * read-only node) live in the export registry.
  */
+import { execFile } from 'node:child_process';
 import { constants } from 'node:fs';
 import type { BlockNode } from '../../block/types.js';
+import { BlkError } from '../../errors.js';
 import { LatencyHistogram } from '../latency.js';
 import { Errno, type FileAttr, type FileFsMount, type FileFsOps, FuseErrno, mountFileFs } from './binding.js';
 
@@ -40,6 +42,22 @@ const O_ACCMODE = 3;
 /** Largest request libfuse 2 hands us; also what we ask for with max_read/max_write. */
 const MAX_REQUEST = 128 * 1024;
 
+/** Remounts a FUSE mount read-write or read-only (-i: no mount.fuse helper for our subtype). */
+function remount(mountpoint: string, mode: 'rw' | 'ro'): Promise<void> {
+  return new Promise((resolve, reject) => {
+    execFile('mount', ['-i', '-o', `remount,${mode}`, mountpoint], (err, _out, stderr) => {
+      if (err)
+        reject(
+          new BlkError(
+            'MOUNT_FAILED',
+            `remount ${mode} of '${mountpoint}' failed: ${stderr.trim() || err.message}`,
+          ),
+        );
+      else resolve();
+    });
+  });
+}
+
 /** Rounds up to the next multiple of 512, as QSD reports the size. */
 export function roundUpToSector(n: number): number {
   return Math.ceil(n / 512) * 512;
@@ -65,6 +83,7 @@ export class FuseExport {
   private writable: boolean;
   private growable: boolean;
   private allowOther = false;
+  private mountAllowsOther = false;
   private mode: number;
   private uid = process.getuid?.() ?? 0;
   private gid = process.getgid?.() ?? 0;
@@ -82,7 +101,11 @@ export class FuseExport {
     this.mode = opts.writable ? 0o600 : 0o400;
   }
 
-  /** Mounts `node` on opts.mountpoint; with allow-other auto, falls back to a mount without allow_other. */
+  /**
+   * Mounts `node` on opts.mountpoint. The mount carries allow_other whenever
+   * the kernel grants it (and must for `on`); `allow-other` itself is enforced
+   * through the mode bits (default_permissions), so it can change in place.
+   */
   static async start(node: BlockNode, opts: FuseExportOptions): Promise<FuseExport> {
     const exp = new FuseExport(node, opts);
     const attempt = (allowOther: boolean) =>
@@ -93,17 +116,14 @@ export class FuseExport {
         subtype: 'blkexport',
         maxRead: MAX_REQUEST,
       });
-    if (opts.allowOther === 'auto') {
-      try {
-        exp.mount = await attempt(true);
-        exp.allowOther = true;
-      } catch {
-        exp.mount = await attempt(false);
-      }
-    } else {
-      exp.allowOther = opts.allowOther === 'on';
-      exp.mount = await attempt(exp.allowOther);
+    try {
+      exp.mount = await attempt(true);
+      exp.mountAllowsOther = true;
+    } catch (e) {
+      if (opts.allowOther === 'on') throw e;
+      exp.mount = await attempt(false);
     }
+    exp.allowOther = opts.allowOther === 'on' || (opts.allowOther === 'auto' && exp.mountAllowsOther);
     return exp;
   }
 
@@ -115,9 +135,40 @@ export class FuseExport {
     return this.growable;
   }
 
-  /** Changes growable in place (writable needs a remount and is the engine's job). */
+  /** Changes growable in place. */
   setGrowable(growable: boolean): void {
     this.growable = growable;
+  }
+
+  /** Changes allow-other in place; turning it off drops group/other permission bits. */
+  setAllowOther(value: AllowOther): void {
+    if (value === 'on' && !this.mountAllowsOther) {
+      throw new BlkError(
+        'NOT_SUPPORTED',
+        `export '${this.id}': the kernel refused allow_other for this mount`,
+      );
+    }
+    this.allowOther = value === 'on' || (value === 'auto' && this.mountAllowsOther);
+    if (!this.allowOther) this.mode &= 0o700;
+  }
+
+  /**
+   * Changes writable in place: remounts rw/ro (open descriptors stay valid).
+   * Going read-only flushes first; if the kernel keeps the mount rw because a
+   * descriptor is open for writing, writes are still refused by the export.
+   */
+  async setWritable(writable: boolean): Promise<void> {
+    if (writable === this.writable) return;
+    if (!writable) {
+      await this.node.flush();
+      this.writable = false;
+      this.mode &= ~0o222;
+      await remount(this.mountpoint, 'ro').catch(() => undefined);
+    } else {
+      await remount(this.mountpoint, 'rw');
+      this.writable = true;
+      this.mode |= 0o200;
+    }
   }
 
   /** Flushes the node (when writable), unmounts lazily; later requests on open descriptors get ENOTCONN. */

@@ -1,0 +1,89 @@
+/**
+ * The agent's control socket: HTTP with JSON over a Unix socket (mode 0600,
+ * so only root talks to it). GET /status, GET /metrics, POST /reconcile.
+ */
+import { chmod, mkdir, unlink } from 'node:fs/promises';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import { connect } from 'node:net';
+import { dirname } from 'node:path';
+import { BlkError } from '../errors.js';
+
+export interface ControlHandlers {
+  status(): unknown;
+  metrics(): Promise<{ contentType: string; body: string }>;
+  reconcile(): Promise<unknown>;
+  /** The observed state for `blkexport plan` against a running agent. */
+  observed(): unknown;
+}
+
+export const DEFAULT_SOCKET = '/run/blkexport/agent.sock';
+
+/** True when something accepts connections on the Unix socket `path`. */
+function socketAnswers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(path);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+function send(res: ServerResponse, status: number, body: unknown, contentType = 'application/json'): void {
+  const text = contentType === 'application/json' ? `${JSON.stringify(body, null, 2)}\n` : String(body);
+  res.writeHead(status, { 'content-type': contentType, 'content-length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+/** Listens on `socketPath` (refusing when another agent answers there); resolves with a closer. */
+export async function startControlServer(
+  socketPath: string,
+  h: ControlHandlers,
+): Promise<{ close(): Promise<void> }> {
+  await mkdir(dirname(socketPath), { recursive: true, mode: 0o755 });
+  if (await socketAnswers(socketPath)) {
+    throw new BlkError('AGENT', `another agent already answers on ${socketPath}`);
+  }
+  await unlink(socketPath).catch(() => undefined);
+  const server = createServer((req: IncomingMessage, res: ServerResponse) => {
+    const route = `${req.method} ${(req.url ?? '/').split('?')[0]}`;
+    const fail = (e: unknown) => send(res, 500, { error: (e as Error).message });
+    try {
+      switch (route) {
+        case 'GET /status':
+          return send(res, 200, h.status());
+        case 'GET /observed':
+          return send(res, 200, h.observed());
+        case 'GET /metrics':
+          h.metrics().then((m) => send(res, 200, m.body, m.contentType), fail);
+          return;
+        case 'POST /reconcile':
+          h.reconcile().then((r) => send(res, 200, r), fail);
+          return;
+        default:
+          return send(res, 404, { error: `no route ${route}` });
+      }
+    } catch (e) {
+      fail(e);
+    }
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    // Created 0600 from the start: no window in which others could connect.
+    const old = process.umask(0o177);
+    server.listen(socketPath, () => {
+      process.umask(old);
+      resolve();
+    });
+  });
+  await chmod(socketPath, 0o600);
+  return {
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections?.();
+        unlink(socketPath).catch(() => undefined);
+      }),
+  };
+}

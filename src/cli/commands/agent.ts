@@ -1,0 +1,147 @@
+/**
+ * `blkexport agent --manifests DIR`: the host agent. Reconciles, watches the
+ * directory, serves the control socket, and on SIGTERM/SIGINT flushes and
+ * unmounts every export before exiting 0.
+ */
+import { hostname } from 'node:os';
+import { resolve } from 'node:path';
+import { Agent } from '../../agent/agent.js';
+import { DEFAULT_SOCKET, startControlServer } from '../../agent/control-server.js';
+import { createLogger, type LogFormat } from '../../agent/log.js';
+import { createAgentMetrics } from '../../agent/metrics.js';
+import { cleanStaleAgentMounts } from '../../agent/stale.js';
+import { notifySystemd } from '../../agent/systemd.js';
+import { watchManifests } from '../../agent/watch.js';
+import { makePathPolicy, type PathPolicy } from '../../block/path-policy.js';
+import { NativeEngine } from '../../engine/native/engine.js';
+import { BlkError, describeError } from '../../errors.js';
+import { parseCommandArgs } from '../args.js';
+
+export const summary = 'the host agent: reconcile a manifest directory, watch it, serve until SIGTERM';
+export const usage = `usage: blkexport agent --manifests DIR [options]
+
+Makes the exports described by the manifests in DIR exist, and keeps them so:
+on start, on every change of a manifest (live within 2 s), on SIGHUP, and every
+--resync seconds. A manifest that stops validating keeps its last good version
+in force. SIGTERM/SIGINT flush and unmount every export, then exit 0.
+
+options:
+  --manifests DIR          the manifest directory (*.yaml, *.yml)
+  --socket PATH            control socket (default ${DEFAULT_SOCKET})
+  --allow-root DIR         images, backing files and mountpoints must lie in DIR (repeatable)
+  --allow-any-path         no confinement (explicit opt-in; one of the two is required)
+  --resync SEC             periodic full pass, also repairs drift (default 30)
+  --engine native          the engine (qemu is not available yet)
+  --log-format text|json   log lines on stderr (default text)
+  --hostname NAME          the host name manifests' hosts: are matched against (default: this host's)
+`;
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseCommandArgs('agent', args, {
+    manifests: { type: 'string' },
+    socket: { type: 'string', default: DEFAULT_SOCKET },
+    'allow-root': { type: 'string', multiple: true, default: [] },
+    'allow-any-path': { type: 'boolean', default: false },
+    resync: { type: 'string', default: '30' },
+    engine: { type: 'string', default: 'native' },
+    'log-format': { type: 'string', default: 'text' },
+    hostname: { type: 'string' },
+  });
+  if (positionals.length) throw new BlkError('USAGE', `unexpected argument '${positionals[0]}'`);
+  if (!values.manifests) throw new BlkError('USAGE', '--manifests DIR is required');
+  const format = values['log-format'] as string;
+  if (format !== 'text' && format !== 'json') throw new BlkError('USAGE', '--log-format is text or json');
+  if (values.engine !== 'native') {
+    throw new BlkError(
+      'USAGE',
+      `--engine ${values.engine}: only the native engine is available in this version`,
+    );
+  }
+  const resyncSec = Number(values.resync);
+  if (!Number.isFinite(resyncSec) || resyncSec <= 0)
+    throw new BlkError('USAGE', '--resync takes a positive number of seconds');
+  const rootsGiven = (values['allow-root'] as string[]).map((r) => resolve(r));
+  if (rootsGiven.length === 0 && !values['allow-any-path']) {
+    throw new BlkError(
+      'USAGE',
+      'refusing to start without --allow-root DIR (or an explicit --allow-any-path): a manifest must not be able to mount over any file of the host',
+    );
+  }
+  let policy: PathPolicy = { allowedRoots: 'any' };
+  if (!values['allow-any-path']) {
+    policy = await makePathPolicy(rootsGiven);
+    if (policy.allowedRoots !== 'any' && policy.allowedRoots.length === 0) {
+      throw new BlkError('USAGE', `none of the allowed roots exists: ${rootsGiven.join(', ')}`);
+    }
+  }
+  const log = createLogger(format as LogFormat);
+  const dir = resolve(values.manifests);
+  const socketPath = resolve(values.socket as string);
+  const host = (values.hostname as string | undefined) ?? hostname();
+
+  const engine = new NativeEngine(policy);
+  const agent = new Agent({ manifests: dir, hostname: host, roots: policy.allowedRoots }, engine, log);
+  const metrics = createAgentMetrics(() => {
+    const live = new Map(engine.exports().map((e) => [e.id, e]));
+    return agent.status().exports.map((e) => ({ id: e.id, state: e.state, stats: live.get(e.id)?.stats }));
+  });
+  agent.onPass = (r, ok) => metrics.observePass(r.durationMs / 1000, ok ? 'ok' : 'error');
+
+  const server = await startControlServer(socketPath, {
+    status: () => agent.status(),
+    observed: () => agent.observed(),
+    metrics: async () => ({ contentType: metrics.contentType, body: await metrics.text() }),
+    reconcile: async () => {
+      const r = await agent.requestPass('POST /reconcile');
+      return { ...r, status: agent.status() };
+    },
+  });
+  log.info('agent starting', {
+    manifests: dir,
+    socket: socketPath,
+    hostname: host,
+    roots: policy.allowedRoots,
+  });
+
+  for (const m of await cleanStaleAgentMounts().catch((e) => {
+    log.error('cleaning stale mounts failed', { error: describeError(e) });
+    return [];
+  })) {
+    log.warn('cleaned a stale mount of a previous agent', { mountpoint: m.mountpoint, source: m.source });
+  }
+
+  const first = await agent.requestPass('start');
+  log.info('first pass done', { steps: first.steps, failed: first.failed, ms: Math.round(first.durationMs) });
+  await notifySystemd('READY=1');
+
+  const watcher = watchManifests(dir, () => void agent.requestPass('manifest change'));
+  const resync = setInterval(() => void agent.requestPass('resync'), resyncSec * 1000);
+
+  return new Promise<number>((resolveExit) => {
+    let stopping = false;
+    const stop = async (sig: string) => {
+      if (stopping) return;
+      stopping = true;
+      log.info('stopping: flushing and unmounting every export', { signal: sig });
+      await notifySystemd('STOPPING=1');
+      clearInterval(resync);
+      let code = 0;
+      try {
+        await watcher.close();
+        await agent.stop();
+      } catch (e) {
+        log.error('stopping failed', { error: describeError(e) });
+        code = 1;
+      }
+      await server.close();
+      log.info('stopped', { code });
+      resolveExit(code);
+    };
+    process.on('SIGTERM', () => void stop('SIGTERM'));
+    process.on('SIGINT', () => void stop('SIGINT'));
+    process.on('SIGHUP', () => {
+      log.info('SIGHUP: reloading');
+      void agent.requestPass('SIGHUP');
+    });
+  });
+}

@@ -1,0 +1,75 @@
+/** `blkexport status`: what the running agent reports, as a table, JSON or YAML. */
+import { stringify } from 'yaml';
+import type { StatusDocument } from '../../agent/agent.js';
+import { getAgentJson } from '../../agent/control-client.js';
+import { DEFAULT_SOCKET } from '../../agent/control-server.js';
+import { BlkError } from '../../errors.js';
+import { parseCommandArgs } from '../args.js';
+
+export const summary = "show the running agent's manifests and exports";
+export const usage = `usage: blkexport status [--socket PATH] [-o table|json|yaml]
+
+Asks the agent on the control socket (default ${DEFAULT_SOCKET}) for every
+manifest (valid or not, with errors as FILE:LINE:COL) and every export
+(ready, pending or failed, with the reason and since when).
+`;
+
+function table(rows: string[][]): string {
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  return rows
+    .map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  '))
+    .join('\n');
+}
+
+/** Renders the status document for people. */
+export function renderStatus(s: StatusDocument): string {
+  const out: string[] = [
+    `agent pid ${s.agent.pid} on ${s.agent.hostname}, manifests ${s.agent.manifests}, ${s.agent.passes} passes`,
+  ];
+  out.push('', 'MANIFESTS');
+  const mrows = [['FILE', 'NAME', 'VALID', 'NOTE']];
+  for (const m of s.manifests) {
+    const note = m.valid
+      ? m.ignoredForHost?.length
+        ? `not for this host: ${m.ignoredForHost.join(', ')}`
+        : ''
+      : m.lastGoodInForce
+        ? 'last good version in force'
+        : 'nothing in force';
+    mrows.push([m.file, m.name || '-', m.valid ? 'yes' : 'NO', note]);
+  }
+  out.push(table(mrows));
+  for (const m of s.manifests) {
+    for (const e of m.errors)
+      out.push(`  ${e.file}${e.line !== null ? `:${e.line}:${e.col}` : ''}: ${e.message}`);
+  }
+  out.push('', 'EXPORTS');
+  const erows = [['ID', 'STATE', 'MOUNTPOINT', 'NODE', 'SINCE', 'REASON']];
+  for (const e of s.exports)
+    erows.push([e.id, e.state, e.mountpoint, e.chain.join(' > ') || e.node, e.since, e.reason]);
+  out.push(table(erows));
+  return out.join('\n');
+}
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseCommandArgs('status', args, {
+    socket: { type: 'string', default: DEFAULT_SOCKET },
+    output: { type: 'string', short: 'o', default: 'table' },
+  });
+  if (positionals.length) throw new BlkError('USAGE', `unexpected argument '${positionals[0]}'`);
+  const s = await getAgentJson<StatusDocument>(values.socket as string, '/status');
+  switch (values.output) {
+    case 'json':
+      console.log(JSON.stringify(s, null, 2));
+      break;
+    case 'yaml':
+      process.stdout.write(stringify(s));
+      break;
+    case 'table':
+      console.log(renderStatus(s));
+      break;
+    default:
+      throw new BlkError('USAGE', `-o takes table, json or yaml, not '${values.output}'`);
+  }
+  return 0;
+}
