@@ -3,7 +3,7 @@
  * inline children get a node-name, sizes become numbers, defaults are filled,
  * and shorthand exports (`image:`) become the long form's graph.
  */
-import { parseSize } from './size.js';
+import { MAX_SIZE, parseSize } from './size.js';
 import type {
   ExportOptions,
   ExportSpec,
@@ -101,6 +101,13 @@ class Expander {
       opts.offset = this.size(`${pointer}/offset`, b.offset) ?? 0;
       const size = this.size(`${pointer}/size`, b.size);
       if (size !== undefined) opts.size = size;
+      if (size !== undefined && opts.offset + size > MAX_SIZE) {
+        this.problems.push({
+          pointer: `${pointer}/size`,
+          at: 'value',
+          message: `offset + size (${opts.offset} + ${size}) is larger than 2^53 - 1 bytes`,
+        });
+      }
     }
     if (b.cache) opts.cache = { direct: b.cache.direct ?? false, 'no-flush': b.cache['no-flush'] ?? false };
     const spec: NodeSpec = { options: opts, source: this.locate(pointer) };
