@@ -19,6 +19,7 @@ export type NodeDriver = 'file' | 'raw' | 'qcow2' | 'auto';
 /** What an engine may have to resolve when it applies a node (shorthand `format: auto`, `partition:`). */
 export type Unresolved = 'driver' | 'offset' | 'size';
 
+/** QEMU's OnOffAuto (locking, allow-other). */
 export type OnOffAuto = 'auto' | 'on' | 'off';
 
 /** Normalized options of one block node; children are named by node-name, never inline. */

@@ -15,11 +15,13 @@ export interface Origin extends SourcePos {
   generatedFor?: string;
 }
 
+/** A node the manifests ask for. */
 export interface DesiredNode {
   options: NodeOptions;
   origin: Origin;
 }
 
+/** An export the manifests ask for. */
 export interface DesiredExport {
   options: ExportOptions;
   origin: Origin;
@@ -100,6 +102,7 @@ export type Step =
       changes: Change[];
     };
 
+/** `add-node`, `remove-export`, ... */
 export type StepAction = Step['action'];
 
 /** Counts of entities (nodes and exports) per kind of change. */
