@@ -80,29 +80,62 @@ export async function mapRange(
   length: number,
   out: MappedExtent[],
 ): Promise<void> {
-  const h = s.header;
-  const cs = h.clusterSize;
   const end = offset + length;
   let pos = offset;
   while (pos < end) {
-    const l1Index = Math.floor(pos / h.l2Coverage);
-    const tableEnd = Math.min(end, (l1Index + 1) * h.l2Coverage);
+    const l1Index = Math.floor(pos / s.header.l2Coverage);
     const l2Off = l2TableOffset(s, l1Index);
-    if (l2Off === 0) {
-      push(out, UNALLOCATED, tableEnd - pos, 0);
-      pos = tableEnd;
-      continue;
-    }
-    const table = s.l2Cache.peek(l2Off) ?? (await s.l2Cache.get(l2Off));
-    const firstCluster = l1Index * h.l2Entries;
-    while (pos < tableEnd) {
-      const gc = Math.floor(pos / cs);
-      const clusterStart = gc * cs;
-      const clusterEnd = Math.min(tableEnd, clusterStart + cs);
-      decodeEntry(s, table, gc - firstCluster, gc, pos - clusterStart, clusterEnd - pos, out);
-      pos = clusterEnd;
-    }
+    const table = l2Off === 0 ? undefined : (s.l2Cache.peek(l2Off) ?? (await s.l2Cache.get(l2Off)));
+    pos = mapInTable(s, l1Index, table, pos, end, out);
   }
+}
+
+/**
+ * The same as mapRange without waiting: true when every L2 table needed was
+ * cached (the common case, which then costs no promise); false otherwise,
+ * with `out` possibly partly filled (the caller clears it and uses mapRange).
+ */
+export function mapRangeCached(s: Qcow2State, offset: number, length: number, out: MappedExtent[]): boolean {
+  const end = offset + length;
+  let pos = offset;
+  while (pos < end) {
+    const l1Index = Math.floor(pos / s.header.l2Coverage);
+    const l2Off = l2TableOffset(s, l1Index);
+    let table: Buffer | undefined;
+    if (l2Off !== 0) {
+      table = s.l2Cache.peek(l2Off);
+      if (table === undefined) return false;
+    }
+    pos = mapInTable(s, l1Index, table, pos, end, out);
+  }
+  return true;
+}
+
+/** Maps from `pos` up to `end` or the end of L2 table `l1Index` (undefined table: unallocated); returns where it stopped. */
+function mapInTable(
+  s: Qcow2State,
+  l1Index: number,
+  table: Buffer | undefined,
+  pos: number,
+  end: number,
+  out: MappedExtent[],
+): number {
+  const h = s.header;
+  const cs = h.clusterSize;
+  const tableEnd = Math.min(end, (l1Index + 1) * h.l2Coverage);
+  if (table === undefined) {
+    push(out, UNALLOCATED, tableEnd - pos, 0);
+    return tableEnd;
+  }
+  const firstCluster = l1Index * h.l2Entries;
+  while (pos < tableEnd) {
+    const gc = Math.floor(pos / cs);
+    const clusterStart = gc * cs;
+    const clusterEnd = Math.min(tableEnd, clusterStart + cs);
+    decodeEntry(s, table, gc - firstCluster, gc, pos - clusterStart, clusterEnd - pos, out);
+    pos = clusterEnd;
+  }
+  return tableEnd;
 }
 
 function decodeEntry(

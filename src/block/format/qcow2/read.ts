@@ -5,17 +5,25 @@
  * clusters through a small decompressed-cluster cache.
  */
 import { decompressCluster } from './decompress.js';
-import { COMPRESSED, DATA, type MappedExtent, mapRange, UNALLOCATED, ZERO } from './mapping.js';
+import {
+  COMPRESSED,
+  DATA,
+  type MappedExtent,
+  mapRange,
+  mapRangeCached,
+  UNALLOCATED,
+  ZERO,
+} from './mapping.js';
 import { corruption, type Qcow2State } from './state.js';
 
 /** Fills `buf` with the guest bytes at [offset, offset+buf.length). */
 export async function readGuest(s: Qcow2State, offset: number, buf: Buffer): Promise<void> {
   const extents: MappedExtent[] = [];
-  await mapRange(s, offset, buf.length, extents);
-  if (extents.length === 1 && extents[0]!.kind === DATA) {
-    await s.data.read(extents[0]!.host, buf);
-    return;
+  if (!mapRangeCached(s, offset, buf.length, extents)) {
+    extents.length = 0;
+    await mapRange(s, offset, buf.length, extents);
   }
+  if (extents.length === 1 && extents[0]!.kind === DATA) return s.data.read(extents[0]!.host, buf);
   const jobs: Promise<void>[] = [];
   let at = 0;
   for (const x of extents) {
