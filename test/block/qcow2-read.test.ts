@@ -184,6 +184,26 @@ const CASES: Case[] = [
     },
   },
   {
+    name: 'zlib compressed, 512 B clusters (descriptor with a 1-bit sector count)',
+    cluster: 512,
+    build(dir) {
+      const src = sparseSource(dir, 3 * M, 25);
+      const img = join(dir, 'img.qcow2');
+      qemuImg('convert', '-c', '-O', 'qcow2', '-o', 'cluster_size=512', src, img);
+      return { image: img };
+    },
+  },
+  {
+    name: 'zlib compressed, 2 MiB clusters',
+    cluster: 2 * M,
+    build(dir) {
+      const src = sparseSource(dir, 24 * M, 26);
+      const img = join(dir, 'img.qcow2');
+      qemuImg('convert', '-c', '-O', 'qcow2', '-o', 'cluster_size=2M', src, img);
+      return { image: img };
+    },
+  },
+  {
     name: 'zstd compressed (qemu-img convert -c)',
     cluster: 64 * K,
     build(dir) {
