@@ -13,7 +13,7 @@ export interface ControlHandlers {
   metrics(): Promise<{ contentType: string; body: string }>;
   reconcile(): Promise<unknown>;
   /** The observed state for `blkexport plan` against a running agent. */
-  observed(): unknown;
+  observed(): Promise<unknown>;
 }
 
 export const DEFAULT_SOCKET = '/run/blkexport/agent.sock';
@@ -54,7 +54,8 @@ export async function startControlServer(
         case 'GET /status':
           return send(res, 200, h.status());
         case 'GET /observed':
-          return send(res, 200, h.observed());
+          h.observed().then((o) => send(res, 200, o), fail);
+          return;
         case 'GET /metrics':
           h.metrics().then((m) => send(res, 200, m.body, m.contentType), fail);
           return;

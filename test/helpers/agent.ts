@@ -1,0 +1,139 @@
+/**
+ * Starts a real agent process for integration tests, with its clean-up
+ * registered before it starts: SIGTERM, then SIGKILL and lazy unmounts of
+ * anything left under the test directory.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
+import { request } from 'node:http';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { cleanupMountsUnder } from './mounts.js';
+import { BIN, tempDir } from './tools.js';
+
+export interface AgentHandle {
+  dir: string;
+  manifests: string;
+  images: string;
+  socket: string;
+  proc: ChildProcess;
+  log(): string;
+  /** GET a path of the control socket; parsed JSON unless raw. */
+  get<T = unknown>(path: string): Promise<T>;
+  post<T = unknown>(path: string): Promise<T>;
+  /** Resolves with the exit code. */
+  exited: Promise<number | null>;
+}
+
+function call(socketPath: string, method: string, path: string): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath, method, path, timeout: 20_000 }, (res) => {
+      let body = '';
+      res.on('data', (d) => {
+        body += d;
+      });
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+/** Polls `fn` until it returns a truthy value (returned) or `timeoutMs` passes (throws with `what`). */
+export async function until<T>(
+  what: string,
+  fn: () => T | Promise<T>,
+  timeoutMs = 5000,
+): Promise<NonNullable<T>> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v) return v as NonNullable<T>;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > deadline)
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${last}` : ''}`);
+    await sleep(50);
+  }
+}
+
+/** A test directory with manifests/ and images/ whose mounts are cleaned up at the end. */
+export function agentDir(t: Parameters<typeof tempDir>[0]): {
+  dir: string;
+  manifests: string;
+  images: string;
+} {
+  const dir = tempDir(t, 'blkexport-agent-', cleanupMountsUnder);
+  const manifests = join(dir, 'manifests');
+  const images = join(dir, 'images');
+  mkdirSync(manifests);
+  mkdirSync(images);
+  return { dir, manifests, images };
+}
+
+/** Starts `blkexport agent` on dirs from agentDir and waits until its socket answers. */
+export async function startAgent(
+  t: { after(fn: () => void | Promise<void>): void },
+  dirs: { dir: string; manifests: string; images: string },
+  extraArgs: string[] = [],
+): Promise<AgentHandle> {
+  const socket = join(dirs.dir, 'agent.sock');
+  const args = [
+    'agent',
+    '--manifests',
+    dirs.manifests,
+    '--socket',
+    socket,
+    '--allow-root',
+    dirs.images,
+    '--resync',
+    '2',
+    ...extraArgs,
+  ];
+  const proc = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let log = '';
+  proc.stdout!.on('data', (d) => {
+    log += d;
+  });
+  proc.stderr!.on('data', (d) => {
+    log += d;
+  });
+  const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+  t.after(async () => {
+    if (proc.exitCode === null && proc.signalCode === null) {
+      proc.kill('SIGTERM');
+      await Promise.race([exited, sleep(10_000)]);
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+    }
+  });
+  const handle: AgentHandle = {
+    ...dirs,
+    socket,
+    proc,
+    log: () => log,
+    exited,
+    async get<T>(path: string) {
+      const r = await call(socket, 'GET', path);
+      if (r.status !== 200) throw new Error(`GET ${path}: ${r.status} ${r.body}`);
+      return (path === '/metrics' ? r.body : JSON.parse(r.body)) as T;
+    },
+    async post<T>(path: string) {
+      const r = await call(socket, 'POST', path);
+      if (r.status !== 200) throw new Error(`POST ${path}: ${r.status} ${r.body}`);
+      return JSON.parse(r.body) as T;
+    },
+  };
+  await until(
+    'the agent to answer on its socket',
+    async () => {
+      if (proc.exitCode !== null) throw new Error(`agent exited ${proc.exitCode}: ${log}`);
+      const s = await handle.get<{ agent: { passes: number } }>('/status');
+      return s.agent.passes > 0;
+    },
+    15_000,
+  );
+  return handle;
+}
