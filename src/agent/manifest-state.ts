@@ -42,7 +42,8 @@ function names(f: ManifestFile): string {
 /**
  * Decides what is in force from freshly loaded files (each loaded alone, in
  * the directory's order) and the previous state. Files in force before are
- * checked for collisions first, so the one that was there first keeps running.
+ * checked for collisions first (unchanged before edited), so the one that was
+ * there first keeps running.
  */
 export function resolveManifests(
   fresh: readonly ManifestFile[],
@@ -57,7 +58,13 @@ export function resolveManifests(
       if (old) candidates.push(old);
     }
   }
-  const order = (f: ManifestFile) => (prev.lastGood.has(f.file) ? 0 : 1);
+  // Unchanged files in force go first, then edited ones, then new ones: an edit
+  // or a new file that collides is the one refused.
+  const order = (f: ManifestFile) => {
+    const old = prev.lastGood.get(f.file);
+    if (!old) return 2;
+    return old === f || JSON.stringify(old.documents) === JSON.stringify(f.documents) ? 0 : 1;
+  };
   const firstCheck = checkCollisions(
     [...candidates].sort((a, b) => order(a) - order(b)),
     { hostname },
