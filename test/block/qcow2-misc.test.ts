@@ -1,6 +1,7 @@
 /** qcow2 details beyond byte equality: refcounts, block status, backing options, info output, read-only. */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { renameSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { openImage } from '../../src/block/index.js';
@@ -46,6 +47,38 @@ describe('qcow2 details', () => {
     const hole = await o.node.blockStatus(3 * M, 64 * K);
     assert.deepEqual([hole.data, hole.zero], [false, true]);
     await assert.rejects(o.node.blockStatus(4 * M, 1), (e) => code(e) === 'OUT_OF_RANGE');
+  });
+
+  test('many concurrent reads missing on one L2 table load it once', { skip }, async (t) => {
+    const dir = tempDir(t);
+    const img = createQcow2(join(dir, 'img.qcow2'), 64 * M, {});
+    applyWrites(dir, img, 'qcow2', [{ off: 0, len: 4 * M, kind: 'data' }], 9);
+    const o = await openImage({ filename: img, readOnly: true, l2CacheBytes: 64 * K });
+    t.after(() => o.close());
+    const { qcow2CacheStats } = await import('../../src/block/format/qcow2/inspect.js');
+    await Promise.all(
+      Array.from({ length: 64 }, (_, i) => o.node.read(i * 64 * K + 100, Buffer.alloc(1000))),
+    );
+    const st = qcow2CacheStats(o.node);
+    assert.equal(st.loads, 1);
+    assert.ok(st.bytes <= 64 * K);
+  });
+
+  test('the image stays readable through its fd after its name is replaced (mount over the image)', {
+    skip,
+  }, async (t) => {
+    const dir = tempDir(t);
+    const img = createQcow2(join(dir, 'img.qcow2'), 1 * M, {});
+    applyWrites(dir, img, 'qcow2', [{ off: 0, len: 64 * K, kind: 'data' }], 10);
+    const o = await openImage({ filename: img, readOnly: true });
+    t.after(() => o.close());
+    const before = Buffer.alloc(64 * K);
+    await o.node.read(0, before);
+    renameSync(createQcow2(join(dir, 'other.qcow2'), 1 * M, {}), img);
+    const after = Buffer.alloc(64 * K);
+    await o.node.read(0, after);
+    assert.ok(after.equals(before));
+    assert.ok(!after.equals(Buffer.alloc(64 * K)));
   });
 
   test('backing: none reads zeroes where the backing file had data', { skip }, async (t) => {

@@ -8,14 +8,12 @@ import { Decompress } from 'fzstd';
 import type { CompressionType } from './header.js';
 
 /** Decompresses `input` into a fresh buffer of exactly `clusterSize` bytes; throws Error on bad data. */
-export function decompressCluster(
+export async function decompressCluster(
   type: CompressionType,
   input: Buffer,
   clusterSize: number,
 ): Promise<Buffer> {
-  return type === 'zlib'
-    ? inflateCluster(input, clusterSize)
-    : Promise.resolve(unzstdCluster(input, clusterSize));
+  return type === 'zlib' ? inflateCluster(input, clusterSize) : unzstdCluster(input, clusterSize);
 }
 
 function inflateCluster(input: Buffer, clusterSize: number): Promise<Buffer> {

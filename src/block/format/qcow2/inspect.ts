@@ -32,3 +32,15 @@ export async function qcow2Refcount(node: BlockNode, hostOffset: number): Promis
   }
   return s.refcounts.get(host);
 }
+
+/** Counters of the node's L2-table cache (hits, misses, loads, evictions) and its size in bytes. */
+export function qcow2CacheStats(node: BlockNode): {
+  hits: number;
+  misses: number;
+  loads: number;
+  evictions: number;
+  bytes: number;
+} {
+  const s = stateOf(node);
+  return { ...s.l2Cache.stats, bytes: s.l2Cache.size };
+}
