@@ -245,6 +245,32 @@ describe('blkexport agent', { concurrency: false }, () => {
     assert.equal(plan.status, 0, plan.stdout + plan.stderr);
   });
 
+  test('a second export of an image already mounted over itself is added later from the same file', async (t) => {
+    if (!needTools(t, ...TOOLS)) return;
+    const d = agentDir(t);
+    const img = makeImage(d.images, 'self', 71, 2 << 20);
+    const file = join(d.manifests, 's.yaml');
+    writeFileSync(file, manifest('s', shorthand('whole', img.qcow2)));
+    const agent = await startAgent(t, d);
+    await until('whole mounted', () => isMounted(img.qcow2));
+    const copy = join(d.images, 'copy.raw');
+    writeFileSync(
+      file,
+      manifest(
+        's',
+        shorthand('whole', img.qcow2) +
+          shorthand('copy', img.qcow2, { mountpoint: copy, 'create-mountpoint': true }),
+      ),
+    );
+    await until('copy mounted', () => isMounted(copy));
+    assert.ok(
+      readExport(copy).equals(img.data),
+      'the second export reads the qcow2, not the raw view over it',
+    );
+    const s = await agent.get<Status>('/status');
+    assert.ok(s.exports.every((e) => e.state === 'ready'));
+  });
+
   test('50 manifests at once, a collision on an id, and a manifest for another host', async (t) => {
     if (!needTools(t, ...TOOLS)) return;
     const d = agentDir(t);

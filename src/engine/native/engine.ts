@@ -4,6 +4,7 @@
  * only while a writable export needs them, so a read-only export never holds
  * an image writable.
  */
+import { closeSync, fstatSync, openSync } from 'node:fs';
 import { stat, unlink, writeFile } from 'node:fs/promises';
 import { BlockGraph } from '../../block/graph.js';
 import type { PathPolicy } from '../../block/path-policy.js';
@@ -22,6 +23,12 @@ interface LiveNode {
   node: BlockNode;
   /** dev:ino of the host file when opened (a file node): a different inode later is drift. */
   fileKey: string | undefined;
+  /**
+   * An extra read-only fd on the image, taken before an export covers its
+   * path: later file nodes of the same image open it through /proc/self/fd
+   * (which reaches the file itself, not the mount over it).
+   */
+  pin?: number;
 }
 
 interface LiveExport {
@@ -122,19 +129,25 @@ export class NativeEngine implements Engine {
   private async addNode(options: NodeOptions): Promise<void> {
     const name = options['node-name'];
     if (this.nodes.has(name)) throw new BlkError('IMAGE_INVALID', `node '${name}' is already open`);
+    let openAs = options;
     if (options.driver === 'file' && options.filename) {
       // Opening a path a blkexport mount covers would open that export, not the image underneath.
       const top = topMountAt(await readMountTable(), options.filename);
       if (top && mountOwner(top)) {
-        const owner = [...this.live.values()].find((e) => e.options.mountpoint === options.filename);
-        throw new BlkError(
-          'EXPORT_EXISTS',
-          `node '${name}': '${options.filename}' is covered by ${owner ? `export '${owner.options.id}'` : 'a blkexport mount'}; ` +
-            'opening it now would read the export, not the image (export it through the same node, or remove that export first)',
+        const pinned = [...this.nodes.values()].find(
+          (n) => n.options.filename === options.filename && n.pin !== undefined,
         );
+        if (!pinned) {
+          throw new BlkError(
+            'EXPORT_EXISTS',
+            `node '${name}': '${options.filename}' is covered by a blkexport mount that is not this agent's; ` +
+              'opening it would read that export, not the image',
+          );
+        }
+        openAs = { ...options, filename: `/proc/self/fd/${pinned.pin}` };
       }
     }
-    const r = await resolveNode(options, (n) => this.nodes.get(n)?.node);
+    const r = await resolveNode(openAs, (n) => this.nodes.get(n)?.node);
     const node = await this.graph.openNode(r.options);
     this.nodes.set(name, {
       options,
@@ -145,9 +158,22 @@ export class NativeEngine implements Engine {
   }
 
   private async removeNode(name: string): Promise<void> {
-    if (!this.nodes.has(name)) return;
+    const live = this.nodes.get(name);
+    if (!live) return;
     await this.graph.closeNode(name);
     this.nodes.delete(name);
+    if (live.pin !== undefined) closeSync(live.pin);
+  }
+
+  /** Pins the images an export on `mountpoint` is about to cover (see LiveNode.pin). */
+  private pinCovered(mountpoint: string): void {
+    for (const n of this.nodes.values()) {
+      if (n.options.driver !== 'file' || n.options.filename !== mountpoint || n.pin !== undefined) continue;
+      const fd = openSync(mountpoint, 'r');
+      const st = fstatSync(fd);
+      if (`${st.dev}:${st.ino}` === n.fileKey) n.pin = fd;
+      else closeSync(fd); // replaced meanwhile: the drift check will replace the node
+    }
   }
 
   private async reopenNode(options: NodeOptions): Promise<void> {
@@ -210,6 +236,7 @@ export class NativeEngine implements Engine {
     }
     try {
       if (options.writable) await this.makeWritable(options.id, live.node);
+      this.pinCovered(options.mountpoint);
       const exp = await this.registry.addFuse(live.node, {
         id: options.id,
         mountpoint: options.mountpoint,
@@ -261,6 +288,7 @@ export class NativeEngine implements Engine {
     await this.graph.close().catch((err) => {
       first ??= err;
     });
+    for (const n of this.nodes.values()) if (n.pin !== undefined) closeSync(n.pin);
     this.nodes.clear();
     if (first !== undefined) throw first;
   }
