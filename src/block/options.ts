@@ -20,6 +20,10 @@ export interface NodeOptions {
   size?: number;
   /** qcow2: bound of the L2-table cache in bytes. */
   l2CacheBytes?: number;
-  /** qcow2 (internal): format of the image's own backing file, when this node was opened as one. */
-  backingOf?: string;
+  /**
+   * file (internal, for files named inside images): after opening, the file
+   * the fd really reaches must lie inside one of these real directories
+   * (closes the window between resolving a name and opening it).
+   */
+  confineTo?: readonly string[];
 }

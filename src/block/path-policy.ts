@@ -80,3 +80,8 @@ export async function resolveImplicitFile(
 function printable(s: string): string {
   return s.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
+
+/** File-node options that make the opened fd itself prove it lies inside the policy's roots. */
+export function confinement(policy: PathPolicy): { confineTo?: readonly string[] } {
+  return policy.allowedRoots === 'any' ? {} : { confineTo: policy.allowedRoots };
+}

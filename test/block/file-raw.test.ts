@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { writeFileSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { openGraph, openImage, openRawWindow, probeBytes } from '../../src/block/index.js';
@@ -93,4 +93,25 @@ test('probe: qcow2, raw, and refused formats', () => {
         code(e) === 'IMAGE_UNSUPPORTED' && (e as Error).message === `format ${name} is not supported yet`,
     );
   }
+});
+
+test('a confined file node refuses an fd that reaches outside its roots', async (t) => {
+  const dir = tempDir(t);
+  const inside = join(dir, 'in');
+  const path = join(dir, 'disk.raw');
+  writeFileSync(path, Buffer.alloc(512));
+  mkdirSync(inside);
+  await assert.rejects(
+    openGraph([{ driver: 'file', nodeName: 'f', filename: path, readOnly: true, confineTo: [inside] }], {
+      allowedRoots: [inside],
+    }),
+    (e) => code(e) === 'BACKING_POLICY',
+  );
+  const g = await openGraph(
+    [{ driver: 'file', nodeName: 'f', filename: path, readOnly: true, confineTo: [dir] }],
+    {
+      allowedRoots: [dir],
+    },
+  );
+  await g.close();
 });

@@ -4,10 +4,11 @@
  * allocation). Reopen swaps the fd through /proc/self/fd so it keeps reaching
  * the same file even when a FUSE mount now covers its name.
  */
-import { closeSync, constants, openSync } from 'node:fs';
+import { closeSync, constants, openSync, readlinkSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { BlkError } from '../../errors.js';
 import { defineDriver, type OpenContext } from '../driver.js';
+import { isInsideRoot } from '../path-policy.js';
 import { fdatasyncAsync, fstatAsync, ftruncateAsync, preadFull, pwriteFull } from './file-io.js';
 
 interface FileState {
@@ -46,6 +47,15 @@ async function openFile(ctx: OpenContext): Promise<FileState> {
     throw ioError({ path }, `open(${ctx.readOnly ? 'read-only' : 'read-write'})`, e);
   }
   try {
+    const confine = ctx.options.confineTo;
+    if (confine !== undefined) {
+      const real = readlinkSync(`/proc/self/fd/${fd}`);
+      if (!confine.some((r) => isInsideRoot(real, r))) {
+        throw new BlkError('BACKING_POLICY', `'${path}' now leads to ${real}, outside the allowed roots`, {
+          file: path,
+        });
+      }
+    }
     const st = await fstatAsync(fd);
     if (!st.isFile() && !st.isBlockDevice()) {
       throw new BlkError('IMAGE_INVALID', `'${path}' is not a regular file or block device`, { file: path });

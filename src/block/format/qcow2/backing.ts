@@ -7,7 +7,7 @@
 import { BlkError } from '../../../errors.js';
 import type { OpenContext } from '../../driver.js';
 import { MAX_BACKING_DEPTH } from '../../limits.js';
-import { resolveImplicitFile } from '../../path-policy.js';
+import { confinement, resolveImplicitFile } from '../../path-policy.js';
 import type { BlockNode } from '../../types.js';
 import type { Qcow2Extensions } from './extensions.js';
 
@@ -48,7 +48,11 @@ export async function openBacking(
   const seen = new Set(ctx.chain.seen);
   if (file.fileKey !== undefined) seen.add(file.fileKey);
   const node = await ctx.openChild(
-    { driver: format, readOnly: true, file: { driver: 'file', filename: real, readOnly: true } },
+    {
+      driver: format,
+      readOnly: true,
+      file: { driver: 'file', filename: real, readOnly: true, ...confinement(ctx.policy) },
+    },
     { depth, seen },
   );
   if (node.fileKey !== undefined && seen.has(node.fileKey)) {

@@ -8,7 +8,7 @@
 import { BlkError } from '../../../errors.js';
 import { defineDriver, type OpenContext } from '../../driver.js';
 import { DEFAULT_L2_CACHE_BYTES } from '../../limits.js';
-import { resolveImplicitFile } from '../../path-policy.js';
+import { confinement, resolveImplicitFile } from '../../path-policy.js';
 import type { BlockExtent, BlockNode, ImageInfo } from '../../types.js';
 import { openBacking } from './backing.js';
 import { readBitmaps } from './bitmaps.js';
@@ -124,7 +124,10 @@ async function openQcow2(ctx: OpenContext): Promise<Qcow2State> {
       );
     }
     const real = await resolveImplicitFile(ctx.policy, path, ext.dataFile, 'data file', 'data_file');
-    data = await ctx.openChild({ driver: 'file', filename: real, readOnly: true }, ctx.chain);
+    data = await ctx.openChild(
+      { driver: 'file', filename: real, readOnly: true, ...confinement(ctx.policy) },
+      ctx.chain,
+    );
   }
 
   const state: Qcow2State = {
