@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { BlkError, describeError } from '../src/errors.js';
-import { measureAgent } from './agent.js';
+import { type AgentOutcome, measureAgent } from './agent.js';
 import { Cleanup, cleanUpOnSignals } from './cleanup.js';
 import { headline, runFio } from './fio.js';
 import { type BenchImages, type ImagePair, makeFreshPair, makeImages, removePair } from './images.js';
@@ -36,6 +36,8 @@ interface Options {
   servers: ServerId[];
   baseDir: string;
   outDir: string;
+  /** run: fio rows then the agent figures; skip: fio only; only: the agent figures only. */
+  agent: 'run' | 'skip' | 'only';
 }
 
 const USAGE = `usage: npm run bench -- [--quick] [--size SIZE] [--runtime SEC] [--reps N]
@@ -47,7 +49,14 @@ const USAGE = `usage: npm run bench -- [--quick] [--size SIZE] [--runtime SEC] [
   --only       workloads with these ids, or whose id contains one of these strings (ids: ${WORKLOADS.map((w) => w.id).join(', ')})
   --servers    which columns to measure (default all)
   --dir        where the temporary images and mountpoints go (default: env BENCH_DIR, else the OS temp dir)
-  --out        where the report goes (default bench/results)`;
+  --out        where the report goes (default bench/results)
+  --agent      run (default): also the agent figures (200 exports ready, RSS, reconcile latency, CPU/GiB);
+               skip: fio rows only; only: the agent figures only`;
+
+function agentMode(v: string): Options['agent'] {
+  if (v === 'run' || v === 'skip' || v === 'only') return v;
+  throw new BlkError('USAGE', `--agent takes run, skip or only, not '${v}'`);
+}
 
 /** Parses 512, 64K, 256M, 1G (binary suffixes). */
 function parseSize(s: string): number {
@@ -78,6 +87,7 @@ function parseOptions(argv: string[]): Options | undefined {
       servers: { type: 'string' },
       dir: { type: 'string' },
       out: { type: 'string' },
+      agent: { type: 'string', default: 'run' },
       help: { type: 'boolean', short: 'h', default: false },
     },
     strict: true,
@@ -109,6 +119,7 @@ function parseOptions(argv: string[]): Options | undefined {
     servers: servers as ServerId[],
     baseDir: values.dir ?? process.env.BENCH_DIR ?? tmpdir(),
     outDir: values.out ?? join(REPO, 'bench', 'results'),
+    agent: agentMode(values.agent as string),
   };
 }
 
@@ -185,8 +196,11 @@ async function main(argv: string[]): Promise<number> {
   // An --only item selects the workload with exactly that id, else every workload whose id contains it.
   const selects = (o: string, w: Workload): boolean =>
     WORKLOADS.some((x) => x.id === o) ? w.id === o : w.id.includes(o);
-  const workloads = WORKLOADS.filter((w) => !opts.only.length || opts.only.some((o) => selects(o, w)));
-  if (!workloads.length)
+  const workloads =
+    opts.agent === 'only'
+      ? []
+      : WORKLOADS.filter((w) => !opts.only.length || opts.only.some((o) => selects(o, w)));
+  if (!workloads.length && opts.agent !== 'only')
     throw new BlkError('USAGE', `--only matches no workload (${WORKLOADS.map((w) => w.id).join(', ')})`);
   await preflight(opts);
 
@@ -201,7 +215,7 @@ async function main(argv: string[]): Promise<number> {
     log(
       `${workloads.length} workloads × ${opts.servers.length} servers × ${opts.reps} × ${opts.runtimeS} s ≈ ${Math.ceil((runs * (opts.runtimeS + 2)) / 60)} min, images in ${dir}`,
     );
-    const images = await makeImages(dir, opts.size, log);
+    const images = workloads.length ? await makeImages(dir, opts.size, log) : undefined;
     const servers = makeServers({ dir, cleanup, repo: REPO }).filter((s) => opts.servers.includes(s.id));
 
     const rows: RowResult[] = [];
@@ -221,7 +235,7 @@ async function main(argv: string[]): Promise<number> {
           const cell = cells[server.id];
           if (cell.failure) continue; // it failed on an earlier repetition: the reason is recorded once
           try {
-            await measureOnce(server, w, images, dir, opts, cell);
+            await measureOnce(server, w, images!, dir, opts, cell);
             log(
               `[${done}/${runs}] ${w.id} ${server.id} rep ${rep + 1}: ${cell.values.at(-1)!.toFixed(1)} ${w.unit}`,
             );
@@ -234,7 +248,20 @@ async function main(argv: string[]): Promise<number> {
       rows.push({ workload: w, cells });
     }
 
-    const agent = await measureAgent();
+    let agent: AgentOutcome = { measured: false, reason: 'skipped (--agent skip)' };
+    if (opts.agent !== 'skip') {
+      try {
+        agent = await measureAgent({
+          dir,
+          cleanup,
+          log,
+          ...(opts.quick ? { exports: 20, edits: 10, readBytes: 64 * MiB } : {}),
+        });
+      } catch (e) {
+        agent = { measured: false, reason: `failed: ${describeError(e).replaceAll(dir, '$TMP')}` };
+        log(`agent figures: ${agent.reason}`);
+      }
+    }
     const meta = {
       started,
       finished: new Date(),

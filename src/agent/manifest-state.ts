@@ -63,7 +63,8 @@ export function resolveManifests(
   const order = (f: ManifestFile) => {
     const old = prev.lastGood.get(f.file);
     if (!old) return 2;
-    return old === f || JSON.stringify(old.documents) === JSON.stringify(f.documents) ? 0 : 1;
+    if (old === f || old.documents === f.documents) return 0; // the loader's cache hands back unchanged files as-is
+    return JSON.stringify(old.documents) === JSON.stringify(f.documents) ? 0 : 1;
   };
   const firstCheck = checkCollisions(
     [...candidates].sort((a, b) => order(a) - order(b)),

@@ -11,7 +11,7 @@ export interface ManifestWatcher {
 }
 
 /** Calls `onChange` once per burst of filesystem events under `dir` (debounced by `debounceMs`). */
-export function watchManifests(dir: string, onChange: () => void, debounceMs = 150): ManifestWatcher {
+export function watchManifests(dir: string, onChange: () => void, debounceMs = 30): ManifestWatcher {
   let timer: NodeJS.Timeout | undefined;
   const kick = () => {
     if (timer) clearTimeout(timer);
