@@ -4,7 +4,7 @@
  * the agent lazily unmounts every agent mount whose serving process is gone.
  */
 import { readFile } from 'node:fs/promises';
-import { lazyUnmount } from '../export/fuse/binding.js';
+import { lazyUnmount } from '../export/fuse/file-fs.js';
 import { type MountEntry, mountOwner, readMountTable } from '../export/mount-table.js';
 
 async function isLiveAgent(pid: number): Promise<boolean> {

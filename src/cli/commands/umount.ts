@@ -7,7 +7,7 @@ import { readFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { BlkError } from '../../errors.js';
-import { lazyUnmount } from '../../export/fuse/binding.js';
+import { lazyUnmount } from '../../export/fuse/file-fs.js';
 import { mountOwner, readMountTable, topMountAt } from '../../export/mount-table.js';
 import { parseCommandArgs } from '../args.js';
 

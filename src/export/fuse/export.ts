@@ -10,7 +10,8 @@ import { constants } from 'node:fs';
 import type { BlockNode } from '../../block/types.js';
 import { BlkError } from '../../errors.js';
 import { LatencyHistogram } from '../latency.js';
-import { Errno, type FileAttr, type FileFsMount, type FileFsOps, FuseErrno, mountFileFs } from './binding.js';
+import { Errno, type FileAttr, type FileFsMount, type FileFsOps, FuseErrno } from './file-fs.js';
+import { mountFileFs } from './mount.js';
 
 export type AllowOther = 'auto' | 'on' | 'off';
 
@@ -38,6 +39,8 @@ export interface ExportStats {
 }
 
 const O_ACCMODE = 3;
+/** fallocate(2) mode bits. */
+const FALLOC = { KEEP_SIZE: 0x01, PUNCH_HOLE: 0x02, ZERO_RANGE: 0x10 } as const;
 
 /** Largest request libfuse 2 hands us; also what we ask for with max_read/max_write. */
 const MAX_REQUEST = 128 * 1024;
@@ -275,6 +278,29 @@ export class FuseExport {
           throw new FuseErrno(Errno.EPERM);
         this.uid = newUid;
         this.gid = newGid;
+      },
+      fallocate: async (mode, offset, length) => {
+        this.check();
+        if (!this.writable) throw new FuseErrno(Errno.EACCES, 'export is read-only');
+        const size = node.length();
+        const keepSize = (mode & FALLOC.KEEP_SIZE) !== 0;
+        const end = offset + length;
+        if (mode === 0 || mode === FALLOC.ZERO_RANGE || mode === (FALLOC.ZERO_RANGE | FALLOC.KEEP_SIZE)) {
+          if (end > size && !keepSize) {
+            if (!this.growable) throw new FuseErrno(Errno.EPERM, 'size changes need a growable export');
+            await this.resize(end);
+          }
+          // mode 0 inside the file: the blocks are there already (QSD allows it only at/after EOF).
+          if (mode !== 0 && offset < node.length()) {
+            await node.writeZeroes(offset, Math.min(end, node.length()) - offset, { mayUnmap: false });
+          }
+          return;
+        }
+        if (mode === (FALLOC.PUNCH_HOLE | FALLOC.KEEP_SIZE)) {
+          if (offset < size) await node.writeZeroes(offset, Math.min(end, size) - offset, { mayUnmap: true });
+          return;
+        }
+        throw new FuseErrno(Errno.EOPNOTSUPP, `fallocate mode ${mode} is not supported`);
       },
       utimens: () => {
         throw new FuseErrno(Errno.EOPNOTSUPP, 'timestamps cannot be set');

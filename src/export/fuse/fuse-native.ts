@@ -1,5 +1,6 @@
 /**
- * The only file that knows fuse-native. It mounts a filesystem whose root node
+ * The fuse-native (libfuse 2) binding, the portable fallback when our own
+ * libfuse 3 addon is not built. The only file that knows fuse-native. It mounts a filesystem whose root node
  * is one regular file, on a regular file, and turns our promise-returning
  * operations into fuse-native callbacks that are answered exactly once.
  *
@@ -8,9 +9,16 @@
  * own option string (REFERENCE.md §F). Per-op timeouts are off: a late answer
  * to a timed-out read would write into memory libfuse already freed.
  */
-import { execFile } from 'node:child_process';
 import { createRequire } from 'node:module';
 import { dirname } from 'node:path';
+import {
+  Errno,
+  type FileFsMount,
+  type FileFsOps,
+  lazyUnmount,
+  type MountOptions,
+  toErrno,
+} from './file-fs.js';
 
 const require = createRequire(import.meta.url);
 
@@ -45,86 +53,6 @@ const binding = require('node-gyp-build')(dirname(require.resolve('fuse-native/p
   fuse_native_unmount(mnt: string, thread: Buffer): void;
   sizeof_fuse_thread_t: number;
 };
-
-/** Linux errno values we answer with (positive; negated for FUSE). */
-export const Errno = {
-  EPERM: 1,
-  ENOENT: 2,
-  EIO: 5,
-  EBADF: 9,
-  EACCES: 13,
-  EBUSY: 16,
-  EINVAL: 22,
-  EFBIG: 27,
-  ENOSPC: 28,
-  EROFS: 30,
-  ENOSYS: 38,
-  EOPNOTSUPP: 95,
-  ENOTCONN: 107,
-} as const;
-
-/** An error that answers a FUSE request with a specific errno. */
-export class FuseErrno extends Error {
-  constructor(
-    readonly errno: number,
-    message = `errno ${errno}`,
-  ) {
-    super(message);
-    this.name = 'FuseErrno';
-  }
-}
-
-/** Attributes of the root file. */
-export interface FileAttr {
-  mode: number;
-  uid: number;
-  gid: number;
-  size: number;
-  blocks: number;
-  mtime: Date;
-  atime: Date;
-  ctime: Date;
-}
-
-/** What a single-file FUSE filesystem implements. Throw FuseErrno (or anything with a numeric `errno`) to fail. */
-export interface FileFsOps {
-  getattr(): Promise<FileAttr>;
-  open(flags: number): void;
-  read(buf: Buffer, length: number, position: number): Promise<number>;
-  write(buf: Buffer, length: number, position: number): Promise<number>;
-  truncate(size: number): Promise<void>;
-  chmod(mode: number): void;
-  chown(uid: number, gid: number): void;
-  utimens(): void;
-  flush(): Promise<void>;
-  fsync(): Promise<void>;
-  /** Called for every failure answered with EIO (for metrics and logs). */
-  onError?(op: string, err: unknown): void;
-}
-
-export interface MountOptions {
-  readOnly: boolean;
-  allowOther: boolean;
-  /** fsname shown in /proc/mounts (no commas or spaces). */
-  fsname: string;
-  /** subtype: the mount shows as fuse.<subtype>. */
-  subtype: string;
-  /** Largest read request in bytes (libfuse 2 caps requests at 128 KiB). */
-  maxRead: number;
-}
-
-/** A mounted single-file filesystem. */
-export interface FileFsMount {
-  readonly mountpoint: string;
-  /** Lazily unmounts; requests on descriptors still open are answered by `ops` until they close. */
-  unmount(): Promise<void>;
-}
-
-function toErrno(err: unknown): number {
-  const n = (err as { errno?: unknown } | null)?.errno;
-  if (typeof n === 'number' && n !== 0) return -Math.abs(n);
-  return -Errno.EIO;
-}
 
 function optionString(o: MountOptions): string {
   const opts = [
@@ -237,24 +165,16 @@ function nativeOps(ops: FileFsOps): Record<string, unknown> {
   };
 }
 
-/** Lazily unmounts a FUSE mount (umount -l as root, fusermount -uz otherwise). */
-export function lazyUnmount(mountpoint: string): Promise<void> {
-  const asRoot = process.getuid?.() === 0;
-  const [cmd, args] = asRoot ? ['umount', ['-l', mountpoint]] : ['fusermount', ['-uz', mountpoint]];
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, (err, _stdout, stderr) => {
-      if (err) reject(new Error(`${cmd} ${args.join(' ')}: ${stderr.trim() || err.message}`));
-      else resolve();
-    });
-  });
-}
-
 /**
  * Mounts `ops` as a one-file filesystem on the regular file `mountpoint` (absolute).
  * Resolves when the kernel has sent FUSE INIT. Never touch the mount from this
  * process afterwards: check it from a child process.
  */
-export function mountFileFs(mountpoint: string, ops: FileFsOps, options: MountOptions): Promise<FileFsMount> {
+export function mountFileFsFuseNative(
+  mountpoint: string,
+  ops: FileFsOps,
+  options: MountOptions,
+): Promise<FileFsMount> {
   const fuse = new FuseNative(mountpoint, nativeOps(ops), { timeout: false });
   const opts = optionString(options);
   return new Promise((resolve, reject) => {

@@ -1,0 +1,104 @@
+/**
+ * The contract between the FUSE export and a FUSE binding: a filesystem whose
+ * root node is one regular file. Two bindings implement it: fuse3.ts (our own
+ * libfuse 3 addon, native-fuse/) and fuse-native.ts (the fuse-native package,
+ * libfuse 2); mount.ts picks one.
+ */
+import { execFile } from 'node:child_process';
+
+/** Linux errno values we answer with (positive; negated for FUSE). */
+export const Errno = {
+  EPERM: 1,
+  ENOENT: 2,
+  EIO: 5,
+  EBADF: 9,
+  EACCES: 13,
+  EBUSY: 16,
+  EINVAL: 22,
+  EFBIG: 27,
+  ENOSPC: 28,
+  EROFS: 30,
+  ENOSYS: 38,
+  EOPNOTSUPP: 95,
+  ENOTCONN: 107,
+} as const;
+
+/** An error that answers a FUSE request with a specific errno. */
+export class FuseErrno extends Error {
+  constructor(
+    readonly errno: number,
+    message = `errno ${errno}`,
+  ) {
+    super(message);
+    this.name = 'FuseErrno';
+  }
+}
+
+/** Attributes of the root file. */
+export interface FileAttr {
+  mode: number;
+  uid: number;
+  gid: number;
+  size: number;
+  blocks: number;
+  mtime: Date;
+  atime: Date;
+  ctime: Date;
+}
+
+/** What a single-file FUSE filesystem implements. Throw FuseErrno (or anything with a numeric `errno`) to fail. */
+export interface FileFsOps {
+  getattr(): Promise<FileAttr>;
+  open(flags: number): void;
+  read(buf: Buffer, length: number, position: number): Promise<number>;
+  write(buf: Buffer, length: number, position: number): Promise<number>;
+  truncate(size: number): Promise<void>;
+  chmod(mode: number): void;
+  chown(uid: number, gid: number): void;
+  utimens(): void;
+  flush(): Promise<void>;
+  fsync(): Promise<void>;
+  /** fallocate(2) on the file: mode bits as the kernel gives them (absent: EOPNOTSUPP). */
+  fallocate?(mode: number, offset: number, length: number): Promise<void>;
+  /** Called for every failure answered with EIO (for metrics and logs). */
+  onError?(op: string, err: unknown): void;
+}
+
+export interface MountOptions {
+  readOnly: boolean;
+  allowOther: boolean;
+  /** fsname shown in /proc/mounts (no commas or spaces). */
+  fsname: string;
+  /** subtype: the mount shows as fuse.<subtype>. */
+  subtype: string;
+  /** Largest read request in bytes (libfuse 2 caps requests at 128 KiB). */
+  maxRead: number;
+}
+
+/** A mounted single-file filesystem. */
+export interface FileFsMount {
+  readonly mountpoint: string;
+  /** Lazily unmounts; requests on descriptors still open are answered by `ops` until they close. */
+  unmount(): Promise<void>;
+  /** Resolves when the kernel connection is gone (libfuse 3 binding only). */
+  ended?: Promise<void>;
+}
+
+/** The negative errno a thrown value answers with (EIO unless it carries one). */
+export function toErrno(err: unknown): number {
+  const n = (err as { errno?: unknown } | null)?.errno;
+  if (typeof n === 'number' && n !== 0) return -Math.abs(n);
+  return -Errno.EIO;
+}
+
+/** Lazily unmounts a FUSE mount (umount -l as root, fusermount -uz otherwise). */
+export function lazyUnmount(mountpoint: string): Promise<void> {
+  const asRoot = process.getuid?.() === 0;
+  const [cmd, args] = asRoot ? ['umount', ['-l', mountpoint]] : ['fusermount', ['-uz', mountpoint]];
+  return new Promise((resolve, reject) => {
+    execFile(cmd, args, (err, _stdout, stderr) => {
+      if (err) reject(new Error(`${cmd} ${args.join(' ')}: ${stderr.trim() || err.message}`));
+      else resolve();
+    });
+  });
+}

@@ -1,0 +1,219 @@
+/**
+ * Our own FUSE binding on libfuse 3 (native-fuse/fuse3_file.c): 1 MiB
+ * requests, asynchronous direct I/O, fallocate, and requests answered from
+ * JavaScript whenever they are done, never holding a libfuse thread. The
+ * addon is built at install from Debian's libfuse3-dev; without it, mount.ts
+ * falls back to fuse-native.
+ */
+import { createRequire } from 'node:module';
+import {
+  Errno,
+  type FileFsMount,
+  type FileFsOps,
+  lazyUnmount,
+  type MountOptions,
+  toErrno,
+} from './file-fs.js';
+
+type ReqHandle = object;
+interface Fuse3Addon {
+  mount(
+    mountpoint: string,
+    options: string,
+    dispatch: (
+      op: number,
+      req: ReqHandle,
+      a: number,
+      b: number,
+      c: number,
+      d: number,
+      e: number,
+      buf?: Buffer,
+    ) => void,
+  ): object;
+  replyErr(req: ReqHandle, errno: number): void;
+  replyAttr(
+    req: ReqHandle,
+    mode: number,
+    uid: number,
+    gid: number,
+    size: number,
+    blocks: number,
+    timeout: number,
+  ): void;
+  replyOpen(req: ReqHandle, directIo: boolean, keepCache: boolean): void;
+  replyData(req: ReqHandle, n: number): void;
+  replyWrite(req: ReqHandle, n: number): void;
+  unref(handle: object): void;
+}
+
+const ADDON_PATH = new URL('../../../native-fuse/build/Release/blkexport_fuse3.node', import.meta.url)
+  .pathname;
+
+let addon: Fuse3Addon | null | undefined;
+let loadError = '';
+
+/** The libfuse 3 addon, or null when it is not built here (with the reason in fuse3Unavailable()). */
+export function loadFuse3(): Fuse3Addon | null {
+  if (addon === undefined) {
+    try {
+      addon = createRequire(import.meta.url)(ADDON_PATH) as Fuse3Addon;
+    } catch (e) {
+      addon = null;
+      loadError = (e as Error).message.split('\n')[0] ?? String(e);
+    }
+  }
+  return addon;
+}
+
+/** Why the libfuse 3 binding cannot be used ('' when it can). */
+export function fuse3Unavailable(): string {
+  return loadFuse3() ? '' : loadError;
+}
+
+const OP = {
+  GETATTR: 1,
+  SETATTR: 2,
+  OPEN: 3,
+  READ: 4,
+  WRITE: 5,
+  FLUSH: 6,
+  FSYNC: 7,
+  FALLOCATE: 8,
+  ENDED: 100,
+} as const;
+// struct fuse_setattr flags (fuse_lowlevel.h)
+const SET = {
+  MODE: 1 << 0,
+  UID: 1 << 1,
+  GID: 1 << 2,
+  SIZE: 1 << 3,
+  ATIME: 1 << 4,
+  MTIME: 1 << 5,
+  ATIME_NOW: 1 << 7,
+  MTIME_NOW: 1 << 8,
+};
+const ATTR_TIMEOUT_S = 1;
+
+function optionString(o: MountOptions): string {
+  // libfuse 3 mounts on a non-empty regular file without `nonempty`, and always allows big writes.
+  const opts = [`fsname=${o.fsname}`, `subtype=${o.subtype}`, 'default_permissions'];
+  if (o.readOnly) opts.push('ro');
+  if (o.allowOther) opts.push('allow_other');
+  for (const x of opts) if (/[, ]/.test(x)) throw new Error(`invalid FUSE option '${x}'`);
+  return opts.join(',');
+}
+
+/** Mounts `ops` as a one-file filesystem on the regular file `mountpoint` through libfuse 3. */
+export function mountFileFsFuse3(
+  mountpoint: string,
+  ops: FileFsOps,
+  options: MountOptions,
+): Promise<FileFsMount> {
+  const a = loadFuse3();
+  if (!a) return Promise.reject(new Error(`the libfuse 3 binding is not built: ${loadError}`));
+  let ended: () => void = () => undefined;
+  const endedP = new Promise<void>((resolve) => {
+    ended = resolve;
+  });
+
+  const fail = (req: ReqHandle, op: string, err: unknown) => {
+    const errno = toErrno(err);
+    if (errno === -Errno.EIO) ops.onError?.(op, err);
+    a.replyErr(req, -errno);
+  };
+  const replyAttr = (req: ReqHandle) =>
+    ops.getattr().then(
+      (at) => a.replyAttr(req, at.mode, at.uid, at.gid, at.size, at.blocks, ATTR_TIMEOUT_S),
+      (e) => fail(req, 'getattr', e),
+    );
+  const done = (req: ReqHandle, op: string, p: Promise<void>) =>
+    p.then(
+      () => a.replyErr(req, 0),
+      (e) => fail(req, op, e),
+    );
+
+  const setattr = async (toSet: number, mode: number, uid: number, gid: number, size: number) => {
+    if (toSet & (SET.ATIME | SET.MTIME | SET.ATIME_NOW | SET.MTIME_NOW)) ops.utimens();
+    if (toSet & SET.MODE) ops.chmod(mode);
+    if (toSet & (SET.UID | SET.GID)) ops.chown(toSet & SET.UID ? uid : -1, toSet & SET.GID ? gid : -1);
+    if (toSet & SET.SIZE) await ops.truncate(size);
+  };
+
+  const dispatch = (
+    op: number,
+    req: ReqHandle,
+    x: number,
+    y: number,
+    z: number,
+    w: number,
+    v: number,
+    buf?: Buffer,
+  ) => {
+    try {
+      switch (op) {
+        case OP.READ:
+          ops.read(buf!, x, y).then(
+            (n) => a.replyData(req, n),
+            (e) => fail(req, 'read', e),
+          );
+          return;
+        case OP.WRITE:
+          ops.write(buf!, x, y).then(
+            (n) => a.replyWrite(req, n),
+            (e) => fail(req, 'write', e),
+          );
+          return;
+        case OP.GETATTR:
+          replyAttr(req);
+          return;
+        case OP.SETATTR:
+          setattr(x, y, z, w, v).then(
+            () => replyAttr(req),
+            (e) => fail(req, 'setattr', e),
+          );
+          return;
+        case OP.OPEN:
+          ops.open(x);
+          a.replyOpen(req, false, false);
+          return;
+        case OP.FLUSH:
+          done(req, 'flush', ops.flush());
+          return;
+        case OP.FSYNC:
+          done(req, 'fsync', ops.fsync());
+          return;
+        case OP.FALLOCATE:
+          if (!ops.fallocate) a.replyErr(req, Errno.EOPNOTSUPP);
+          else done(req, 'fallocate', ops.fallocate(x, y, z));
+          return;
+        case OP.ENDED:
+          ended();
+          return;
+        default:
+          a.replyErr(req, Errno.ENOSYS);
+      }
+    } catch (e) {
+      fail(req, `op ${op}`, e);
+    }
+  };
+
+  let handle: object;
+  try {
+    handle = a.mount(mountpoint, optionString(options), dispatch);
+  } catch (e) {
+    return Promise.reject(new Error(`FUSE mount on '${mountpoint}' failed (${(e as Error).message})`));
+  }
+  let unmounted = false;
+  return Promise.resolve({
+    mountpoint,
+    ended: endedP,
+    async unmount() {
+      if (unmounted) return;
+      await lazyUnmount(mountpoint);
+      unmounted = true;
+      // Descriptors still open keep the connection (and our loop) alive; do not keep the process alive for them.
+      a.unref(handle);
+    },
+  });
+}
