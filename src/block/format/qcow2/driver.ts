@@ -3,7 +3,8 @@
  * extensions.ts parse and validate, mapping.ts decodes L1/L2 entries,
  * table-cache.ts caches tables, decompress.ts handles compressed clusters,
  * refcount.ts and snapshots.ts read those tables, backing.ts opens the
- * backing chain, read.ts reads. Writing is a later step: nodes are read-only.
+ * backing chain, read.ts reads; write.ts, zero.ts, resize.ts and
+ * metadata-cache.ts write (see docs/qcow2.md for the crash-safety scheme).
  */
 import { BlkError } from '../../../errors.js';
 import { defineDriver, type OpenContext } from '../../driver.js';
@@ -24,28 +25,22 @@ import {
   parseHeader,
   roundUp,
 } from './header.js';
+import { setDirtyBit } from './header-write.js';
 import { registerQcow2Node } from './inspect.js';
 import { COMPRESSED, DATA, type MappedExtent, mapRange, UNALLOCATED, ZERO } from './mapping.js';
+import { writeBack } from './metadata-cache.js';
 import { readGuest } from './read.js';
-import { RefcountReader } from './refcount.js';
+import { Refcounts } from './refcount.js';
+import { resizeImage } from './resize.js';
 import { readSnapshots } from './snapshots.js';
-import type { Qcow2State } from './state.js';
+import type { Qcow2State, WriteState } from './state.js';
 import { TableCache } from './table-cache.js';
+import { prepareWritable, refuseWriting } from './writable.js';
+import { writeGuest } from './write.js';
+import { discardGuest, writeZeroesGuest } from './zero.js';
 
-const EROFS = 30;
 /** Decompressed clusters kept (bytes), at least two clusters. */
 const COMPRESSED_CACHE_BYTES = 4 * 1024 * 1024;
-
-function notWritable(s: Qcow2State): BlkError {
-  return new BlkError(
-    'NOT_SUPPORTED',
-    'writing qcow2 images is not supported yet',
-    { file: s.path },
-    {
-      errno: EROFS,
-    },
-  );
-}
 
 async function readAt(node: BlockNode, offset: number, length: number): Promise<Buffer> {
   const b = Buffer.allocUnsafe(length);
@@ -62,14 +57,6 @@ async function openQcow2(ctx: OpenContext): Promise<Qcow2State> {
       file: path,
       field: 'backing_file_offset',
     });
-  }
-  if (!ctx.readOnly) {
-    throw new BlkError(
-      'READ_ONLY',
-      'writing qcow2 images is not supported yet: open the image read-only',
-      { file: path },
-      { errno: EROFS },
-    );
   }
   const fileLength = file.length();
   // Cluster 0 holds the header, the extensions and the backing file name.
@@ -147,13 +134,16 @@ async function openQcow2(ctx: OpenContext): Promise<Qcow2State> {
     compressedCache: new TableCache(Math.max(COMPRESSED_CACHE_BYTES, 2 * cs), () =>
       Promise.reject(new Error('compressed clusters are loaded with their descriptor')),
     ),
-    refcounts: new RefcountReader(header, refTable, file, fileLength, path),
+    refcounts: new Refcounts(header, refTable, file, fileLength, path),
     snapshots,
     bitmaps,
     metadata,
     corrupt: false,
+    readOnly: ctx.readOnly,
+    w: undefined,
   };
   state.backing = await openBacking(ctx, file, ext);
+  if (!ctx.readOnly) await prepareWritable(state);
   return state;
 }
 
@@ -213,16 +203,55 @@ async function blockStatus(s: Qcow2State, offset: number, length: number): Promi
   return { offset, length: first.length, data, zero: first.kind === ZERO || first.kind === UNALLOCATED };
 }
 
+/** The write state, prepared once (on the first write after a reopen read-write). */
+function writable(s: Qcow2State): Promise<WriteState> | WriteState {
+  return s.w ?? preparing.get(s) ?? startPreparing(s);
+}
+
+const preparing = new WeakMap<Qcow2State, Promise<WriteState>>();
+
+function startPreparing(s: Qcow2State): Promise<WriteState> {
+  const p = prepareWritable(s).finally(() => preparing.delete(s));
+  preparing.set(s, p);
+  return p;
+}
+
+async function readLocked(s: Qcow2State, offset: number, buf: Buffer): Promise<void> {
+  const w = s.w;
+  if (w === undefined) return readGuest(s, offset, buf);
+  if (!w.lock.tryShared()) await w.lock.shared();
+  try {
+    await readGuest(s, offset, buf);
+  } finally {
+    w.lock.releaseShared();
+  }
+}
+
+/** Writes everything back and, with lazy refcounts, clears the dirty bit: the image is clean on disk. */
+async function settle(s: Qcow2State): Promise<void> {
+  if (!s.w || s.readOnly) return;
+  await writeBack(s);
+  if ((s.header.incompatible & INCOMPAT_DIRTY) !== 0n && !s.corrupt) await setDirtyBit(s, false);
+}
+
 export const qcow2Format = defineDriver<Qcow2State>({
   name: 'qcow2',
   role: 'format',
-  mutableOptions: [],
+  mutableOptions: ['read-only'],
 
   // --- open / close
   open: openQcow2,
   async close(s) {
-    s.l2Cache.clear();
-    s.compressedCache.clear();
+    try {
+      if (!s.corrupt) await settle(s);
+      // Space handed out ends at hostEnd; the file may have grown ahead of it in steps.
+      if (s.w && !s.readOnly && !s.corrupt && s.file.length() > s.refcounts.hostEnd) {
+        await s.file.truncate(s.refcounts.hostEnd);
+      }
+    } finally {
+      s.l2Cache.clear();
+      s.compressedCache.clear();
+    }
   },
   children: (s) => {
     const out = [s.file];
@@ -231,28 +260,53 @@ export const qcow2Format = defineDriver<Qcow2State>({
     return out;
   },
 
-  // --- I/O (read-only for now)
+  // --- reopen: read-only <-> read-write in place
+  async reopenPrepare(s, opts) {
+    if (opts.readOnly === undefined || opts.readOnly === s.readOnly) return;
+    if (opts.readOnly) {
+      await settle(s); // the file child is still writable while parents prepare first
+    } else {
+      const refused = refuseWriting(s);
+      if (refused) throw refused;
+    }
+  },
+  reopenCommit(s, opts) {
+    if (opts.readOnly !== undefined) s.readOnly = opts.readOnly;
+  },
+
+  // --- I/O
   length: (s) => s.header.size,
-  read: readGuest,
-  async write(s) {
-    throw notWritable(s);
+  read: readLocked,
+  async write(s, offset, buf) {
+    await writable(s);
+    await writeGuest(s, offset, buf);
   },
-  async writeZeroes(s) {
-    throw notWritable(s);
+  async writeZeroes(s, offset, length, opts) {
+    await writable(s);
+    await writeZeroesGuest(s, offset, length, opts.mayUnmap);
   },
-  async truncate(s) {
-    throw notWritable(s);
+  async discard(s, offset, length) {
+    await writable(s);
+    await discardGuest(s, offset, length);
   },
-  flush: async () => {},
+  async truncate(s, size) {
+    await writable(s);
+    await resizeImage(s, size);
+  },
+  async flush(s) {
+    if (s.readOnly || !s.w) return;
+    await writeBack(s);
+  },
   blockStatus,
   allocatedSize: (s) => s.file.allocatedSize(),
 
   // --- capabilities
-  capabilities: () => ({ write: false, truncate: false, writeZeroes: false, discard: false }),
-  isReadOnly: () => true,
+  capabilities: (s) => {
+    const ok = !s.readOnly && refuseWriting(s) === undefined;
+    return { write: ok, truncate: ok, writeZeroes: ok, discard: ok };
+  },
+  isReadOnly: (s) => s.readOnly,
   describe: (s) => ({ filename: s.file.filename, fileKey: s.file.fileKey }),
   imageInfo: info,
   attach: (s, node) => registerQcow2Node(node, s),
 });
-
-export type { Qcow2State };

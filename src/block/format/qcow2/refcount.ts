@@ -1,52 +1,145 @@
 /**
- * Reading refcounts: the refcount table (read at open, ≤ 8 MiB and inside
- * the file) points at refcount blocks, cached like L2 tables. Entries are
- * refcount_bits wide (1..64), packed from the least significant bit.
+ * Refcounts: the refcount table (read at open, ≤ 8 MiB and inside the file)
+ * points at refcount blocks. Entries are refcount_bits wide (1..64), packed
+ * from the least significant bit. Blocks are loaded on first use and kept
+ * (a 2 GiB stretch of the image per 64 KiB block at 16 bits), so allocation
+ * can scan them; writers change them in memory and mark them dirty, and the
+ * metadata write-back (metadata-cache.ts) writes them before anything that
+ * depends on them. Freeing is deferred: a decrement is queued and applied
+ * only after the references to the cluster are gone on disk.
  */
 import { BlkError } from '../../../errors.js';
 import type { BlockNode } from '../../types.js';
-import type { Qcow2Header } from './header.js';
-import { TableCache } from './table-cache.js';
+import { MAX_REFCOUNT_TABLE_BYTES, type Qcow2Header } from './header.js';
 
 const TWO32 = 2 ** 32;
+const EIO = 5;
+const ENOSPC = 28;
 
-export class RefcountReader {
-  private readonly cache: TableCache;
-  private readonly bits: number;
-  private readonly perBlock: number;
+/** What the allocator needs from its owner: growing the file and learning about new metadata. */
+export interface RefcountHooks {
+  /** Makes the file at least `end` bytes long. */
+  grow(end: number): Promise<void>;
+  /** A cluster now holds metadata (refcount block or table): overlap protection must know. */
+  metadata(cluster: number): void;
+}
+
+/** A run of free clusters handed out by allocate(). */
+export interface ClusterRun {
+  /** First cluster index. */
+  start: number;
+  count: number;
+}
+
+export class Refcounts {
+  readonly bits: number;
+  readonly perBlock: number;
+  readonly max: number;
+  private readonly cs: number;
+  /** The refcount table, the whole of its clusters. */
+  table: Buffer;
+  tableOffset: number;
+  tableClusters: number;
+  /** The table as the header on disk names it, until a moved table is switched in. */
+  diskTable: { offset: number; clusters: number };
+  /** Loaded refcount blocks by table index. */
+  readonly blocks = new Map<number, Buffer>();
+  private readonly loading = new Map<number, Promise<Buffer>>();
+  readonly dirtyBlocks = new Set<number>();
+  readonly dirtyEntries = new Set<number>();
+  /** Decrements waiting until no reference on disk needs the cluster (cluster indices, repeated per reference). */
+  deferred: number[] = [];
+  /** Clusters handed out but not yet counted: allocation must skip them. */
+  private readonly reserved = new Set<number>();
+  /** Lowest cluster that may be free. */
+  freeHint = 0;
+  /** End of the space in use or handed out (bytes): clusters at or past it are free. */
+  hostEnd: number;
+  hooks: RefcountHooks | undefined;
 
   constructor(
     private readonly h: Qcow2Header,
-    private readonly table: Buffer,
+    table: Buffer,
     private readonly file: BlockNode,
-    private readonly fileLength: number,
+    private fileLength: number,
     private readonly path: string,
-    cacheBytes = 1024 * 1024,
   ) {
+    this.cs = h.clusterSize;
     this.bits = 2 ** h.refcountOrder;
     this.perBlock = (h.clusterSize * 8) / this.bits;
-    this.cache = new TableCache(cacheBytes, async (off) => {
-      const b = Buffer.allocUnsafe(h.clusterSize);
-      await file.read(off, b);
-      return b;
-    });
+    this.max = this.bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** this.bits - 1;
+    this.table = table;
+    this.tableOffset = h.refcountTableOffset;
+    this.tableClusters = h.refcountTableClusters;
+    this.diskTable = { offset: this.tableOffset, clusters: this.tableClusters };
+    this.hostEnd = Math.ceil(fileLength / this.cs) * this.cs;
   }
 
-  /** The refcount of the host cluster containing `hostOffset` (0 when no refcount block covers it). */
-  async get(hostOffset: number): Promise<number> {
-    const cluster = Math.floor(hostOffset / this.h.clusterSize);
-    const ti = Math.floor(cluster / this.perBlock);
-    if (ti * 8 >= this.table.length) return 0;
+  /** Tells the reader the file grew (blocks may now lie further out). */
+  setFileLength(n: number): void {
+    this.fileLength = n;
+    this.hostEnd = Math.max(this.hostEnd, Math.ceil(n / this.cs) * this.cs);
+  }
+
+  /** Number of entries in the refcount table. */
+  get entries(): number {
+    return this.table.length / 8;
+  }
+
+  /** The offset of refcount block `ti` (0 when none), checked. */
+  blockOffset(ti: number): number {
+    if (ti >= this.entries) return 0;
     const hi = this.table.readUInt32BE(ti * 8);
     const lo = this.table.readUInt32BE(ti * 8 + 4);
     if ((lo & 0x1ff) !== 0) throw this.corrupt(`refcount table entry ${ti} has reserved bits set`);
     const off = hi * TWO32 + ((lo & 0xfffffe00) >>> 0);
     if (off === 0) return 0;
-    if (off % this.h.clusterSize !== 0 || off + this.h.clusterSize > this.fileLength) {
+    if (off % this.cs !== 0 || off + this.cs > Math.max(this.fileLength, this.hostEnd)) {
       throw this.corrupt(`refcount block ${ti} at ${off} is unaligned or beyond the end of the file`);
     }
-    const block = this.cache.peek(off) ?? (await this.cache.get(off));
-    const i = cluster % this.perBlock;
+    return off;
+  }
+
+  private setEntry(ti: number, off: number): void {
+    this.table.writeUInt32BE(Math.floor(off / TWO32), ti * 8);
+    this.table.writeUInt32BE((off % TWO32) >>> 0, ti * 8 + 4);
+    this.dirtyEntries.add(ti);
+  }
+
+  /** The loaded block `ti`, undefined when the table has no block there. */
+  async block(ti: number): Promise<Buffer | undefined> {
+    const b = this.blocks.get(ti);
+    if (b !== undefined) return b;
+    const off = this.blockOffset(ti);
+    if (off === 0) return undefined;
+    let p = this.loading.get(ti);
+    if (p === undefined) {
+      p = (async () => {
+        const buf = Buffer.allocUnsafe(this.cs);
+        await this.file.read(off, buf);
+        this.blocks.set(ti, buf);
+        this.loading.delete(ti);
+        return buf;
+      })();
+      this.loading.set(ti, p);
+    }
+    return p;
+  }
+
+  /** The refcount of the host cluster containing `hostOffset` (0 when no refcount block covers it). */
+  async get(hostOffset: number): Promise<number> {
+    return this.getCluster(Math.floor(hostOffset / this.cs));
+  }
+
+  /** The refcount of host cluster `c`. */
+  async getCluster(c: number): Promise<number> {
+    const ti = Math.floor(c / this.perBlock);
+    const b = this.blocks.get(ti) ?? (await this.block(ti));
+    return b === undefined ? 0 : this.read(b, c % this.perBlock);
+  }
+
+  /** Reads entry i of a block. */
+  read(block: Buffer, i: number): number {
     switch (this.bits) {
       case 64:
         return Number(block.readBigUInt64BE(i * 8));
@@ -64,8 +157,145 @@ export class RefcountReader {
     }
   }
 
+  /** Writes entry i of a block. */
+  write(block: Buffer, i: number, v: number): void {
+    switch (this.bits) {
+      case 64:
+        block.writeBigUInt64BE(BigInt(v), i * 8);
+        return;
+      case 32:
+        block.writeUInt32BE(v, i * 4);
+        return;
+      case 16:
+        block.writeUInt16BE(v, i * 2);
+        return;
+      case 8:
+        block[i] = v;
+        return;
+      default: {
+        const perByte = 8 / this.bits;
+        const at = Math.floor(i / perByte);
+        const shift = (i % perByte) * this.bits;
+        const mask = ((1 << this.bits) - 1) << shift;
+        block[at] = (block[at]! & ~mask) | (v << shift);
+      }
+    }
+  }
+
+  /** Adds `delta` to the refcount of cluster `c` in memory (creating its block when needed). */
+  async adjust(c: number, delta: number): Promise<number> {
+    const ti = Math.floor(c / this.perBlock);
+    const b = this.blocks.get(ti) ?? (await this.block(ti)) ?? (await this.createBlock(ti));
+    const i = c % this.perBlock;
+    const v = this.read(b, i) + delta;
+    if (v < 0 || v > this.max) {
+      throw this.corrupt(`refcount of cluster ${c} would become ${v} (refcount_bits ${this.bits})`);
+    }
+    this.write(b, i, v);
+    this.dirtyBlocks.add(ti);
+    if (v === 0 && c < this.freeHint) this.freeHint = c;
+    return v;
+  }
+
+  /** Finds the first run of free clusters (up to n long) at or after freeHint. */
+  private async findFree(n: number): Promise<ClusterRun> {
+    let c = this.freeHint;
+    let start = -1;
+    for (;;) {
+      if (c * this.cs >= this.hostEnd) {
+        if (start < 0) start = c;
+        return { start, count: n };
+      }
+      const ti = Math.floor(c / this.perBlock);
+      const b = this.blocks.get(ti) ?? (await this.block(ti));
+      const free = !this.reserved.has(c) && (b === undefined || this.read(b, c % this.perBlock) === 0);
+      if (free) {
+        if (start < 0) start = c;
+        if (c - start + 1 === n) return { start, count: n };
+      } else if (start >= 0) {
+        return { start, count: c - start };
+      }
+      c++;
+    }
+  }
+
+  /** Hands out up to n contiguous free clusters with refcount 1 (in memory); the file is grown to hold them. */
+  async allocate(n: number): Promise<ClusterRun> {
+    const run = await this.findFree(n);
+    for (let i = 0; i < run.count; i++) this.reserved.add(run.start + i);
+    try {
+      const end = (run.start + run.count) * this.cs;
+      if (end > this.hostEnd) this.hostEnd = end;
+      await this.hooks?.grow(this.hostEnd);
+      for (let i = 0; i < run.count; i++) await this.adjust(run.start + i, 1);
+    } finally {
+      for (let i = 0; i < run.count; i++) this.reserved.delete(run.start + i);
+    }
+    if (run.start <= this.freeHint) this.freeHint = run.start + run.count;
+    return run;
+  }
+
+  /** Creates refcount block `ti` in memory (growing the table when it is too short). */
+  private async createBlock(ti: number): Promise<Buffer> {
+    if (ti >= this.entries) await this.growTable(ti + 1);
+    const existing = this.blocks.get(ti) ?? (await this.block(ti));
+    if (existing !== undefined) return existing; // growing the table may have created it
+    const run = await this.findFree(1);
+    const c = run.start;
+    this.reserved.add(c);
+    try {
+      if ((c + 1) * this.cs > this.hostEnd) this.hostEnd = (c + 1) * this.cs;
+      await this.hooks?.grow(this.hostEnd);
+      const b = Buffer.alloc(this.cs);
+      this.blocks.set(ti, b);
+      this.setEntry(ti, c * this.cs);
+      this.dirtyBlocks.add(ti);
+      this.hooks?.metadata(c);
+      await this.adjust(c, 1);
+      return b;
+    } finally {
+      this.reserved.delete(c);
+    }
+  }
+
+  /** Moves the table to a larger place at the end of the image; the old clusters are freed after the switch. */
+  private async growTable(minEntries: number): Promise<void> {
+    const want = Math.max(minEntries, this.entries * 2) * 8;
+    const clusters = Math.ceil(want / this.cs);
+    if (clusters * this.cs > MAX_REFCOUNT_TABLE_BYTES) {
+      throw new BlkError(
+        'IMAGE_TOO_LARGE',
+        'the refcount table would exceed 8 MiB',
+        { file: this.path, field: 'refcount_table_clusters' },
+        { errno: ENOSPC },
+      );
+    }
+    const start = Math.ceil(this.hostEnd / this.cs);
+    for (let i = 0; i < clusters; i++) this.reserved.add(start + i);
+    try {
+      this.hostEnd = (start + clusters) * this.cs;
+      await this.hooks?.grow(this.hostEnd);
+      const table = Buffer.alloc(clusters * this.cs);
+      this.table.copy(table);
+      const old = { offset: this.tableOffset, clusters: this.tableClusters };
+      this.table = table;
+      this.tableOffset = start * this.cs;
+      this.tableClusters = clusters;
+      for (let i = 0; i < this.entries; i++) if (this.blockOffset(i) !== 0) this.dirtyEntries.add(i);
+      for (let i = 0; i < clusters; i++) {
+        this.hooks?.metadata(start + i);
+        await this.adjust(start + i, 1);
+      }
+      // The old table stays referenced by the header on disk until the switch.
+      const firstOld = old.offset / this.cs;
+      for (let i = 0; i < old.clusters; i++) this.deferred.push(firstOld + i);
+    } finally {
+      for (let i = 0; i < clusters; i++) this.reserved.delete(start + i);
+    }
+  }
+
   private corrupt(msg: string): BlkError {
-    return new BlkError('IMAGE_CORRUPT', msg, { file: this.path, field: 'refcount_table' }, { errno: 5 });
+    return new BlkError('IMAGE_CORRUPT', msg, { file: this.path, field: 'refcount_table' }, { errno: EIO });
   }
 
   /** The file this reader reads refcount blocks from. */

@@ -4,7 +4,8 @@ import type { BlockNode } from '../../types.js';
 import type { Qcow2Bitmap } from './bitmaps.js';
 import type { Qcow2Extensions } from './extensions.js';
 import type { Qcow2Header } from './header.js';
-import type { RefcountReader } from './refcount.js';
+import type { Refcounts } from './refcount.js';
+import type { RwLock } from './rwlock.js';
 import type { Qcow2Snapshot } from './snapshots.js';
 import type { TableCache } from './table-cache.js';
 
@@ -24,13 +25,38 @@ export interface Qcow2State {
   l1: Buffer;
   l2Cache: TableCache;
   compressedCache: TableCache;
-  refcounts: RefcountReader;
+  refcounts: Refcounts;
   snapshots: Qcow2Snapshot[];
   bitmaps: Qcow2Bitmap[];
   /** Fixed metadata areas [start, end) no L2 table may overlap. */
   metadata: [string, number, number][];
   /** Set when a run-time check found corruption: the image is never written. */
   corrupt: boolean;
+  /** The node's current read-only state (reopen changes it). */
+  readOnly: boolean;
+  /** Write-side state, present once the node has been writable. */
+  w: WriteState | undefined;
+}
+
+/** What writing needs on top of the read state: locks, dirty sets, overlap set. */
+export interface WriteState {
+  lock: RwLock;
+  /** Host clusters holding metadata (overlap protection). */
+  meta: Set<number>;
+  /** L2 tables changed in memory (offsets), pinned in the cache until written. */
+  dirtyL2: Set<number>;
+  /** L1 entries changed in memory. */
+  dirtyL1: Set<number>;
+  /** The L1 table as the header on disk names it; differs after a resize moved it. */
+  diskL1: { offset: number; size: number };
+  /** The virtual size on disk. */
+  diskSize: number;
+  /** Write-backs run one after the other. */
+  chain: Promise<void>;
+  /** Lazy refcounts: ordering is kept by the dirty bit instead of syncs. */
+  lazy: boolean;
+  /** Bytes of dirty tables in memory (a write-back starts above a bound). */
+  dirtyBytes: number;
 }
 
 const EIO = 5;

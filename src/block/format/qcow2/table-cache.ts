@@ -15,6 +15,8 @@ export class TableCache {
   /** Map iteration order is insertion order: the first key is the least recently used. */
   private readonly tables = new Map<number, Buffer>();
   private readonly pending = new Map<number, Promise<Buffer>>();
+  /** Tables that must stay cached (dirty or being written back): never evicted. */
+  private readonly pinned = new Set<number>();
   private bytes = 0;
   readonly stats: TableCacheStats = { hits: 0, misses: 0, loads: 0, evictions: 0 };
 
@@ -65,14 +67,43 @@ export class TableCache {
       this.bytes -= old.length;
       this.tables.delete(offset);
     }
-    while (this.tables.size > 0 && this.bytes + buf.length > this.maxBytes) {
-      const [k, v] = this.tables.entries().next().value as [number, Buffer];
-      this.tables.delete(k);
-      this.bytes -= v.length;
-      this.stats.evictions++;
+    if (this.bytes + buf.length > this.maxBytes) {
+      for (const [k, v] of this.tables) {
+        if (this.bytes + buf.length <= this.maxBytes) break;
+        if (this.pinned.has(k)) continue;
+        this.tables.delete(k);
+        this.bytes -= v.length;
+        this.stats.evictions++;
+      }
     }
     this.tables.set(offset, buf);
     this.bytes += buf.length;
+  }
+
+  /** Puts a table made in memory (a new or copied table) into the cache, pinned. */
+  put(offset: number, buf: Buffer): void {
+    this.pinned.add(offset);
+    this.insert(offset, buf);
+  }
+
+  /** Keeps the cached table at `offset` from eviction (it is dirty or being written back). */
+  pin(offset: number): void {
+    this.pinned.add(offset);
+  }
+
+  /** Lets the table at `offset` be evicted again. */
+  unpin(offset: number): void {
+    this.pinned.delete(offset);
+  }
+
+  /** Drops the table at `offset` (a freed table) from the cache. */
+  drop(offset: number): void {
+    const t = this.tables.get(offset);
+    if (t !== undefined) {
+      this.tables.delete(offset);
+      this.bytes -= t.length;
+    }
+    this.pinned.delete(offset);
   }
 
   /** Bytes currently cached. */
@@ -83,6 +114,7 @@ export class TableCache {
   /** Drops every cached table. */
   clear(): void {
     this.tables.clear();
+    this.pinned.clear();
     this.bytes = 0;
   }
 }

@@ -1,0 +1,134 @@
+/**
+ * Turning an open qcow2 node writable: refuse images that must not be
+ * written (corrupt bit, external data file), load the whole active L1 table,
+ * collect the metadata clusters for overlap protection, hook the allocator
+ * to the file, and repair a dirty lazy-refcount image before the first write.
+ */
+import { BlkError } from '../../../errors.js';
+import {
+  AUTOCLEAR_BITMAPS,
+  COMPAT_LAZY_REFCOUNTS,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  roundUp,
+} from './header.js';
+import { setDirtyBit, writeAutoclear } from './header-write.js';
+import { rebuildRefcounts } from './rebuild.js';
+import { RwLock } from './rwlock.js';
+import type { Qcow2State, WriteState } from './state.js';
+
+const EROFS = 30;
+const TWO32 = 2 ** 32;
+/** The file grows in steps of at least this much (one ftruncate per step, not per cluster). */
+const GROW_STEP = 1024 * 1024;
+/** Autoclear bits this writer keeps valid: bitmaps (marked in use) and raw external data. */
+const AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | (1n << 1n);
+
+function entryOffset(buf: Buffer, at: number): number {
+  return (buf.readUInt32BE(at) & 0x00ffffff) * TWO32 + ((buf.readUInt32BE(at + 4) & 0xfffffe00) >>> 0);
+}
+
+async function readAt(s: Qcow2State, off: number, len: number): Promise<Buffer> {
+  const b = Buffer.allocUnsafe(len);
+  await s.file.read(off, b);
+  return b;
+}
+
+/** Adds the clusters [off, off+len) to the set. */
+function addRange(meta: Set<number>, cs: number, off: number, len: number): void {
+  if (len <= 0) return;
+  for (let c = Math.floor(off / cs); c * cs < off + len; c++) meta.add(c);
+}
+
+/** Why this image cannot be written, or undefined. */
+export function refuseWriting(s: Qcow2State): BlkError | undefined {
+  if ((s.header.incompatible & INCOMPAT_CORRUPT) !== 0n || s.corrupt) {
+    return new BlkError(
+      'IMAGE_CORRUPT',
+      'the image is marked corrupt: it is never written again (repair it with `qemu-img check -r all`)',
+      { file: s.path, field: 'incompatible_features' },
+      { errno: EROFS },
+    );
+  }
+  if (s.externalData) {
+    return new BlkError(
+      'NOT_SUPPORTED',
+      'writing qcow2 images with an external data file is not supported yet',
+      { file: s.path, field: 'data_file' },
+      { errno: EROFS },
+    );
+  }
+  return undefined;
+}
+
+/** Prepares the write state (once); the file child must already be writable. */
+export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
+  if (s.w) return s.w;
+  const refused = refuseWriting(s);
+  if (refused) throw refused;
+  const h = s.header;
+  const cs = h.clusterSize;
+  if (s.l1.length < h.l1Size * 8) s.l1 = await readAt(s, h.l1TableOffset, h.l1Size * 8);
+
+  const meta = new Set<number>([0]);
+  addRange(meta, cs, h.l1TableOffset, h.l1Size * 8);
+  const refs = s.refcounts;
+  addRange(meta, cs, refs.tableOffset, refs.tableClusters * cs);
+  for (let ti = 0; ti < refs.entries; ti++) {
+    const off = refs.blockOffset(ti);
+    if (off !== 0) meta.add(off / cs);
+  }
+  for (let i = 0; i < h.l1Size; i++) {
+    const off = entryOffset(s.l1, i * 8);
+    if (off !== 0) meta.add(Math.floor(off / cs));
+  }
+  if (s.snapshots.length > 0) {
+    let tableEnd = h.snapshotsOffset;
+    for (const [name, start, end] of s.metadata)
+      if (name === 'snapshot table' && start === tableEnd) tableEnd = end;
+    addRange(meta, cs, h.snapshotsOffset, tableEnd - h.snapshotsOffset);
+    for (const sn of s.snapshots) {
+      addRange(meta, cs, sn.l1TableOffset, sn.l1Size * 8);
+      const l1 = await readAt(s, sn.l1TableOffset, sn.l1Size * 8);
+      for (let i = 0; i < sn.l1Size; i++) {
+        const off = entryOffset(l1, i * 8);
+        if (off !== 0) meta.add(Math.floor(off / cs));
+      }
+    }
+  }
+  if (s.ext.bitmaps) addRange(meta, cs, s.ext.bitmaps.directoryOffset, s.ext.bitmaps.directorySize);
+
+  const w: WriteState = {
+    lock: new RwLock(),
+    meta,
+    dirtyL2: new Set(),
+    dirtyL1: new Set(),
+    diskL1: { offset: h.l1TableOffset, size: h.l1Size },
+    diskSize: h.size,
+    chain: Promise.resolve(),
+    lazy: (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
+    dirtyBytes: 0,
+  };
+  refs.hooks = {
+    grow: async (end) => {
+      if (end <= s.file.length()) return;
+      await s.file.truncate(roundUp(end, Math.max(GROW_STEP, cs)));
+      s.fileLength = s.file.length();
+      s.dataLength = s.fileLength;
+      refs.setFileLength(s.fileLength);
+    },
+    metadata: (c) => meta.add(c),
+  };
+  s.w = w;
+
+  // Autoclear bits we do not understand are cleared: whatever they guarded is no longer kept valid.
+  if (h.version === 3 && (h.autoclear & ~AUTOCLEAR_KNOWN) !== 0n) {
+    await writeAutoclear(s, h.autoclear & AUTOCLEAR_KNOWN);
+  }
+  if ((h.incompatible & INCOMPAT_DIRTY) !== 0n) {
+    // A dirty image's refcounts cannot be trusted: rebuild them before allocating anything.
+    await rebuildRefcounts(s);
+    await setDirtyBit(s, false);
+  }
+  return w;
+}

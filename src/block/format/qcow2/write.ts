@@ -1,0 +1,313 @@
+/**
+ * The qcow2 write path.
+ *
+ * Overwriting clusters that are allocated with COPIED set (refcount 1) is
+ * the fast path: under the shared lock, one pwrite per host-contiguous run,
+ * no metadata I/O. Everything else takes the exclusive lock and goes through
+ * `writeAllocating`: per L2 table, the table is made writable (allocated, or
+ * copied when shared with a snapshot), the clusters needing a new home are
+ * allocated in one batch, partial clusters are filled with what the guest
+ * currently reads there (backing file, zeroes, compressed or shared data:
+ * copy-on-write), the data is written, and only then do the L2 entries point
+ * at it. The old clusters' refcounts are dropped later, after the new entries
+ * are on disk (metadata-cache.ts).
+ */
+import { BlkError } from '../../../errors.js';
+import {
+  ALL_SUBCLUSTERS,
+  type L2Entry,
+  readL1Entry,
+  readL2Entry,
+  subclusterBits,
+  writeL1Entry,
+  writeL2Entry,
+} from './entries.js';
+import { l2TableOffset } from './mapping.js';
+import { writeBack } from './metadata-cache.js';
+import { checkNoOverlap } from './overlap.js';
+import { readGuest } from './read.js';
+import type { Qcow2State } from './state.js';
+
+/** Dirty tables above this many bytes start a write-back (bounds memory between guest flushes). */
+const DIRTY_LIMIT = 32 * 1024 * 1024;
+/** Host-contiguous pieces are merged into one pwrite up to this size. */
+const MERGE_LIMIT = 4 * 1024 * 1024;
+const EIO = 5;
+
+/** How one cluster of a write is carried out. */
+const DIRECT = 0; // allocated, COPIED, every touched part allocated: write in place
+const FILL = 1; // allocated and COPIED, but the touched part reads as zero or unallocated: fill, then write in place
+const MOVE = 2; // needs a new cluster (unallocated, zero, compressed, shared)
+
+interface Plan {
+  gc: number;
+  idx: number;
+  e: L2Entry;
+  mode: typeof DIRECT | typeof FILL | typeof MOVE;
+  /** Write range inside the cluster. */
+  ws: number;
+  we: number;
+  /** Range of the host cluster written (write range widened to what must be materialized). */
+  a: number;
+  b: number;
+  target: number;
+}
+
+/** Refuses writes on an image found corrupt. */
+export function checkNotCorrupt(s: Qcow2State): void {
+  if (s.corrupt) {
+    throw new BlkError(
+      'IMAGE_CORRUPT',
+      'the image was found corrupt: it is not written again',
+      { file: s.path, field: 'incompatible_features' },
+      { errno: EIO },
+    );
+  }
+}
+
+/** Writes `buf` at guest `offset`. */
+export async function writeGuest(s: Qcow2State, offset: number, buf: Buffer): Promise<void> {
+  checkNotCorrupt(s);
+  const w = s.w!;
+  if (w.lock.tryShared()) {
+    let done: boolean;
+    try {
+      done = await writeInPlace(s, offset, buf);
+    } finally {
+      w.lock.releaseShared();
+    }
+    if (done) return;
+  }
+  await w.lock.exclusive();
+  try {
+    checkNotCorrupt(s);
+    await writeAllocating(s, offset, buf);
+  } finally {
+    w.lock.releaseExclusive();
+  }
+  if (w.dirtyBytes > DIRTY_LIMIT) await writeBack(s);
+}
+
+/** The fast path: true when every cluster was allocated with COPIED (and the data is written), false to take the slow path. */
+async function writeInPlace(s: Qcow2State, offset: number, buf: Buffer): Promise<boolean> {
+  const h = s.header;
+  const cs = h.clusterSize;
+  const end = offset + buf.length;
+  const fileEnd = s.file.length();
+  const pieces: [number, number, number][] = []; // host, from, to (in buf)
+  let pos = offset;
+  while (pos < end) {
+    const l1i = Math.floor(pos / h.l2Coverage);
+    const { off, copied } = readL1Entry(s, l1i);
+    if (off === 0 || !copied) return false;
+    l2TableOffset(s, l1i); // checks the entry
+    const table = s.l2Cache.peek(off) ?? (await s.l2Cache.get(off));
+    const tEnd = Math.min(end, (l1i + 1) * h.l2Coverage);
+    while (pos < tEnd) {
+      const gc = Math.floor(pos / cs);
+      const cEnd = Math.min(tEnd, (gc + 1) * cs);
+      const e = readL2Entry(s, table, gc - l1i * h.l2Entries, gc);
+      if (e.compressed || e.host === 0 || !e.copied || e.zero) return false;
+      const ws = pos - gc * cs;
+      const we = cEnd - gc * cs;
+      if (h.extendedL2) {
+        const bits = subclusterBits(
+          Math.floor(ws / h.subclusterSize),
+          Math.floor((we - 1) / h.subclusterSize),
+        );
+        if ((e.allocMask & bits) !== bits) return false;
+      }
+      if (e.host + we > fileEnd) return false;
+      const host = e.host + ws;
+      const last = pieces[pieces.length - 1];
+      if (last && last[0] + (last[2] - last[1]) === host) last[2] = cEnd - offset;
+      else pieces.push([host, pos - offset, cEnd - offset]);
+      pos = cEnd;
+    }
+  }
+  for (const [host, from, to] of pieces) checkNoOverlap(s, host, to - from);
+  if (pieces.length === 1) {
+    await s.file.write(pieces[0]![0], buf);
+    return true;
+  }
+  await settleAll(pieces.map(([host, from, to]) => s.file.write(host, buf.subarray(from, to))));
+  return true;
+}
+
+/** Waits for every promise, then throws the first failure (nothing may still be writing when we return). */
+async function settleAll(jobs: Promise<void>[]): Promise<void> {
+  const r = await Promise.allSettled(jobs);
+  for (const x of r) if (x.status === 'rejected') throw x.reason;
+}
+
+/** The L2 table for L1 index `l1i`, made writable: allocated when missing, copied when shared. */
+export async function l2ForWrite(s: Qcow2State, l1i: number): Promise<Buffer> {
+  const w = s.w!;
+  const cs = s.header.clusterSize;
+  const { off, copied } = readL1Entry(s, l1i);
+  if (off !== 0) l2TableOffset(s, l1i);
+  if (off !== 0 && copied) {
+    const t = s.l2Cache.peek(off) ?? (await s.l2Cache.get(off));
+    return t;
+  }
+  const old = off === 0 ? undefined : (s.l2Cache.peek(off) ?? (await s.l2Cache.get(off)));
+  const run = await s.refcounts.allocate(1);
+  const newOff = run.start * cs;
+  w.meta.add(run.start);
+  const table = old ? Buffer.from(old) : Buffer.alloc(cs);
+  s.l2Cache.put(newOff, table);
+  markL2Dirty(s, newOff);
+  writeL1Entry(s, l1i, newOff, true);
+  // A shared table keeps its other references (snapshots); this one goes once the new L1 entry is on disk.
+  if (off !== 0) s.refcounts.deferred.push(off / cs);
+  return table;
+}
+
+/** Marks an L2 table dirty (pinned in the cache until written back). */
+export function markL2Dirty(s: Qcow2State, off: number): void {
+  const w = s.w!;
+  if (w.dirtyL2.has(off)) return;
+  w.dirtyL2.add(off);
+  s.l2Cache.pin(off);
+  w.dirtyBytes += s.header.clusterSize;
+}
+
+/** Queues the refcount drop of the host clusters an entry used (after the entry is replaced on disk). */
+export function freeEntryClusters(s: Qcow2State, e: L2Entry): void {
+  const cs = s.header.clusterSize;
+  if (e.compressed) {
+    for (let c = e.cfirst; c <= e.clast; c++) s.refcounts.deferred.push(c);
+  } else if (e.host !== 0) {
+    s.refcounts.deferred.push(e.host / cs);
+  }
+}
+
+/** The slow path (exclusive lock held): allocation, copy-on-write, then the L2 updates. */
+export async function writeAllocating(s: Qcow2State, offset: number, buf: Buffer): Promise<void> {
+  const h = s.header;
+  const end = offset + buf.length;
+  let pos = offset;
+  while (pos < end) {
+    const l1i = Math.floor(pos / h.l2Coverage);
+    const tEnd = Math.min(end, (l1i + 1) * h.l2Coverage);
+    await writeInTable(s, l1i, pos, tEnd, offset, buf);
+    pos = tEnd;
+  }
+}
+
+async function writeInTable(
+  s: Qcow2State,
+  l1i: number,
+  pos: number,
+  tEnd: number,
+  offset: number,
+  buf: Buffer,
+): Promise<void> {
+  const h = s.header;
+  const cs = h.clusterSize;
+  const sub = h.subclusterSize;
+  const table = await l2ForWrite(s, l1i);
+  const plans: Plan[] = [];
+  let needNew = 0;
+  for (let gc = Math.floor(pos / cs); gc * cs < tEnd; gc++) {
+    const idx = gc - l1i * h.l2Entries;
+    const e = readL2Entry(s, table, idx, gc);
+    const ws = Math.max(pos, gc * cs) - gc * cs;
+    const we = Math.min(tEnd, (gc + 1) * cs) - gc * cs;
+    const owned = !e.compressed && e.host !== 0 && e.copied;
+    let mode: Plan['mode'];
+    let a = 0;
+    let b = cs;
+    if (h.extendedL2) {
+      const first = Math.floor(ws / sub);
+      const last = Math.floor((we - 1) / sub);
+      const bits = subclusterBits(first, last);
+      if (owned && (e.allocMask & bits) === bits) mode = DIRECT;
+      else if (owned) mode = FILL;
+      else mode = MOVE;
+      // A new cluster for an unallocated or zero one only needs the touched subclusters;
+      // moving away from a compressed or shared cluster materializes all of it.
+      if (mode !== MOVE || (!e.compressed && e.host === 0)) {
+        a = first * sub;
+        b = (last + 1) * sub;
+      }
+    } else {
+      mode = owned && !e.zero ? DIRECT : owned ? FILL : MOVE;
+    }
+    if (mode === DIRECT) {
+      a = ws;
+      b = we;
+    }
+    if (mode === MOVE) needNew++;
+    plans.push({ gc, idx, e, mode, ws, we, a, b, target: owned ? e.host : 0 });
+  }
+
+  // One allocation batch for every cluster that needs a new home (contiguous when the space allows).
+  let next = 0;
+  while (needNew > 0) {
+    const run = await s.refcounts.allocate(needNew);
+    for (let i = 0; i < run.count; i++) {
+      while (plans[next]!.mode !== MOVE) next++;
+      plans[next]!.target = (run.start + i) * cs;
+      next++;
+    }
+    needNew -= run.count;
+  }
+
+  // Data: the new bytes, widened with what the guest reads now where a cluster must be materialized.
+  const pieces: [number, Buffer][] = [];
+  let maxEnd = 0;
+  for (const p of plans) {
+    const guest = p.gc * cs;
+    let data: Buffer;
+    if (p.a === p.ws && p.b === p.we) {
+      data = buf.subarray(guest + p.ws - offset, guest + p.we - offset);
+    } else {
+      data = Buffer.allocUnsafe(p.b - p.a);
+      const jobs: Promise<void>[] = [];
+      if (p.ws > p.a) jobs.push(readGuest(s, guest + p.a, data.subarray(0, p.ws - p.a)));
+      if (p.b > p.we) jobs.push(readGuest(s, guest + p.we, data.subarray(p.we - p.a)));
+      await settleAll(jobs);
+      buf.copy(data, p.ws - p.a, guest + p.ws - offset, guest + p.we - offset);
+    }
+    const host = p.target + p.a;
+    maxEnd = Math.max(maxEnd, host + data.length);
+    const last = pieces[pieces.length - 1];
+    if (last && last[0] + last[1].length === host && last[1].length + data.length <= MERGE_LIMIT) {
+      last[1] = Buffer.concat([last[1], data]);
+    } else {
+      pieces.push([host, data]);
+    }
+  }
+  for (const [host, data] of pieces) checkNoOverlap(s, host, data.length);
+  if (maxEnd > s.file.length()) await s.refcounts.hooks!.grow(maxEnd);
+  await settleAll(pieces.map(([host, data]) => s.file.write(host, data)));
+
+  // Only now point the entries at the data, and queue the old clusters' refcount drops.
+  let changed = false;
+  for (const p of plans) {
+    if (p.mode === DIRECT) continue;
+    changed = true;
+    const e = p.e;
+    if (h.extendedL2) {
+      const bits = subclusterBits(Math.floor(p.a / sub), Math.floor((p.b - 1) / sub));
+      let alloc: number;
+      let zero: number;
+      if (p.mode === FILL) {
+        alloc = (e.allocMask | bits) >>> 0;
+        zero = (e.zeroMask & ~bits) >>> 0;
+      } else if (e.compressed || e.host !== 0) {
+        alloc = ALL_SUBCLUSTERS;
+        zero = 0;
+      } else {
+        alloc = bits;
+        zero = (e.zeroMask & ~bits) >>> 0;
+      }
+      writeL2Entry(s, table, p.idx, p.target, true, false, alloc, zero);
+    } else {
+      writeL2Entry(s, table, p.idx, p.target, true, false);
+    }
+    if (p.mode === MOVE) freeEntryClusters(s, e);
+  }
+  if (changed) markL2Dirty(s, readL1Entry(s, l1i).off);
+}
