@@ -19,30 +19,54 @@ function unsupported(format: string, file: string | undefined): BlkError {
   return new BlkError('IMAGE_UNSUPPORTED', `format ${format} is not supported yet`, { file });
 }
 
-/** Names the format of an image from its first bytes; throws IMAGE_UNSUPPORTED for known unsupported formats. */
-export function probeBytes(head: Buffer, file?: string): ProbedFormat {
+/** Formats recognized by their magic; which of them can be opened depends on the engine. */
+export type KnownFormat =
+  | ProbedFormat
+  | 'qcow'
+  | 'vmdk'
+  | 'vhdx'
+  | 'vpc'
+  | 'vdi'
+  | 'qed'
+  | 'luks'
+  | 'parallels'
+  | 'bochs'
+  | 'cloop';
+
+/**
+ * Names the format of an image from its first bytes, whatever engine will
+ * open it ('raw' when no magic matches); a qcow2 header of an unknown
+ * version throws IMAGE_UNSUPPORTED.
+ */
+export function identifyFormat(head: Buffer, file?: string): KnownFormat {
   const ascii = (off: number, s: string) =>
     head.length >= off + s.length && head.toString('latin1', off, off + s.length) === s;
   if (ascii(0, 'QFI\xfb')) {
     const version = head.length >= 8 ? head.readUInt32BE(4) : 0;
-    if (version === 1) throw unsupported('qcow (version 1)', file);
+    if (version === 1) return 'qcow';
     if (version === 2 || version === 3) return 'qcow2';
     throw new BlkError('IMAGE_UNSUPPORTED', `qcow2 version ${version} is not supported`, {
       file,
       field: 'version',
     });
   }
-  if (ascii(0, 'KDMV') || ascii(0, 'COWD') || ascii(0, '# Disk DescriptorFile'))
-    throw unsupported('vmdk', file);
-  if (ascii(0, 'vhdxfile')) throw unsupported('vhdx', file);
-  if (ascii(0, 'conectix')) throw unsupported('vpc', file);
-  if (head.length >= 0x44 && head.readUInt32LE(0x40) === 0xbeda107f) throw unsupported('vdi', file);
-  if (ascii(0, 'QED\0')) throw unsupported('qed', file);
-  if (ascii(0, 'LUKS\xba\xbe')) throw unsupported('luks', file);
-  if (ascii(0, 'WithoutFreeSpace') || ascii(0, 'WithouFreSpacExt')) throw unsupported('parallels', file);
-  if (ascii(0, 'Bochs Virtual HD Image')) throw unsupported('bochs', file);
-  if (ascii(0, '#!/bin/sh\n#V2.0 Format')) throw unsupported('cloop', file);
+  if (ascii(0, 'KDMV') || ascii(0, 'COWD') || ascii(0, '# Disk DescriptorFile')) return 'vmdk';
+  if (ascii(0, 'vhdxfile')) return 'vhdx';
+  if (ascii(0, 'conectix')) return 'vpc';
+  if (head.length >= 0x44 && head.readUInt32LE(0x40) === 0xbeda107f) return 'vdi';
+  if (ascii(0, 'QED\0')) return 'qed';
+  if (ascii(0, 'LUKS\xba\xbe')) return 'luks';
+  if (ascii(0, 'WithoutFreeSpace') || ascii(0, 'WithouFreSpacExt')) return 'parallels';
+  if (ascii(0, 'Bochs Virtual HD Image')) return 'bochs';
+  if (ascii(0, '#!/bin/sh\n#V2.0 Format')) return 'cloop';
   return 'raw';
+}
+
+/** Names the format of an image from its first bytes; throws IMAGE_UNSUPPORTED for formats the native block layer cannot open. */
+export function probeBytes(head: Buffer, file?: string): ProbedFormat {
+  const f = identifyFormat(head, file);
+  if (f === 'raw' || f === 'qcow2') return f;
+  throw unsupported(f === 'qcow' ? 'qcow (version 1)' : f, file);
 }
 
 /** Probes an opened node (reads its first bytes through the node, so a mount over the path does not matter). */

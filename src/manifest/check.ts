@@ -1,6 +1,6 @@
 /** Checks one expanded document for what the schema cannot say: unique names, references, cycles, writability. */
 import type { DocumentProblem } from './expand.js';
-import type { ManifestDocument, NodeSpec } from './types.js';
+import { type ManifestDocument, type NodeSpec, QEMU_ONLY_DRIVERS, type QemuOnlyDriver } from './types.js';
 
 function at(s: { file: string; line: number; col: number }): string {
   return `${s.file}:${s.line}:${s.col}`;
@@ -29,6 +29,20 @@ export function checkDocument(doc: ManifestDocument): DocumentProblem[] {
       continue;
     }
     nodes.set(name, n);
+  }
+
+  // QEMU's own format drivers: refused up front when the manifest asks for the native engine.
+  if (doc.engine === 'native') {
+    for (const n of doc.nodes) {
+      if (!QEMU_ONLY_DRIVERS.includes(n.options.driver as QemuOnlyDriver)) continue;
+      problems.push({
+        pointer: n.generatedFor?.startsWith('shorthand')
+          ? `${n.source.path}/format`
+          : `${n.source.path}/driver`,
+        at: 'value',
+        message: `driver "${n.options.driver}" needs the qemu engine (spec.engine: qemu); the native engine cannot open it`,
+      });
+    }
   }
 
   for (const n of doc.nodes) {

@@ -12,6 +12,7 @@ import type {
   NodeOptions,
   NodeSpec,
   OnOffAuto,
+  QemuOnlyDriver,
   SourcePos,
 } from './types.js';
 
@@ -27,7 +28,7 @@ export interface DocumentProblem {
 
 /** The blockdev shape the schema admits (driver-specific fields optional). */
 interface RawBlockdev {
-  driver: 'file' | 'raw' | 'qcow2';
+  driver: 'file' | 'raw' | 'qcow2' | QemuOnlyDriver;
   'node-name'?: string;
   filename?: string;
   'read-only'?: boolean;
@@ -44,7 +45,7 @@ interface RawExport {
   id: string;
   'node-name'?: string;
   image?: string;
-  format?: 'auto' | 'raw' | 'qcow2';
+  format?: 'auto' | 'raw' | 'qcow2' | QemuOnlyDriver;
   partition?: number;
   mountpoint?: string;
   'create-mountpoint'?: boolean;
@@ -60,6 +61,9 @@ export interface RawDocument {
   metadata: { name: string; labels?: Record<string, string> };
   spec: { engine?: 'native' | 'qemu'; hosts?: string[]; blockdevs?: RawBlockdev[]; exports?: RawExport[] };
 }
+
+/** Drivers whose images can name a backing file (the `backing` option). */
+const HAS_BACKING: readonly string[] = ['qcow2', 'vmdk', 'qed'];
 
 /** Node-names of the nodes a shorthand export expands to. */
 export function shorthandNodeNames(id: string): { file: string; format: string; partition: string } {
@@ -96,7 +100,8 @@ class Expander {
       const file = child(b.file, 'file');
       if (file !== undefined && file !== null) opts.file = file;
     }
-    if (b.driver === 'qcow2' && b.backing !== undefined) opts.backing = child(b.backing, 'backing') ?? null;
+    if (HAS_BACKING.includes(b.driver) && b.backing !== undefined)
+      opts.backing = child(b.backing, 'backing') ?? null;
     if (b.driver === 'raw') {
       opts.offset = this.size(`${pointer}/offset`, b.offset) ?? 0;
       const size = this.size(`${pointer}/size`, b.size);
@@ -202,11 +207,11 @@ export function expandDocument(
     index,
     name: data.metadata.name,
     labels: data.metadata.labels ?? {},
-    engine: data.spec.engine ?? 'native',
     nodes: x.nodes,
     exports: x.exports,
     source: locate(''),
   };
+  if (data.spec.engine !== undefined) document.engine = data.spec.engine;
   if (data.spec.hosts !== undefined) document.hosts = data.spec.hosts;
   return { document, problems: x.problems };
 }

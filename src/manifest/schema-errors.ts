@@ -99,13 +99,13 @@ function messageOf(e: ErrorObject, data: unknown): SchemaProblem | undefined {
         return {
           pointer: `${here}/driver`,
           at: 'value',
-          message: `unknown driver ${JSON.stringify(p.tagValue)}: must be one of file, raw, qcow2`,
+          message: `unknown driver ${JSON.stringify(p.tagValue)}: must be one of file, raw, qcow2, vmdk, vhdx, vpc, vdi, qed`,
         };
       }
       return {
         pointer: `${here}/driver`,
         at: 'value',
-        message: 'driver must be a string: file, raw or qcow2',
+        message: 'driver must be a string: file, raw, qcow2, vmdk, vhdx, vpc, vdi or qed',
       };
     case 'minimum':
     case 'maximum':

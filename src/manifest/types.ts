@@ -13,8 +13,17 @@ export interface SourcePos {
   path: string;
 }
 
+/** Format drivers only the qemu engine opens (QEMU's own drivers). */
+export type QemuOnlyDriver = 'vmdk' | 'vhdx' | 'vpc' | 'vdi' | 'qed';
+
+/** Every format driver QEMU's drivers cover, in manifests. */
+export const QEMU_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vmdk', 'vhdx', 'vpc', 'vdi', 'qed'];
+
 /** `auto`: the format is probed from the image's magic when the node is opened. */
-export type NodeDriver = 'file' | 'raw' | 'qcow2' | 'auto';
+export type NodeDriver = 'file' | 'raw' | 'qcow2' | QemuOnlyDriver | 'auto';
+
+/** The engines a manifest can ask for. */
+export type EngineName = 'native' | 'qemu';
 
 /** What an engine may have to resolve when it applies a node (shorthand `format: auto`, `partition:`). */
 export type Unresolved = 'driver' | 'offset' | 'size';
@@ -34,7 +43,7 @@ export interface NodeOptions {
   cache?: { direct: boolean; 'no-flush': boolean };
   /** Format drivers: the node-name of the protocol child. */
   file?: string;
-  /** qcow2: node-name of the backing node, null for none; absent: follow the image's own backing file. */
+  /** qcow2 (vmdk, qed): node-name of the backing node, null for none; absent: follow the image's own backing file. */
   backing?: string | null;
   /** raw: window start in bytes (0 unless given). */
   offset?: number;
@@ -59,7 +68,7 @@ export interface ExportOptions {
   /** Shorthand only: the image the export was written with. */
   image?: string;
   /** Shorthand only: the requested format (auto: probed when applied). */
-  format?: 'auto' | 'raw' | 'qcow2';
+  format?: 'auto' | 'raw' | 'qcow2' | QemuOnlyDriver;
   /** Shorthand only: the partition exported. */
   partition?: number;
 }
@@ -87,7 +96,8 @@ export interface ManifestDocument {
   index: number;
   name: string;
   labels: Record<string, string>;
-  engine: 'native' | 'qemu';
+  /** Absent: the agent's default engine (--engine). */
+  engine?: EngineName;
   /** Absent: every host. */
   hosts?: string[];
   nodes: NodeSpec[];

@@ -41,7 +41,7 @@ test('long form: defaults filled, sizes as numbers, positions remembered', () =>
   );
   assert.deepEqual(m.problems, []);
   const doc = m.documents[0]!;
-  assert.equal(doc.engine, 'native');
+  assert.equal(doc.engine, undefined, "absent: the agent's --engine decides");
   assert.equal(doc.hosts, undefined);
   assert.deepEqual(
     doc.nodes.map((n) => n.options),
