@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs what blkexport needs on Debian 12 (idempotent), then npm ci and the build.
-#   scripts/setup.sh          runtime only: libfuse2 (fuse-native's libfuse.so.2), fuse (fusermount)
+#   scripts/setup.sh          runtime only: libfuse2 (fuse-native's libfuse.so.2), fuse (fusermount),
+#                             and build-essential/python3 when missing (node-gyp builds native/)
 #   scripts/setup.sh --test   also the test oracle and tools: qemu-utils, qemu-system-common
 #                             (qemu-storage-daemon), fio, parted, fdisk, e2fsprogs, file
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(libfuse2 file fdisk)
+# The native helper (native/: OFD image locks, peer credentials) is built by node-gyp offline
+# against the running Node's headers: it needs make, a C compiler and python3.
+command -v make >/dev/null 2>&1 && command -v cc >/dev/null 2>&1 || pkgs+=(build-essential)
+command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
 # fusermount comes from 'fuse' (libfuse 2) or 'fuse3'; they conflict, either will do.
 if ! command -v fusermount >/dev/null 2>&1 && ! command -v fusermount3 >/dev/null 2>&1; then pkgs+=(fuse); fi
 if [[ "${1:-}" == "--test" ]]; then

@@ -10,6 +10,8 @@ export interface NodeOptions {
   readOnly?: boolean;
   /** `file` driver: the host path. */
   filename?: string;
+  /** `file` driver: QEMU-compatible image locking (default auto: lock when OFD locks exist). */
+  locking?: 'auto' | 'on' | 'off';
   /** Format drivers: the protocol child, as a node-name or inline options. */
   file?: string | NodeOptions;
   /** qcow2: a node-name, inline options, `null` for none; absent = follow the image's own backing file. */

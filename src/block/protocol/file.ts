@@ -8,6 +8,7 @@ import { closeSync, constants, openSync, readlinkSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { BlkError } from '../../errors.js';
 import { defineDriver, type OpenContext } from '../driver.js';
+import { ImageLock, lockPermsFor, parseLockingMode } from '../lock.js';
 import { isInsideRoot } from '../path-policy.js';
 import { fdatasyncAsync, fstatAsync, ftruncateAsync, preadFull, pwriteFull } from './file-io.js';
 
@@ -20,6 +21,8 @@ interface FileState {
   key: string;
   /** fd opened by reopenPrepare, waiting for commit or abort. */
   pendingFd: number | undefined;
+  /** QEMU-compatible image locks (absent with `locking: off`). */
+  lock: ImageLock | undefined;
 }
 
 function ioError(s: { path: string }, op: string, e: unknown): BlkError {
@@ -64,6 +67,8 @@ async function openFile(ctx: OpenContext): Promise<FileState> {
     if (st.isBlockDevice()) {
       throw new BlkError('NOT_SUPPORTED', `block devices are not supported yet: '${path}'`, { file: path });
     }
+    const mode = parseLockingMode(ctx.options.locking, path);
+    const lock = ImageLock.acquire(fd, path, mode, lockPermsFor(ctx.readOnly));
     return {
       fd,
       path,
@@ -71,6 +76,7 @@ async function openFile(ctx: OpenContext): Promise<FileState> {
       readOnly: ctx.readOnly,
       key: `${st.dev}:${st.ino}`,
       pendingFd: undefined,
+      lock,
     };
   } catch (e) {
     closeSync(fd);
@@ -88,14 +94,18 @@ export const fileProtocol = defineDriver<FileState>({
   async close(s) {
     closeSync(s.fd);
     s.fd = -1;
+    s.lock?.release();
   },
 
   // --- reopen: a new fd on the same open file, swapped in at commit
+  // The locks move with the mode: prepare takes the new ones (and checks them), commit drops the old.
   async reopenPrepare(s, opts) {
     if (opts.readOnly === undefined || opts.readOnly === s.readOnly) return;
+    s.lock?.prepare(lockPermsFor(opts.readOnly));
     try {
       s.pendingFd = openFd(`/proc/self/fd/${s.fd}`, opts.readOnly);
     } catch (e) {
+      s.lock?.abort();
       throw ioError(s, `reopen(${opts.readOnly ? 'read-only' : 'read-write'})`, e);
     }
   },
@@ -105,9 +115,13 @@ export const fileProtocol = defineDriver<FileState>({
     s.fd = s.pendingFd;
     s.pendingFd = undefined;
     s.readOnly = opts.readOnly;
+    s.lock?.commit(lockPermsFor(opts.readOnly));
   },
   reopenAbort(s) {
-    if (s.pendingFd !== undefined) closeSync(s.pendingFd);
+    if (s.pendingFd !== undefined) {
+      closeSync(s.pendingFd);
+      s.lock?.abort();
+    }
     s.pendingFd = undefined;
   },
   isReadOnly: (s) => s.readOnly,

@@ -32,7 +32,16 @@ export async function resolveNode(
   switch (n.driver) {
     case 'file':
       if (!n.filename) throw new BlkError('IMAGE_INVALID', `node '${name}': file node without filename`);
-      return { options: { driver: 'file', nodeName: name, filename: n.filename, readOnly: true }, resolved };
+      return {
+        options: {
+          driver: 'file',
+          nodeName: name,
+          filename: n.filename,
+          readOnly: true,
+          ...(n.locking !== undefined ? { locking: n.locking } : {}),
+        },
+        resolved,
+      };
     case 'raw': {
       const file = child(n.file, 'file');
       let offset = n.offset;
