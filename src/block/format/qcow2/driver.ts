@@ -139,6 +139,7 @@ async function openQcow2(ctx: OpenContext): Promise<Qcow2State> {
     bitmaps,
     metadata,
     corrupt: false,
+    repairing: false,
     readOnly: ctx.readOnly,
     w: undefined,
   };

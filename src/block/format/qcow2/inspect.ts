@@ -11,7 +11,8 @@ export function registerQcow2Node(node: BlockNode, s: Qcow2State): void {
   states.set(node, s);
 }
 
-function stateOf(node: BlockNode): Qcow2State {
+/** The qcow2 state behind a node (tools: check, repair). */
+export function stateOf(node: BlockNode): Qcow2State {
   const s = states.get(node);
   if (!s) throw new BlkError('NOT_SUPPORTED', `node '${node.nodeName}' is not a qcow2 node`);
   return s;

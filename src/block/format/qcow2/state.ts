@@ -32,6 +32,8 @@ export interface Qcow2State {
   metadata: [string, number, number][];
   /** Set when a run-time check found corruption: the image is never written. */
   corrupt: boolean;
+  /** `check -r` on an image flagged corrupt: writing is allowed to repair it. */
+  repairing: boolean;
   /** The node's current read-only state (reopen changes it). */
   readOnly: boolean;
   /** Write-side state, present once the node has been writable. */

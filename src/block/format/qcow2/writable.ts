@@ -42,7 +42,7 @@ function addRange(meta: Set<number>, cs: number, off: number, len: number): void
 
 /** Why this image cannot be written, or undefined. */
 export function refuseWriting(s: Qcow2State): BlkError | undefined {
-  if ((s.header.incompatible & INCOMPAT_CORRUPT) !== 0n || s.corrupt) {
+  if (((s.header.incompatible & INCOMPAT_CORRUPT) !== 0n || s.corrupt) && !s.repairing) {
     return new BlkError(
       'IMAGE_CORRUPT',
       'the image is marked corrupt: it is never written again (repair it with `qemu-img check -r all`)',
