@@ -131,6 +131,20 @@ describe('qcow2 write path', { concurrency: false }, () => {
     assert.ok(after.equals(before), 'snapshot -a did not restore the snapshot contents');
   });
 
+  test('bitmaps: marked in use before the first write, their clusters never leak', async (t) => {
+    if (!needTools(t, 'qemu-img', 'qemu-io')) return;
+    const dir = tempDir(t);
+    const img = createQcow2(join(dir, 'bm.qcow2'), 4 * M, {});
+    qemuIo('-f', 'qcow2', '-c', 'write -P 3 0 300k', img);
+    qemuImg('bitmap', '--add', img, 'b0');
+    qemuImg('bitmap', '--add', '-g', '1M', img, 'b1');
+    await workloadOn(dir, img, 61, 50);
+    const info = JSON.parse(qemuImg('info', '--output=json', img)) as {
+      'format-specific': { data: { bitmaps: { flags: string[] }[] } };
+    };
+    for (const b of info['format-specific'].data.bitmaps) assert.ok(b.flags.includes('in-use'));
+  });
+
   test('resize: grow with L1 growth, shrink, grow again reads zeroes', async (t) => {
     if (!needTools(t, 'qemu-img')) return;
     const dir = tempDir(t);

@@ -40,6 +40,31 @@ function addRange(meta: Set<number>, cs: number, off: number, len: number): void
   for (let c = Math.floor(off / cs); c * cs < off + len; c++) meta.add(c);
 }
 
+/**
+ * Persistent bitmaps are not updated by this writer, so before the first
+ * write each one is flagged in use (QEMU's own mark for "may be
+ * inconsistent"): no consumer trusts a stale bitmap, and its clusters stay
+ * referenced (no leaks).
+ */
+async function markBitmapsInUse(s: Qcow2State): Promise<void> {
+  const b = s.ext.bitmaps!;
+  const dir = await readAt(s, b.directoryOffset, b.directorySize);
+  let at = 0;
+  let changed = false;
+  for (let i = 0; i < b.count && at + 24 <= dir.length; i++) {
+    const flags = dir.readUInt32BE(at + 12);
+    if ((flags & 1) === 0) {
+      dir.writeUInt32BE((flags | 1) >>> 0, at + 12);
+      changed = true;
+    }
+    at = Math.ceil((at + 24 + dir.readUInt32BE(at + 20) + dir.readUInt16BE(at + 18)) / 8) * 8;
+  }
+  if (!changed) return;
+  await s.file.write(b.directoryOffset, dir);
+  await s.file.flush();
+  for (const bm of s.bitmaps) if (!bm.flags.includes('in-use')) bm.flags.unshift('in-use');
+}
+
 /** Why this image cannot be written, or undefined. */
 export function refuseWriting(s: Qcow2State): BlkError | undefined {
   if (((s.header.incompatible & INCOMPAT_CORRUPT) !== 0n || s.corrupt) && !s.repairing) {
@@ -125,6 +150,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
   if (h.version === 3 && (h.autoclear & ~AUTOCLEAR_KNOWN) !== 0n) {
     await writeAutoclear(s, h.autoclear & AUTOCLEAR_KNOWN);
   }
+  if ((h.autoclear & AUTOCLEAR_BITMAPS) !== 0n && s.ext.bitmaps) await markBitmapsInUse(s);
   if ((h.incompatible & INCOMPAT_DIRTY) !== 0n) {
     // A dirty image's refcounts cannot be trusted: rebuild them before allocating anything.
     await rebuildRefcounts(s);
