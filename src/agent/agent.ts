@@ -8,14 +8,14 @@
  * only ask for a pass; they are never trusted for what changed.
  */
 
-import type { NativeEngine } from '../engine/native/engine.js';
+import type { Engine } from '../engine/engine.js';
 import { describeError } from '../errors.js';
 import { listManifestFiles } from '../manifest/directory.js';
 import { loadManifestFile } from '../manifest/load.js';
-import type { ManifestFile } from '../manifest/types.js';
+import type { EngineName, ManifestFile } from '../manifest/types.js';
 import { desiredFromManifests } from '../reconcile/desired.js';
 import { diff } from '../reconcile/diff.js';
-import type { Desired, NodeOptions, Observed, Step } from '../reconcile/model.js';
+import type { Desired, NodeOptions, Observed, Plan, Step } from '../reconcile/model.js';
 import { ExportBook, type ExportRecord } from './export-status.js';
 import type { Logger } from './log.js';
 import {
@@ -31,6 +31,8 @@ export interface AgentConfig {
   hostname: string;
   /** Real paths of the allowed roots, or 'any' (--allow-any-path). */
   roots: readonly string[] | 'any';
+  /** The engine of manifests that do not name one (--engine); default native. */
+  defaultEngine?: EngineName;
 }
 
 export interface StatusExport {
@@ -77,6 +79,30 @@ function stepNodeName(step: Step): string | undefined {
   return 'node' in step ? step.node['node-name'] : undefined;
 }
 
+/** The manifest files with only the documents served by `engine` (absent engine: `fallback`). */
+function filesForEngine(
+  files: readonly ManifestFile[],
+  engine: string,
+  fallback: EngineName,
+): ManifestFile[] {
+  return files.map((f) => ({
+    ...f,
+    documents: f.documents.filter((d) => (d.engine ?? fallback) === engine),
+  }));
+}
+
+/** Removal steps come first in every plan (diff's order); they run for every engine before anything is added. */
+function isRemoval(step: Step): boolean {
+  return step.action === 'remove-export' || step.action === 'remove-node';
+}
+
+/** What one pass does with one engine. */
+interface EnginePass {
+  engine: Engine;
+  desired: Desired;
+  plan: Plan;
+}
+
 export class Agent {
   private manifestState: ManifestState = EMPTY_MANIFEST_STATE;
   private manifestStatus: ManifestStatus[] = [];
@@ -87,14 +113,20 @@ export class Agent {
   private queued: Promise<PassResult> | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
   private stopped = false;
+  /** The engine that serves each desired export (from the last pass). */
+  private readonly engineOf = new Map<string, string>();
   /** Called after every pass (metrics). */
   onPass: ((r: PassResult, ok: boolean) => void) | undefined;
 
   constructor(
     private readonly config: AgentConfig,
-    readonly engine: NativeEngine,
+    readonly engines: readonly Engine[],
     private readonly log: Logger,
   ) {}
+
+  private get defaultEngine(): EngineName {
+    return this.config.defaultEngine ?? 'native';
+  }
 
   /** Asks for a pass; passes never overlap, and requests during a pass coalesce into one more. */
   requestPass(why: string): Promise<PassResult> {
@@ -118,11 +150,19 @@ export class Agent {
     if (this.retryTimer) clearTimeout(this.retryTimer);
     await this.running?.catch(() => undefined);
     await this.queued?.catch(() => undefined);
-    await this.engine.shutdown();
+    let first: unknown;
+    for (const engine of this.engines) {
+      try {
+        await engine.shutdown();
+      } catch (e) {
+        first ??= e;
+      }
+    }
+    if (first !== undefined) throw first;
   }
 
   status(): StatusDocument {
-    const live = new Map(this.engine.exports().map((e) => [e.id, e]));
+    const live = new Map(this.engines.flatMap((en) => en.exports().map((e) => [e.id, e] as const)));
     return {
       agent: {
         pid: process.pid,
@@ -135,7 +175,7 @@ export class Agent {
       exports: this.book.list().map((r) => ({
         id: r.id,
         manifest: r.manifest,
-        engine: this.engine.name,
+        engine: this.engineOf.get(r.id) ?? this.defaultEngine,
         state: r.state,
         reason: r.reason,
         since: r.since,
@@ -146,8 +186,15 @@ export class Agent {
     };
   }
 
-  observed(): Promise<Observed> {
-    return this.engine.observe();
+  /** Every engine's observed state, as one (ids and node-names are unique across manifests, so across engines). */
+  async observed(): Promise<Observed> {
+    const all: Observed = { nodes: [], exports: [] };
+    for (const engine of this.engines) {
+      const o = await engine.observe();
+      all.nodes.push(...o.nodes);
+      all.exports.push(...o.exports);
+    }
+    return all;
   }
 
   /** Reads every manifest of the directory; a directory that cannot be read keeps the previous state. */
@@ -204,8 +251,8 @@ export class Agent {
   }
 
   /** Removes exports and nodes above file nodes whose image was replaced, so the plan adds them again. */
-  private async evictDrifted(observed: Observed): Promise<boolean> {
-    const drifted = await this.engine.driftedNodes();
+  private async evictDrifted(engine: Engine, observed: Observed): Promise<boolean> {
+    const drifted = (await engine.driftedNodes?.()) ?? [];
     if (drifted.length === 0) return false;
     const parentsOf = (name: string) =>
       observed.nodes
@@ -226,11 +273,11 @@ export class Agent {
       this.log.warn('image changed under a live node; replacing', { node: d.nodeName, reason: d.reason });
       for (const e of observed.exports) {
         if (gone.has(e.options['node-name']))
-          await this.engine.apply({ action: 'remove-export', export: e.options });
+          await engine.apply({ action: 'remove-export', export: e.options });
       }
       for (const name of [...above.reverse(), d.nodeName]) {
         const n = observed.nodes.find((x) => x.options['node-name'] === name);
-        if (n) await this.engine.apply({ action: 'remove-node', node: n.options as NodeOptions });
+        if (n) await engine.apply({ action: 'remove-node', node: n.options as NodeOptions });
       }
     }
     return true;
@@ -261,84 +308,63 @@ export class Agent {
         this.manifestStatus = mp.status;
       }
       const inForce = [...this.manifestState.lastGood.values()];
-      let desired = desiredFromManifests(inForce, this.config.hostname);
-      for (const e of desired.exports) {
+      const all = desiredFromManifests(inForce, this.config.hostname);
+      for (const e of all.exports) {
         this.book.track(e.options.id, e.origin.manifest, e.options.mountpoint, e.options['node-name'], now);
       }
-      this.book.retain(new Set(desired.exports.map((e) => e.options.id)));
-      desired = await this.confine(desired, now);
+      this.book.retain(new Set(all.exports.map((e) => e.options.id)));
+      this.engineOf.clear();
 
-      let observed = await this.engine.observe();
-      if (await this.evictDrifted(observed)) observed = await this.engine.observe();
-      const plan = diff(desired, observed);
-
-      // Which desired exports each node serves; a node step that fails fails them.
-      const usersOf = new Map<string, string[]>();
-      for (const e of desired.exports) {
-        for (const n of chainIn(desired, e.options['node-name']))
-          usersOf.set(n, [...(usersOf.get(n) ?? []), e.options.id]);
-      }
-      const waiting = (id: string) => this.book.inBackoff(id, now);
-      const brokenNodes = new Map<string, string>();
-      const failedThisPass = new Set<string>();
-      const fail = (ids: string[], reason: string) => {
-        for (const id of ids) {
-          if (failedThisPass.has(id) || !this.book.get(id)) continue;
-          failedThisPass.add(id);
-          this.book.failed(id, reason, now);
-          failedCount++;
-          this.log.error('export failed', {
-            export: id,
-            reason,
-            retryInMs: this.book.get(id)!.retryAt - now,
-          });
-        }
-      };
-      for (const step of plan.steps) {
-        const node = stepNodeName(step);
-        const exportId = 'export' in step ? step.export.id : undefined;
-        const exportsTouched = exportId !== undefined ? [exportId] : (usersOf.get(node!) ?? []);
-        // Additions for exports that wait for their retry are left for a later pass.
-        if (
-          (step.action === 'add-node' || step.action === 'add-export' || step.action === 'repair-export') &&
-          exportsTouched.length > 0 &&
-          exportsTouched.every(waiting)
-        ) {
-          continue;
-        }
-        const blockedBy =
-          step.action === 'add-node'
-            ? [step.node.file, typeof step.node.backing === 'string' ? step.node.backing : undefined].find(
-                (c) => c !== undefined && brokenNodes.has(c),
-              )
-            : step.action === 'add-export' && brokenNodes.has(step.export['node-name'])
-              ? step.export['node-name']
-              : undefined;
-        if (blockedBy !== undefined) {
-          if (node) brokenNodes.set(node, brokenNodes.get(blockedBy)!);
-          fail(exportsTouched, brokenNodes.get(blockedBy)!);
-          continue;
-        }
+      // Each engine gets its own desired subset and its own observed state; the same diff for all.
+      const passes: EnginePass[] = [];
+      const desiredExports: Desired['exports'] = [];
+      for (const engine of this.engines) {
+        let desired = desiredFromManifests(
+          filesForEngine(inForce, engine.name, this.defaultEngine),
+          this.config.hostname,
+        );
+        for (const e of desired.exports) this.engineOf.set(e.options.id, engine.name);
+        desired = await this.confine(desired, now);
         try {
-          await this.engine.apply(step);
-          applied++;
-          this.log.info('applied', {
-            step: step.action,
-            ...(node ? { node } : {}),
-            ...(exportId ? { export: exportId } : {}),
-          });
+          let observed = await engine.observe();
+          if (await this.evictDrifted(engine, observed)) observed = await engine.observe();
+          passes.push({ engine, desired, plan: diff(desired, observed) });
+          desiredExports.push(...desired.exports);
         } catch (e) {
-          const reason = `${step.action}${node ? ` ${node}` : exportId ? ` ${exportId}` : ''}: ${describeError(e)}`;
-          if (node && step.action !== 'remove-node') brokenNodes.set(node, reason);
-          if (exportsTouched.length) fail(exportsTouched, reason);
-          else this.log.error('step failed', { step: step.action, reason });
+          // An engine that cannot even observe (its daemon will not start) fails only its own exports.
+          const reason = `${engine.name} engine: ${describeError(e)}`;
+          if (desired.exports.length === 0) this.log.error('engine unavailable', { reason });
+          for (const x of desired.exports) {
+            if (this.book.get(x.options.id)?.state !== 'failed')
+              this.log.error('export failed', { export: x.options.id, engine: engine.name, reason });
+            this.book.failed(x.options.id, reason, now);
+            failedCount++;
+          }
         }
       }
+      const failedThisPass = new Set<string>();
+      const counts = { applied: 0, failed: failedCount };
+      // Removals everywhere first, so an export moving between engines frees its mountpoint before it is added.
+      for (const p of passes)
+        await this.applySteps(p, p.plan.steps.filter(isRemoval), now, failedThisPass, counts);
+      for (const p of passes)
+        await this.applySteps(
+          p,
+          p.plan.steps.filter((s) => !isRemoval(s)),
+          now,
+          failedThisPass,
+          counts,
+        );
+      applied = counts.applied;
+      failedCount = counts.failed;
 
-      // Outcome per desired export, from what the engine reports now.
-      const after = await this.engine.observe();
-      const mounted = new Set(after.exports.filter((e) => e.state === 'mounted').map((e) => e.options.id));
-      for (const e of desired.exports) {
+      // Outcome per desired export, from what the engines report now.
+      const mounted = new Set<string>();
+      for (const p of passes) {
+        const after = await p.engine.observe().catch(() => ({ exports: [] as Observed['exports'] }));
+        for (const e of after.exports) if (e.state === 'mounted') mounted.add(e.options.id);
+      }
+      for (const e of desiredExports) {
         const id = e.options.id;
         if (failedThisPass.has(id)) continue;
         if (mounted.has(id)) {
@@ -360,6 +386,83 @@ export class Agent {
     const result = { steps: applied, failed: failedCount, durationMs: performance.now() - t0 };
     this.onPass?.(result, ok);
     return result;
+  }
+
+  /**
+   * Applies `steps` of one engine's plan in order. A failing step fails only
+   * the exports it touches (and, in this pass, whatever is built on its node).
+   */
+  private async applySteps(
+    p: EnginePass,
+    steps: readonly Step[],
+    now: number,
+    failedThisPass: Set<string>,
+    counts: { applied: number; failed: number },
+  ): Promise<void> {
+    const { engine, desired } = p;
+    // Which desired exports each node serves; a node step that fails fails them.
+    const usersOf = new Map<string, string[]>();
+    for (const e of desired.exports) {
+      for (const n of chainIn(desired, e.options['node-name']))
+        usersOf.set(n, [...(usersOf.get(n) ?? []), e.options.id]);
+    }
+    const waiting = (id: string) => this.book.inBackoff(id, now);
+    const brokenNodes = new Map<string, string>();
+    const fail = (ids: string[], reason: string) => {
+      for (const id of ids) {
+        if (failedThisPass.has(id) || !this.book.get(id)) continue;
+        failedThisPass.add(id);
+        this.book.failed(id, reason, now);
+        counts.failed++;
+        this.log.error('export failed', {
+          export: id,
+          engine: engine.name,
+          reason,
+          retryInMs: this.book.get(id)!.retryAt - now,
+        });
+      }
+    };
+    for (const step of steps) {
+      const node = stepNodeName(step);
+      const exportId = 'export' in step ? step.export.id : undefined;
+      const exportsTouched = exportId !== undefined ? [exportId] : (usersOf.get(node!) ?? []);
+      // Additions for exports that wait for their retry are left for a later pass.
+      if (
+        (step.action === 'add-node' || step.action === 'add-export' || step.action === 'repair-export') &&
+        exportsTouched.length > 0 &&
+        exportsTouched.every(waiting)
+      ) {
+        continue;
+      }
+      const blockedBy =
+        step.action === 'add-node'
+          ? [step.node.file, typeof step.node.backing === 'string' ? step.node.backing : undefined].find(
+              (c) => c !== undefined && brokenNodes.has(c),
+            )
+          : step.action === 'add-export' && brokenNodes.has(step.export['node-name'])
+            ? step.export['node-name']
+            : undefined;
+      if (blockedBy !== undefined) {
+        if (node) brokenNodes.set(node, brokenNodes.get(blockedBy)!);
+        fail(exportsTouched, brokenNodes.get(blockedBy)!);
+        continue;
+      }
+      try {
+        await engine.apply(step);
+        counts.applied++;
+        this.log.info('applied', {
+          step: step.action,
+          ...(node ? { node } : {}),
+          ...(exportId ? { export: exportId } : {}),
+          ...(engine.name !== 'native' ? { engine: engine.name } : {}),
+        });
+      } catch (e) {
+        const reason = `${step.action}${node ? ` ${node}` : exportId ? ` ${exportId}` : ''}: ${describeError(e)}`;
+        if (node && step.action !== 'remove-node') brokenNodes.set(node, reason);
+        if (exportsTouched.length) fail(exportsTouched, reason);
+        else this.log.error('step failed', { step: step.action, engine: engine.name, reason });
+      }
+    }
   }
 
   private scheduleRetry(): void {

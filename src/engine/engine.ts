@@ -1,7 +1,10 @@
 /**
  * What the reconciler asks of an engine: report what it has (observe) and
  * apply one plan step at a time. The native engine serves exports in this
- * process; a qemu engine would drive qemu-storage-daemon with the same steps.
+ * process; the qemu engine drives qemu-storage-daemon with the same steps.
+ * Both get the same diff: observe() must report each node and export with
+ * exactly the options its add/reopen step gave (an applied plan diffs to
+ * nothing), and only what plan steps created.
  */
 import type { ExportStats } from '../export/fuse/export.js';
 import type { Observed, Step } from '../reconcile/model.js';
@@ -15,6 +18,7 @@ export interface EngineExport {
   stats: ExportStats | undefined;
 }
 
+/** An engine: observe, apply steps, list live exports, shut down. */
 export interface Engine {
   readonly name: 'native' | 'qemu';
   /** The nodes and exports that plan steps created, with each export's state in the kernel's mount table. */
@@ -25,4 +29,6 @@ export interface Engine {
   exports(): EngineExport[];
   /** Removes every export (flush, unmount) and closes every node. */
   shutdown(): Promise<void>;
+  /** File nodes whose image was replaced or removed under them (the agent replaces them); optional. */
+  driftedNodes?(): Promise<{ nodeName: string; reason: string }[]>;
 }

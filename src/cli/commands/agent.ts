@@ -14,6 +14,8 @@ import { notifySystemd } from '../../agent/systemd.js';
 import { watchManifests } from '../../agent/watch.js';
 import { makePathPolicy, type PathPolicy } from '../../block/path-policy.js';
 import { NativeEngine } from '../../engine/native/engine.js';
+import { DEFAULT_QSD_DIR } from '../../engine/qemu/daemon.js';
+import { QemuEngine } from '../../engine/qemu/engine.js';
 import { BlkError, describeError } from '../../errors.js';
 import { parseCommandArgs } from '../args.js';
 
@@ -31,7 +33,9 @@ options:
   --allow-root DIR         images, backing files and mountpoints must lie in DIR (repeatable)
   --allow-any-path         no confinement (explicit opt-in; one of the two is required)
   --resync SEC             periodic full pass, also repairs drift (default 30)
-  --engine native          the engine (qemu is not available yet)
+  --engine native|qemu     the engine of manifests that do not name one (default native)
+  --qsd-dir DIR            qemu engine: qemu-storage-daemon's pidfile, QMP socket and state file
+                           (default ${DEFAULT_QSD_DIR}); one daemon per directory, re-attached on restart
   --log-format text|json   log lines on stderr (default text)
   --hostname NAME          the host name manifests' hosts: are matched against (default: this host's)
 `;
@@ -44,6 +48,7 @@ export async function run(args: string[]): Promise<number> {
     'allow-any-path': { type: 'boolean', default: false },
     resync: { type: 'string', default: '30' },
     engine: { type: 'string', default: 'native' },
+    'qsd-dir': { type: 'string', default: DEFAULT_QSD_DIR },
     'log-format': { type: 'string', default: 'text' },
     hostname: { type: 'string' },
   });
@@ -51,12 +56,9 @@ export async function run(args: string[]): Promise<number> {
   if (!values.manifests) throw new BlkError('USAGE', '--manifests DIR is required');
   const format = values['log-format'] as string;
   if (format !== 'text' && format !== 'json') throw new BlkError('USAGE', '--log-format is text or json');
-  if (values.engine !== 'native') {
-    throw new BlkError(
-      'USAGE',
-      `--engine ${values.engine}: only the native engine is available in this version`,
-    );
-  }
+  const defaultEngine = values.engine;
+  if (defaultEngine !== 'native' && defaultEngine !== 'qemu')
+    throw new BlkError('USAGE', `--engine ${defaultEngine}: native or qemu`);
   const resyncSec = Number(values.resync);
   if (!Number.isFinite(resyncSec) || resyncSec <= 0)
     throw new BlkError('USAGE', '--resync takes a positive number of seconds');
@@ -79,10 +81,26 @@ export async function run(args: string[]): Promise<number> {
   const socketPath = resolve(values.socket as string);
   const host = (values.hostname as string | undefined) ?? hostname();
 
-  const engine = new NativeEngine(policy);
-  const agent = new Agent({ manifests: dir, hostname: host, roots: policy.allowedRoots }, engine, log);
+  const native = new NativeEngine(policy);
+  let agentRef: Agent | undefined;
+  // QSD is started only when a step needs it; an agent with no qemu manifests never runs it.
+  const qemu = new QemuEngine({
+    dir: resolve(values['qsd-dir'] as string),
+    onLost: (why) => {
+      log.warn('qemu-storage-daemon lost; reconciling', { why });
+      void agentRef?.requestPass('qemu-storage-daemon lost');
+    },
+    log: (msg, fields) => log.info(msg, fields),
+  });
+  const engines = [native, qemu];
+  const agent = new Agent(
+    { manifests: dir, hostname: host, roots: policy.allowedRoots, defaultEngine },
+    engines,
+    log,
+  );
+  agentRef = agent;
   const metrics = createAgentMetrics(() => {
-    const live = new Map(engine.exports().map((e) => [e.id, e]));
+    const live = new Map(engines.flatMap((en) => en.exports().map((e) => [e.id, e] as const)));
     return agent.status().exports.map((e) => ({ id: e.id, state: e.state, stats: live.get(e.id)?.stats }));
   });
   agent.onPass = (r, ok) => metrics.observePass(r.durationMs / 1000, ok ? 'ok' : 'error');
@@ -101,6 +119,7 @@ export async function run(args: string[]): Promise<number> {
     socket: socketPath,
     hostname: host,
     roots: policy.allowedRoots,
+    engine: defaultEngine,
   });
 
   for (const m of await cleanStaleAgentMounts().catch((e) => {
