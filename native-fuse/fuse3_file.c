@@ -19,12 +19,14 @@
 #define FUSE_USE_VERSION 312
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <node_api.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <stdatomic.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -51,8 +53,46 @@ typedef struct {
   int answered;
 } blk_req;
 
+/*
+ * The read fast path. JavaScript installs what the block layer's caches know
+ * about where guest bytes live (host fd + offset, or zeroes) per 64 KiB
+ * granule; a read whose granules are all known is served here, in the libfuse
+ * worker thread, with preads: no trip to JavaScript. Every write, truncate or
+ * fallocate goes through JavaScript, which invalidates the range before and
+ * after it (a generation counter drops installs computed meanwhile). Host fds
+ * are dup()ed on first use and kept until the mount ends, so a node reopening
+ * or closing its own fd never leaves a stale number here.
+ */
+#define GRANULE_BITS 16
+#define MAX_SLOTS 64
+#define SLOT_EMPTY (-2)
+#define SLOT_TOMB (-3)
+#define SLOT_ZERO (-1)
+
+typedef struct {
+  uint64_t key;
+  int32_t slot;
+  uint64_t host;
+} map_entry;
+
+typedef struct {
+  pthread_rwlock_t lock;
+  int enabled;
+  uint64_t gen;
+  uint64_t fsize;
+  map_entry *table;
+  uint32_t cap; /* power of two */
+  uint32_t used; /* live + tombstones */
+  int fds[MAX_SLOTS];
+  dev_t devs[MAX_SLOTS];
+  ino_t inos[MAX_SLOTS];
+  int nfds;
+  atomic_ullong reads, bytes;
+} fast_map;
+
 typedef struct {
   struct fuse_session *se;
+  fast_map fast;
   napi_threadsafe_function tsfn;
   pthread_t thread;
   char *mountpoint;
@@ -68,6 +108,176 @@ typedef struct {
       return NULL;                                              \
     }                                                           \
   } while (0)
+
+/* ---- the fast map ------------------------------------------------------------- */
+
+static uint32_t hash64(uint64_t k) {
+  k ^= k >> 33;
+  k *= 0xff51afd7ed558ccdULL;
+  k ^= k >> 33;
+  return (uint32_t)k;
+}
+
+static void fast_clear(fast_map *m) {
+  for (uint32_t i = 0; i < m->cap; i++) m->table[i].slot = SLOT_EMPTY;
+  m->used = 0;
+}
+
+static int fast_init(fast_map *m) {
+  pthread_rwlock_init(&m->lock, NULL);
+  m->cap = 1024;
+  m->table = malloc(sizeof(map_entry) * m->cap);
+  if (!m->table) return -1;
+  fast_clear(m);
+  m->enabled = 1;
+  return 0;
+}
+
+static map_entry *fast_find(fast_map *m, uint64_t key) {
+  uint32_t mask = m->cap - 1;
+  for (uint32_t i = hash64(key) & mask, n = 0; n < m->cap; i = (i + 1) & mask, n++) {
+    map_entry *e = &m->table[i];
+    if (e->slot == SLOT_EMPTY) return NULL;
+    if (e->slot != SLOT_TOMB && e->key == key) return e;
+  }
+  return NULL;
+}
+
+/* Caller holds the write lock. Grows up to 1 << 16 entries, then starts over. */
+static void fast_put(fast_map *m, uint64_t key, int32_t slot, uint64_t host) {
+  map_entry *old = fast_find(m, key);
+  if (old) {
+    old->slot = slot;
+    old->host = host;
+    return;
+  }
+  if ((m->used + 1) * 2 > m->cap) {
+    uint32_t ncap = m->cap < (1u << 16) ? m->cap * 2 : m->cap;
+    map_entry *nt = ncap == m->cap ? NULL : malloc(sizeof(map_entry) * ncap);
+    map_entry *ot = m->table;
+    uint32_t ocap = m->cap;
+    if (nt) {
+      m->table = nt;
+      m->cap = ncap;
+      fast_clear(m);
+      for (uint32_t i = 0; i < ocap; i++)
+        if (ot[i].slot != SLOT_EMPTY && ot[i].slot != SLOT_TOMB) fast_put(m, ot[i].key, ot[i].slot, ot[i].host);
+      free(ot);
+    } else {
+      fast_clear(m);
+    }
+  }
+  uint32_t mask = m->cap - 1;
+  for (uint32_t i = hash64(key) & mask;; i = (i + 1) & mask) {
+    map_entry *e = &m->table[i];
+    if (e->slot == SLOT_EMPTY || e->slot == SLOT_TOMB) {
+      if (e->slot == SLOT_EMPTY) m->used++;
+      e->key = key;
+      e->slot = slot;
+      e->host = host;
+      return;
+    }
+  }
+}
+
+/* The slot of a dup of `fd` (same file by dev/ino), or -1. Caller holds the write lock. */
+static int fast_slot(fast_map *m, int fd) {
+  struct stat st;
+  if (fstat(fd, &st) != 0) return -1;
+  for (int i = 0; i < m->nfds; i++)
+    if (m->devs[i] == st.st_dev && m->inos[i] == st.st_ino) return i;
+  if (m->nfds >= MAX_SLOTS) return -1;
+  int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+  if (d < 0) return -1;
+  m->fds[m->nfds] = d;
+  m->devs[m->nfds] = st.st_dev;
+  m->inos[m->nfds] = st.st_ino;
+  return m->nfds++;
+}
+
+static void fast_destroy(fast_map *m) {
+  for (int i = 0; i < m->nfds; i++) close(m->fds[i]);
+  m->nfds = 0;
+  free(m->table);
+  m->table = NULL;
+  pthread_rwlock_destroy(&m->lock);
+}
+
+typedef struct {
+  int32_t slot;
+  uint64_t host;
+  size_t len;
+  size_t at;
+} seg;
+
+/* Serves a read from the fast map; returns 0 when it answered, -1 to let JavaScript serve it. */
+static int fast_read(blk_fs *fs, fuse_req_t req, size_t size, uint64_t off) {
+  fast_map *m = &fs->fast;
+  seg segs[32];
+  int nseg = 0;
+  size_t n = 0;
+  const uint64_t G = 1ULL << GRANULE_BITS;
+  pthread_rwlock_rdlock(&m->lock);
+  if (!m->enabled) {
+    pthread_rwlock_unlock(&m->lock);
+    return -1;
+  }
+  if (off >= m->fsize) {
+    pthread_rwlock_unlock(&m->lock);
+    fuse_reply_buf(req, NULL, 0);
+    return 0;
+  }
+  n = size;
+  if (off + n > m->fsize) n = (size_t)(m->fsize - off);
+  for (uint64_t pos = off; pos < off + n;) {
+    map_entry *e = fast_find(m, pos >> GRANULE_BITS);
+    if (!e || nseg == 32) {
+      pthread_rwlock_unlock(&m->lock);
+      return -1;
+    }
+    uint64_t gend = ((pos >> GRANULE_BITS) + 1) << GRANULE_BITS;
+    size_t len = (size_t)((gend < off + n ? gend : off + n) - pos);
+    uint64_t host = e->slot == SLOT_ZERO ? 0 : e->host + (pos & (G - 1));
+    seg *last = nseg ? &segs[nseg - 1] : NULL;
+    if (last && last->slot == e->slot && (e->slot == SLOT_ZERO || last->host + last->len == host)) {
+      last->len += len;
+    } else {
+      segs[nseg++] = (seg){e->slot, host, len, (size_t)(pos - off)};
+    }
+    pos += len;
+  }
+  int fds[32];
+  for (int i = 0; i < nseg; i++) fds[i] = segs[i].slot >= 0 ? m->fds[segs[i].slot] : -1;
+  pthread_rwlock_unlock(&m->lock);
+
+  char *buf = malloc(n ? n : 1);
+  if (!buf) return -1;
+  for (int i = 0; i < nseg; i++) {
+    if (segs[i].slot == SLOT_ZERO) {
+      memset(buf + segs[i].at, 0, segs[i].len);
+      continue;
+    }
+    size_t done = 0;
+    while (done < segs[i].len) {
+      ssize_t r = pread(fds[i], buf + segs[i].at + done, segs[i].len - done, (off_t)(segs[i].host + done));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) {
+        free(buf);
+        return -1; /* let JavaScript serve it (and report the error) */
+      }
+      if (r == 0) { /* past the end of the host file: zeroes, as the file driver reads them */
+        memset(buf + segs[i].at + done, 0, segs[i].len - done);
+        break;
+      }
+      done += (size_t)r;
+    }
+  }
+  fuse_reply_buf(req, buf, n);
+  free(buf);
+  atomic_fetch_add(&m->reads, 1);
+  atomic_fetch_add(&m->bytes, n);
+  return 0;
+}
 
 /* ---- libfuse side: queue requests to JavaScript -------------------------------- */
 
@@ -130,6 +340,7 @@ static void ll_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
 }
 
 static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+  if (fast_read(fs_of(req), req, size, (uint64_t)off) == 0) return;
   blk_req *r = new_req(req, OP_READ);
   if (!r) return;
   r->buf = malloc(size ? size : 1);
@@ -212,8 +423,10 @@ static const struct fuse_lowlevel_ops ops = {
 static void *loop_thread(void *arg) {
   blk_fs *fs = arg;
   struct fuse_loop_config *cfg = fuse_loop_cfg_create();
-  fuse_loop_cfg_set_clone_fd(cfg, 1);
-  fuse_loop_cfg_set_idle_threads(cfg, 16);
+  const char *idle = getenv("BLKEXPORT_FUSE_IDLE_THREADS");
+  const char *clone = getenv("BLKEXPORT_FUSE_CLONE_FD");
+  fuse_loop_cfg_set_clone_fd(cfg, clone ? atoi(clone) : 1);
+  fuse_loop_cfg_set_idle_threads(cfg, idle ? (unsigned)atoi(idle) : 4);
   fuse_loop_cfg_set_max_threads(cfg, 64);
   fs->loop_result = fuse_session_loop_mt(fs->se, cfg);
   fuse_loop_cfg_destroy(cfg);
@@ -258,6 +471,7 @@ static void call_js(napi_env env, napi_value js_cb, void *context, void *data) {
     fuse_session_destroy(fs->se);
     fs->se = NULL;
     fs->ended = 1;
+    fast_destroy(&fs->fast);
     return;
   }
   napi_create_external(env, r, NULL, NULL, &argv[1]);
@@ -326,6 +540,11 @@ static napi_value js_mount(napi_env env, napi_callback_info info) {
 
   blk_fs *fs = calloc(1, sizeof(*fs));
   if (!fs) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  if (fast_init(&fs->fast) != 0) {
+    free(fs);
     napi_throw_error(env, "ENOMEM", "out of memory");
     return NULL;
   }
@@ -467,6 +686,142 @@ static napi_value js_reply_write(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+static blk_fs *fs_arg(napi_env env, napi_value v) {
+  void *p = NULL;
+  if (napi_get_value_external(env, v, &p) != napi_ok || p == NULL) {
+    napi_throw_type_error(env, NULL, "expected a mount handle");
+    return NULL;
+  }
+  blk_fs *fs = p;
+  return fs->ended ? NULL : fs;
+}
+
+/* fastGen(handle) -> generation (a number) */
+static napi_value js_fast_gen(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], out;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  blk_fs *fs = fs_arg(env, argv[0]);
+  double g = -1;
+  if (fs) {
+    pthread_rwlock_rdlock(&fs->fast.lock);
+    g = (double)fs->fast.gen;
+    pthread_rwlock_unlock(&fs->fast.lock);
+  }
+  napi_create_double(env, g, &out);
+  return out;
+}
+
+/* fastInvalidate(handle, offset, length, size): bumps the generation, forgets the range, sets the size (-1: keep). */
+static napi_value js_fast_invalidate(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  blk_fs *fs = fs_arg(env, argv[0]);
+  if (!fs) return NULL;
+  double off = 0, len = 0, size = -1;
+  napi_get_value_double(env, argv[1], &off);
+  napi_get_value_double(env, argv[2], &len);
+  napi_get_value_double(env, argv[3], &size);
+  fast_map *m = &fs->fast;
+  pthread_rwlock_wrlock(&m->lock);
+  m->gen++;
+  if (size >= 0) m->fsize = (uint64_t)size;
+  if (len > 0) {
+    uint64_t first = (uint64_t)off >> GRANULE_BITS, last = ((uint64_t)off + (uint64_t)len - 1) >> GRANULE_BITS;
+    if (last - first > 256) {
+      fast_clear(m);
+    } else {
+      for (uint64_t k = first; k <= last; k++) {
+        map_entry *e = fast_find(m, k);
+        if (e) e->slot = SLOT_TOMB;
+      }
+    }
+  }
+  pthread_rwlock_unlock(&m->lock);
+  return NULL;
+}
+
+/* fastEnable(handle, on): off forgets everything and sends every read to JavaScript. */
+static napi_value js_fast_enable(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  blk_fs *fs = fs_arg(env, argv[0]);
+  if (!fs) return NULL;
+  bool on = false;
+  napi_get_value_bool(env, argv[1], &on);
+  pthread_rwlock_wrlock(&fs->fast.lock);
+  fs->fast.enabled = on;
+  fs->fast.gen++;
+  if (!on) fast_clear(&fs->fast);
+  pthread_rwlock_unlock(&fs->fast.lock);
+  return NULL;
+}
+
+/*
+ * fastInstall(handle, gen, offset, extents): extents is a Float64Array of
+ * triples [length, fd, host] (fd -1: zeroes) describing guest bytes from
+ * `offset`. Whole granules covered by one contiguous piece are remembered;
+ * nothing is installed when the generation moved since `gen` was read.
+ */
+static napi_value js_fast_install(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  blk_fs *fs = fs_arg(env, argv[0]);
+  if (!fs) return NULL;
+  double gen = -1, off = 0;
+  napi_get_value_double(env, argv[1], &gen);
+  napi_get_value_double(env, argv[2], &off);
+  napi_typedarray_type type;
+  size_t count = 0;
+  void *data = NULL;
+  if (napi_get_typedarray_info(env, argv[3], &type, &count, &data, NULL, NULL) != napi_ok ||
+      type != napi_float64_array || count % 3 != 0)
+    return NULL;
+  const double *x = data;
+  const uint64_t G = 1ULL << GRANULE_BITS;
+  fast_map *m = &fs->fast;
+  pthread_rwlock_wrlock(&m->lock);
+  if (m->enabled && (double)m->gen == gen) {
+    uint64_t pos = (uint64_t)off;
+    for (size_t i = 0; i < count; i += 3) {
+      uint64_t len = (uint64_t)x[i];
+      int fd = (int)x[i + 1];
+      uint64_t host = (uint64_t)x[i + 2];
+      uint64_t end = pos + len;
+      int slot = fd < 0 ? SLOT_ZERO : -100;
+      for (uint64_t g = (pos + G - 1) & ~(G - 1); g + G <= end; g += G) {
+        if (slot == -100) {
+          slot = fast_slot(m, fd);
+          if (slot < 0) break;
+        }
+        fast_put(m, g >> GRANULE_BITS, slot, fd < 0 ? 0 : host + (g - pos));
+      }
+      pos = end;
+    }
+  }
+  pthread_rwlock_unlock(&m->lock);
+  return NULL;
+}
+
+/* fastStats(handle) -> [reads, bytes] served without JavaScript */
+static napi_value js_fast_stats(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], out, v;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  void *p = NULL;
+  NAPI_CALL(env, napi_get_value_external(env, argv[0], &p));
+  blk_fs *fs = p;
+  napi_create_array_with_length(env, 2, &out);
+  napi_create_double(env, fs->ended ? 0 : (double)atomic_load(&fs->fast.reads), &v);
+  napi_set_element(env, out, 0, v);
+  napi_create_double(env, fs->ended ? 0 : (double)atomic_load(&fs->fast.bytes), &v);
+  napi_set_element(env, out, 1, v);
+  return out;
+}
+
 /* unref(handle): after an unmount, lets the process exit even if descriptors keep the connection alive. */
 static napi_value js_unref(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -491,6 +846,11 @@ static napi_value init(napi_env env, napi_value exports) {
       {"replyData", NULL, js_reply_data, NULL, NULL, NULL, napi_default, NULL},
       {"replyWrite", NULL, js_reply_write, NULL, NULL, NULL, napi_default, NULL},
       {"unref", NULL, js_unref, NULL, NULL, NULL, napi_default, NULL},
+      {"fastGen", NULL, js_fast_gen, NULL, NULL, NULL, napi_default, NULL},
+      {"fastInvalidate", NULL, js_fast_invalidate, NULL, NULL, NULL, napi_default, NULL},
+      {"fastEnable", NULL, js_fast_enable, NULL, NULL, NULL, napi_default, NULL},
+      {"fastInstall", NULL, js_fast_install, NULL, NULL, NULL, napi_default, NULL},
+      {"fastStats", NULL, js_fast_stats, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

@@ -8,7 +8,7 @@
 
 import type { NodeOptions } from './options.js';
 import type { PathPolicy } from './path-policy.js';
-import type { BlockCapabilities, BlockExtent, BlockNode, BlockRole, ImageInfo } from './types.js';
+import type { BlockCapabilities, BlockExtent, BlockNode, BlockRole, HostExtent, ImageInfo } from './types.js';
 
 /** Options a reopen may change; a driver lists the ones it supports in `mutableOptions`. */
 export interface ReopenOptions {
@@ -66,6 +66,8 @@ export interface BlockDriver<S = unknown> {
   flush?(s: S): Promise<void>;
   truncate?(s: S, size: number): Promise<void>;
   blockStatus?(s: S, offset: number, length: number): Promise<BlockExtent>;
+  /** Host extents from caches only (see BlockNode.mapHostCached); ranges are bounds-checked. */
+  mapHostCached?(s: S, offset: number, length: number): HostExtent[] | null;
   allocatedSize?(s: S): Promise<number>;
 
   // --- capabilities (asked once by callers) -------------------------------

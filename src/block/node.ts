@@ -5,7 +5,7 @@
  */
 import { BlkError } from '../errors.js';
 import type { BlockDriver, ReopenOptions } from './driver.js';
-import type { BlockCapabilities, BlockExtent, BlockNode } from './types.js';
+import type { BlockCapabilities, BlockExtent, BlockNode, HostExtent } from './types.js';
 
 const EROFS = 30;
 const EINVAL = 22;
@@ -138,6 +138,12 @@ export function wrapNode<S>(
       if (driver.blockStatus) return driver.blockStatus(state, offset, len);
       return { offset, length: len, data: true, zero: false };
     },
+    mapHostCached: driver.mapHostCached
+      ? (offset: number, length: number): HostExtent[] | null => {
+          if (closed || offset < 0 || length <= 0 || offset + length > driver.length(state)) return null;
+          return driver.mapHostCached!(state, offset, length);
+        }
+      : undefined,
     async allocatedSize() {
       checkOpen();
       if (driver.allocatedSize) return driver.allocatedSize(state);

@@ -16,6 +16,14 @@ export interface BlockExtent {
   zero: boolean;
 }
 
+/**
+ * Where guest bytes live on the host, as far as caches already know it: a
+ * range of a host fd, or zeroes. For the FUSE fast path, which reads mapped
+ * ranges itself; anything that needs decoding (compressed clusters) is not
+ * mappable.
+ */
+export type HostExtent = { length: number; fd: number; host: number } | { length: number; zero: true };
+
 /** Capabilities are asked once and cached by callers (nbdkit's can_write, can_zero, ...). */
 export interface BlockCapabilities {
   write: boolean;
@@ -81,6 +89,11 @@ export interface BlockNode {
   /** Bytes the node occupies on the host (for st_blocks). */
   allocatedSize(): Promise<number>;
   capabilities(): BlockCapabilities;
+  /**
+   * Host extents for [offset, offset+length), from caches only (no I/O, so
+   * the fds are the ones open right now); null when not known or not mappable.
+   */
+  mapHostCached?(offset: number, length: number): HostExtent[] | null;
   /** Format details (format nodes that have them, e.g. qcow2). */
   imageInfo?(): ImageInfo;
   /** Change mutable options in place (prepare, then commit on every node, or abort). */

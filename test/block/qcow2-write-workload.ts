@@ -47,9 +47,20 @@ export async function runWorkload(
       const back = Buffer.alloc(len);
       await node.read(off, back);
       back.copy(ref, off);
+    } else if (r < 0.32) {
+      // A batch of concurrent writes into disjoint byte ranges that may share clusters.
+      const jobs: Promise<void>[] = [];
+      let at = Math.floor(rand() * (size / 2));
+      for (let j = 0; j < 8 && at < size; j++) {
+        const n = Math.min(1 + Math.floor(rand() * 20000), size - at);
+        const data = randomBytes(rand, n);
+        jobs.push(node.write(at, data));
+        data.copy(ref, at);
+        at += n + Math.floor(rand() * 3000);
+      }
+      await Promise.all(jobs);
     } else {
       const data = randomBytes(rand, len);
-      // Some writes run concurrently with the next one (overlap only with themselves).
       await node.write(off, data);
       data.copy(ref, off);
     }

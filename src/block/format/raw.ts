@@ -48,6 +48,7 @@ export const rawFormat = defineDriver<RawState>({
 
   // --- I/O: one line each, the window shift
   length: (s) => (s.fixed ? s.size : s.child.length()),
+  mapHostCached: (s, offset, length) => s.child.mapHostCached?.(s.offset + offset, length) ?? null,
   read: (s, off, buf) => s.child.read(s.offset + off, buf),
   write: (s, off, buf) => s.child.write(s.offset + off, buf),
   writeZeroes: (s, off, len, opts) => s.child.writeZeroes(s.offset + off, len, opts),

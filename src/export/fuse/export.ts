@@ -39,6 +39,10 @@ export interface ExportStats {
 }
 
 const O_ACCMODE = 3;
+/** The fast path's granule (native-fuse/fuse3_file.c GRANULE_BITS). */
+const GRANULE = 64 * 1024;
+/** A length that covers any export: invalidates everything. */
+const ALL = Number.MAX_SAFE_INTEGER;
 /** fallocate(2) mode bits. */
 const FALLOC = { KEEP_SIZE: 0x01, PUNCH_HOLE: 0x02, ZERO_RANGE: 0x10 } as const;
 
@@ -70,7 +74,7 @@ export class FuseExport {
   readonly id: string;
   readonly mountpoint: string;
   readonly node: BlockNode;
-  readonly stats: ExportStats = {
+  private readonly jsStats: ExportStats = {
     reads: 0,
     readBytes: 0,
     writes: 0,
@@ -127,7 +131,19 @@ export class FuseExport {
       exp.mount = await attempt(false);
     }
     exp.allowOther = opts.allowOther === 'on' || (opts.allowOther === 'auto' && exp.mountAllowsOther);
+    exp.mount.fast?.invalidate(0, 0, node.length());
     return exp;
+  }
+
+  /** Counters, including the reads the binding served itself. */
+  get stats(): ExportStats {
+    const fast = this.mount?.fast?.stats();
+    if (!fast) return this.jsStats;
+    return {
+      ...this.jsStats,
+      reads: this.jsStats.reads + fast.reads,
+      readBytes: this.jsStats.readBytes + fast.bytes,
+    };
   }
 
   get isWritable(): boolean {
@@ -177,6 +193,7 @@ export class FuseExport {
   /** Flushes the node (when writable), unmounts lazily; later requests on open descriptors get ENOTCONN. */
   async stop(): Promise<void> {
     if (this.closed) return;
+    this.mount?.fast?.enable(false);
     if (this.writable) await this.node.flush();
     await this.mount?.unmount();
     this.closed = true;
@@ -187,9 +204,34 @@ export class FuseExport {
   }
 
   private async resize(size: number): Promise<void> {
-    const run = this.resizing.then(() => (size > this.node.length() ? this.node.truncate(size) : undefined));
+    const run = this.resizing.then(() =>
+      size > this.node.length() ? this.changing(0, ALL, () => this.node.truncate(size)) : undefined,
+    );
     this.resizing = run.catch(() => undefined);
     await run;
+  }
+
+  /** Runs a change of [offset, offset+length) with the binding's fast path told before and after. */
+  private async changing<T>(offset: number, length: number, fn: () => Promise<T>): Promise<T> {
+    const fast = this.mount?.fast;
+    if (!fast) return fn();
+    fast.invalidate(offset, length);
+    try {
+      return await fn();
+    } finally {
+      fast.invalidate(offset, length, this.node.length());
+    }
+  }
+
+  /** After a read served here, tells the fast path where the surrounding granules live (from caches only). */
+  private learn(gen: number, position: number, n: number): void {
+    const map = this.node.mapHostCached;
+    if (!map || gen < 0) return;
+    const size = this.node.length();
+    const start = Math.floor(position / GRANULE) * GRANULE;
+    const end = Math.min(Math.ceil((position + n) / GRANULE) * GRANULE, size);
+    const extents = end > start ? map.call(this.node, start, end - start) : null;
+    if (extents) this.mount!.fast!.install(gen, start, extents);
   }
 
   private ops(): FileFsOps {
@@ -222,10 +264,12 @@ export class FuseExport {
         if (position >= size) return 0;
         const n = Math.min(length, size - position);
         const t0 = performance.now();
+        const gen = this.mount?.fast?.gen() ?? -1;
         await node.read(position, n === buf.length ? buf : buf.subarray(0, n));
-        this.stats.readLatency.observe((performance.now() - t0) / 1000);
-        this.stats.reads++;
-        this.stats.readBytes += n;
+        if (gen >= 0) this.learn(gen, position, n);
+        this.jsStats.readLatency.observe((performance.now() - t0) / 1000);
+        this.jsStats.reads++;
+        this.jsStats.readBytes += n;
         return n;
       },
       write: async (buf, length, position) => {
@@ -243,10 +287,12 @@ export class FuseExport {
           }
         }
         const t0 = performance.now();
-        await node.write(position, n === buf.length ? buf : buf.subarray(0, n));
-        this.stats.writeLatency.observe((performance.now() - t0) / 1000);
-        this.stats.writes++;
-        this.stats.writeBytes += n;
+        await this.changing(position, n, () =>
+          node.write(position, n === buf.length ? buf : buf.subarray(0, n)),
+        );
+        this.jsStats.writeLatency.observe((performance.now() - t0) / 1000);
+        this.jsStats.writes++;
+        this.jsStats.writeBytes += n;
         return n;
       },
       truncate: async (size) => {
@@ -255,7 +301,7 @@ export class FuseExport {
         if (size === node.length()) return;
         // Stricter than QSD on purpose: a stray `truncate -s 0` must not destroy a disk.
         if (!this.growable) throw new FuseErrno(Errno.EPERM, 'size changes need a growable export');
-        const run = this.resizing.then(() => node.truncate(size));
+        const run = this.resizing.then(() => this.changing(0, ALL, () => node.truncate(size)));
         this.resizing = run.catch(() => undefined);
         await run;
       },
@@ -292,12 +338,15 @@ export class FuseExport {
           }
           // mode 0 inside the file: the blocks are there already (QSD allows it only at/after EOF).
           if (mode !== 0 && offset < node.length()) {
-            await node.writeZeroes(offset, Math.min(end, node.length()) - offset, { mayUnmap: false });
+            const len = Math.min(end, node.length()) - offset;
+            await this.changing(offset, len, () => node.writeZeroes(offset, len, { mayUnmap: false }));
           }
           return;
         }
         if (mode === (FALLOC.PUNCH_HOLE | FALLOC.KEEP_SIZE)) {
-          if (offset < size) await node.writeZeroes(offset, Math.min(end, size) - offset, { mayUnmap: true });
+          const len = Math.min(end, size) - offset;
+          if (offset < size)
+            await this.changing(offset, len, () => node.writeZeroes(offset, len, { mayUnmap: true }));
           return;
         }
         throw new FuseErrno(Errno.EOPNOTSUPP, `fallocate mode ${mode} is not supported`);
@@ -307,17 +356,17 @@ export class FuseExport {
       },
       flush: async () => {
         if (this.closed || !this.writable) return;
-        this.stats.flushes++;
+        this.jsStats.flushes++;
         await node.flush();
       },
       fsync: async () => {
         this.check();
         if (!this.writable) return;
-        this.stats.flushes++;
+        this.jsStats.flushes++;
         await node.flush();
       },
       onError: (op, err) => {
-        this.stats.errors++;
+        this.jsStats.errors++;
         this.onError?.(op, err);
       },
     };

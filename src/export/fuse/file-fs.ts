@@ -5,6 +5,7 @@
  * libfuse 2); mount.ts picks one.
  */
 import { execFile } from 'node:child_process';
+import type { HostExtent } from '../../block/types.js';
 
 /** Linux errno values we answer with (positive; negated for FUSE). */
 export const Errno = {
@@ -75,6 +76,22 @@ export interface MountOptions {
   maxRead: number;
 }
 
+/**
+ * Reads served by the binding itself from host extents the export installs
+ * (see native-fuse/fuse3_file.c). The export invalidates around every change.
+ */
+export interface FastPath {
+  /** The current generation; an install computed from state older than a change is dropped. */
+  gen(): number;
+  /** Remembers where guest bytes from `offset` live (whole 64 KiB granules only). */
+  install(gen: number, offset: number, extents: readonly HostExtent[]): void;
+  /** Forgets [offset, offset+length) and moves the generation; `size` (when given) bounds reads. */
+  invalidate(offset: number, length: number, size?: number): void;
+  enable(on: boolean): void;
+  /** Reads and bytes served without JavaScript. */
+  stats(): { reads: number; bytes: number };
+}
+
 /** A mounted single-file filesystem. */
 export interface FileFsMount {
   readonly mountpoint: string;
@@ -82,6 +99,8 @@ export interface FileFsMount {
   unmount(): Promise<void>;
   /** Resolves when the kernel connection is gone (libfuse 3 binding only). */
   ended?: Promise<void>;
+  /** The native read fast path (libfuse 3 binding only). */
+  fast?: FastPath;
 }
 
 /** The negative errno a thrown value answers with (EIO unless it carries one). */

@@ -6,8 +6,10 @@
  * falls back to fuse-native.
  */
 import { createRequire } from 'node:module';
+import type { HostExtent } from '../../block/types.js';
 import {
   Errno,
+  type FastPath,
   type FileFsMount,
   type FileFsOps,
   lazyUnmount,
@@ -45,6 +47,11 @@ interface Fuse3Addon {
   replyData(req: ReqHandle, n: number): void;
   replyWrite(req: ReqHandle, n: number): void;
   unref(handle: object): void;
+  fastGen(handle: object): number;
+  fastInvalidate(handle: object, offset: number, length: number, size: number): void;
+  fastEnable(handle: object, on: boolean): void;
+  fastInstall(handle: object, gen: number, offset: number, extents: Float64Array): void;
+  fastStats(handle: object): [number, number];
 }
 
 const ADDON_PATH = new URL('../../../native-fuse/build/Release/blkexport_fuse3.node', import.meta.url)
@@ -205,9 +212,29 @@ export function mountFileFsFuse3(
     return Promise.reject(new Error(`FUSE mount on '${mountpoint}' failed (${(e as Error).message})`));
   }
   let unmounted = false;
+  const h = handle;
+  const fast: FastPath = {
+    gen: () => a.fastGen(h),
+    install(gen, offset, extents: readonly HostExtent[]) {
+      const triples = new Float64Array(extents.length * 3);
+      extents.forEach((x, i) => {
+        triples[i * 3] = x.length;
+        triples[i * 3 + 1] = 'zero' in x ? -1 : x.fd;
+        triples[i * 3 + 2] = 'zero' in x ? 0 : x.host;
+      });
+      a.fastInstall(h, gen, offset, triples);
+    },
+    invalidate: (offset, length, size) => a.fastInvalidate(h, offset, length, size ?? -1),
+    enable: (on) => a.fastEnable(h, on),
+    stats() {
+      const [reads, bytes] = a.fastStats(h);
+      return { reads, bytes };
+    },
+  };
   return Promise.resolve({
     mountpoint,
     ended: endedP,
+    fast,
     async unmount() {
       if (unmounted) return;
       await lazyUnmount(mountpoint);

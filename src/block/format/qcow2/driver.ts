@@ -6,6 +6,7 @@
  * backing chain, read.ts reads; write.ts, zero.ts, resize.ts and
  * metadata-cache.ts write (see docs/qcow2.md for the crash-safety scheme).
  */
+
 import { BlkError } from '../../../errors.js';
 import { defineDriver, type OpenContext } from '../../driver.js';
 import { DEFAULT_L2_CACHE_BYTES } from '../../limits.js';
@@ -27,6 +28,7 @@ import {
 } from './header.js';
 import { setDirtyBit } from './header-write.js';
 import { registerQcow2Node } from './inspect.js';
+import { mapHostCached } from './map-host.js';
 import { COMPRESSED, DATA, type MappedExtent, mapRange, UNALLOCATED, ZERO } from './mapping.js';
 import { writeBack } from './metadata-cache.js';
 import { readGuest } from './read.js';
@@ -278,6 +280,7 @@ export const qcow2Format = defineDriver<Qcow2State>({
   // --- I/O
   length: (s) => s.header.size,
   read: readLocked,
+  mapHostCached,
   async write(s, offset, buf) {
     await writable(s);
     await writeGuest(s, offset, buf);

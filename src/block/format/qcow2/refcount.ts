@@ -29,6 +29,8 @@ export interface ClusterRun {
   /** First cluster index. */
   start: number;
   count: number;
+  /** The clusters were never used before: they read as zeroes on disk (the file was only extended). */
+  fresh: boolean;
 }
 
 export class Refcounts {
@@ -55,10 +57,12 @@ export class Refcounts {
   freeHint = 0;
   /** End of the space in use or handed out (bytes): clusters at or past it are free. */
   hostEnd: number;
+  /** Clusters from here on were never handed out: the file holds zeroes there (it only grows by ftruncate). */
+  private zeroFrom: number;
   hooks: RefcountHooks | undefined;
 
   constructor(
-    private readonly h: Qcow2Header,
+    h: Qcow2Header,
     table: Buffer,
     private readonly file: BlockNode,
     private fileLength: number,
@@ -73,6 +77,7 @@ export class Refcounts {
     this.tableClusters = h.refcountTableClusters;
     this.diskTable = { offset: this.tableOffset, clusters: this.tableClusters };
     this.hostEnd = Math.ceil(fileLength / this.cs) * this.cs;
+    this.zeroFrom = this.hostEnd;
   }
 
   /** Tells the reader the file grew (blocks may now lie further out). */
@@ -204,16 +209,16 @@ export class Refcounts {
     for (;;) {
       if (c * this.cs >= this.hostEnd) {
         if (start < 0) start = c;
-        return { start, count: n };
+        return { start, count: n, fresh: false };
       }
       const ti = Math.floor(c / this.perBlock);
       const b = this.blocks.get(ti) ?? (await this.block(ti));
       const free = !this.reserved.has(c) && (b === undefined || this.read(b, c % this.perBlock) === 0);
       if (free) {
         if (start < 0) start = c;
-        if (c - start + 1 === n) return { start, count: n };
+        if (c - start + 1 === n) return { start, count: n, fresh: false };
       } else if (start >= 0) {
-        return { start, count: c - start };
+        return { start, count: c - start, fresh: false };
       }
       c++;
     }
@@ -225,6 +230,8 @@ export class Refcounts {
     for (let i = 0; i < run.count; i++) this.reserved.add(run.start + i);
     try {
       const end = (run.start + run.count) * this.cs;
+      run.fresh = run.start * this.cs >= this.zeroFrom;
+      this.zeroFrom = Math.max(this.zeroFrom, end);
       if (end > this.hostEnd) this.hostEnd = end;
       await this.hooks?.grow(this.hostEnd);
       for (let i = 0; i < run.count; i++) await this.adjust(run.start + i, 1);
@@ -245,6 +252,7 @@ export class Refcounts {
     this.reserved.add(c);
     try {
       if ((c + 1) * this.cs > this.hostEnd) this.hostEnd = (c + 1) * this.cs;
+      this.zeroFrom = Math.max(this.zeroFrom, (c + 1) * this.cs);
       await this.hooks?.grow(this.hostEnd);
       const b = Buffer.alloc(this.cs);
       this.blocks.set(ti, b);
@@ -274,6 +282,7 @@ export class Refcounts {
     for (let i = 0; i < clusters; i++) this.reserved.add(start + i);
     try {
       this.hostEnd = (start + clusters) * this.cs;
+      this.zeroFrom = Math.max(this.zeroFrom, this.hostEnd);
       await this.hooks?.grow(this.hostEnd);
       const table = Buffer.alloc(clusters * this.cs);
       this.table.copy(table);

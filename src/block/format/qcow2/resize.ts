@@ -10,7 +10,7 @@ import { BlkError } from '../../../errors.js';
 import { MAX_L1_BYTES } from './header.js';
 import { writeBack } from './metadata-cache.js';
 import type { Qcow2State } from './state.js';
-import { checkNotCorrupt } from './write.js';
+import { checkNotCorrupt, exclusiveQuiet } from './write.js';
 import { zeroLocked } from './zero.js';
 
 const EINVAL = 22;
@@ -22,7 +22,7 @@ export async function resizeImage(s: Qcow2State, size: number): Promise<void> {
   const h = s.header;
   const w = s.w!;
   const cs = h.clusterSize;
-  await w.lock.exclusive();
+  await exclusiveQuiet(s);
   try {
     const old = h.size;
     if (size < old) {

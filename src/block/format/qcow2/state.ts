@@ -57,6 +57,8 @@ export interface WriteState {
   chain: Promise<void>;
   /** Lazy refcounts: ordering is kept by the dirty bit instead of syncs. */
   lazy: boolean;
+  /** Guest clusters an allocating write is filling right now (others touching them wait). */
+  inflight: Map<number, Promise<void>>;
   /** Bytes of dirty tables in memory (a write-back starts above a bound). */
   dirtyBytes: number;
 }

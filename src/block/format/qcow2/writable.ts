@@ -133,6 +133,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
     chain: Promise.resolve(),
     lazy: (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
     dirtyBytes: 0,
+    inflight: new Map(),
   };
   refs.hooks = {
     grow: async (end) => {

@@ -51,6 +51,8 @@ interface Plan {
   a: number;
   b: number;
   target: number;
+  /** The target cluster was never used: zeroes need not be written there. */
+  fresh: boolean;
 }
 
 /** Refuses writes on an image found corrupt. */
@@ -78,14 +80,63 @@ export async function writeGuest(s: Qcow2State, offset: number, buf: Buffer): Pr
     }
     if (done) return;
   }
-  await w.lock.exclusive();
+  await writeUnlocked(s, offset, buf);
+  if (w.dirtyBytes > DIRTY_LIMIT) await writeBack(s);
+}
+
+/**
+ * The slow path with the data I/O outside the lock: plan and allocate under
+ * the exclusive lock, mark the guest clusters in flight, write the data
+ * unlocked (other allocating writes proceed meanwhile), then point the
+ * entries at it. Requests touching an in-flight cluster wait for it.
+ */
+async function writeUnlocked(s: Qcow2State, offset: number, buf: Buffer): Promise<void> {
+  const w = s.w!;
+  const cs = s.header.clusterSize;
+  const first = Math.floor(offset / cs);
+  const last = Math.floor((offset + buf.length - 1) / cs);
+  for (;;) {
+    await w.lock.exclusive();
+    let busy: Promise<void> | undefined;
+    for (let gc = first; gc <= last && busy === undefined; gc++) busy = w.inflight.get(gc);
+    if (busy === undefined) break;
+    w.lock.releaseExclusive();
+    await busy;
+  }
+  let finish!: () => void;
+  const done = new Promise<void>((r) => {
+    finish = r;
+  });
+  let tables: TablePlan[];
   try {
     checkNotCorrupt(s);
-    await writeAllocating(s, offset, buf);
+    tables = await planWrite(s, offset, buf.length);
+    for (let gc = first; gc <= last; gc++) w.inflight.set(gc, done);
+  } catch (e) {
+    finish();
+    throw e;
   } finally {
     w.lock.releaseExclusive();
   }
-  if (w.dirtyBytes > DIRTY_LIMIT) await writeBack(s);
+  try {
+    for (const t of tables) await writeData(s, t, offset, buf);
+    for (const t of tables) await commitEntries(s, t);
+  } finally {
+    for (let gc = first; gc <= last; gc++) if (w.inflight.get(gc) === done) w.inflight.delete(gc);
+    finish();
+  }
+}
+
+/** Takes the exclusive lock with no allocating write in flight (zeroing, discard, resize). */
+export async function exclusiveQuiet(s: Qcow2State): Promise<void> {
+  const w = s.w!;
+  for (;;) {
+    await w.lock.exclusive();
+    const busy = w.inflight.values().next();
+    if (busy.done) return;
+    w.lock.releaseExclusive();
+    await busy.value;
+  }
 }
 
 /** The fast path: true when every cluster was allocated with COPIED (and the data is written), false to take the slow path. */
@@ -94,6 +145,7 @@ async function writeInPlace(s: Qcow2State, offset: number, buf: Buffer): Promise
   const cs = h.clusterSize;
   const end = offset + buf.length;
   const fileEnd = s.file.length();
+  const inflight = s.w!.inflight;
   const pieces: [number, number, number][] = []; // host, from, to (in buf)
   let pos = offset;
   while (pos < end) {
@@ -106,6 +158,8 @@ async function writeInPlace(s: Qcow2State, offset: number, buf: Buffer): Promise
     while (pos < tEnd) {
       const gc = Math.floor(pos / cs);
       const cEnd = Math.min(tEnd, (gc + 1) * cs);
+      // A cluster an allocating write is filling goes through the slow path (it waits there).
+      if (inflight.size > 0 && inflight.has(gc)) return false;
       const e = readL2Entry(s, table, gc - l1i * h.l2Entries, gc);
       if (e.compressed || e.host === 0 || !e.copied || e.zero) return false;
       const ws = pos - gc * cs;
@@ -132,6 +186,13 @@ async function writeInPlace(s: Qcow2State, offset: number, buf: Buffer): Promise
   }
   await settleAll(pieces.map(([host, from, to]) => s.file.write(host, buf.subarray(from, to))));
   return true;
+}
+
+let zeroes = Buffer.alloc(0);
+
+function isZero(b: Buffer): boolean {
+  if (zeroes.length < b.length) zeroes = Buffer.alloc(Math.max(b.length, 65536));
+  return b.equals(zeroes.subarray(0, b.length));
 }
 
 /** Waits for every promise, then throws the first failure (nothing may still be writing when we return). */
@@ -182,27 +243,35 @@ export function freeEntryClusters(s: Qcow2State, e: L2Entry): void {
   }
 }
 
-/** The slow path (exclusive lock held): allocation, copy-on-write, then the L2 updates. */
+/** The clusters of one L2 table a write touches, and how each is written. */
+interface TablePlan {
+  l1i: number;
+  plans: Plan[];
+}
+
+/** The whole slow path with the exclusive lock (and quiet) already held: used by write-zeroes. */
 export async function writeAllocating(s: Qcow2State, offset: number, buf: Buffer): Promise<void> {
+  const tables = await planWrite(s, offset, buf.length);
+  for (const t of tables) await writeData(s, t, offset, buf);
+  for (const t of tables) await commitEntries(s, t);
+}
+
+/** Plans every cluster of [offset, offset+length): tables made writable, new clusters allocated (lock held). */
+async function planWrite(s: Qcow2State, offset: number, length: number): Promise<TablePlan[]> {
   const h = s.header;
-  const end = offset + buf.length;
+  const end = offset + length;
+  const out: TablePlan[] = [];
   let pos = offset;
   while (pos < end) {
     const l1i = Math.floor(pos / h.l2Coverage);
     const tEnd = Math.min(end, (l1i + 1) * h.l2Coverage);
-    await writeInTable(s, l1i, pos, tEnd, offset, buf);
+    out.push({ l1i, plans: await planTable(s, l1i, pos, tEnd) });
     pos = tEnd;
   }
+  return out;
 }
 
-async function writeInTable(
-  s: Qcow2State,
-  l1i: number,
-  pos: number,
-  tEnd: number,
-  offset: number,
-  buf: Buffer,
-): Promise<void> {
+async function planTable(s: Qcow2State, l1i: number, pos: number, tEnd: number): Promise<Plan[]> {
   const h = s.header;
   const cs = h.clusterSize;
   const sub = h.subclusterSize;
@@ -239,7 +308,7 @@ async function writeInTable(
       b = we;
     }
     if (mode === MOVE) needNew++;
-    plans.push({ gc, idx, e, mode, ws, we, a, b, target: owned ? e.host : 0 });
+    plans.push({ gc, idx, e, mode, ws, we, a, b, target: owned ? e.host : 0, fresh: false });
   }
 
   // One allocation batch for every cluster that needs a new home (contiguous when the space allows).
@@ -249,15 +318,20 @@ async function writeInTable(
     for (let i = 0; i < run.count; i++) {
       while (plans[next]!.mode !== MOVE) next++;
       plans[next]!.target = (run.start + i) * cs;
+      plans[next]!.fresh = run.fresh;
       next++;
     }
     needNew -= run.count;
   }
+  return plans;
+}
 
-  // Data: the new bytes, widened with what the guest reads now where a cluster must be materialized.
+/** Writes the data of one table's clusters: the new bytes, widened with what the guest reads now where a cluster must be materialized. */
+async function writeData(s: Qcow2State, t: TablePlan, offset: number, buf: Buffer): Promise<void> {
+  const cs = s.header.clusterSize;
   const pieces: [number, Buffer][] = [];
   let maxEnd = 0;
-  for (const p of plans) {
+  for (const p of t.plans) {
     const guest = p.gc * cs;
     let data: Buffer;
     if (p.a === p.ws && p.b === p.we) {
@@ -270,7 +344,16 @@ async function writeInTable(
       await settleAll(jobs);
       buf.copy(data, p.ws - p.a, guest + p.ws - offset, guest + p.we - offset);
     }
-    const host = p.target + p.a;
+    let host = p.target + p.a;
+    if (p.fresh) {
+      // A never-used cluster already reads as zeroes: leave out zero head and tail fill.
+      let lo = 0;
+      let hi = data.length;
+      if (p.ws > p.a && isZero(data.subarray(0, p.ws - p.a))) lo = p.ws - p.a;
+      if (p.b > p.we && isZero(data.subarray(p.we - p.a))) hi = p.we - p.a;
+      data = data.subarray(lo, hi);
+      host += lo;
+    }
     maxEnd = Math.max(maxEnd, host + data.length);
     const last = pieces[pieces.length - 1];
     if (last && last[0] + last[1].length === host && last[1].length + data.length <= MERGE_LIMIT) {
@@ -282,12 +365,19 @@ async function writeInTable(
   for (const [host, data] of pieces) checkNoOverlap(s, host, data.length);
   if (maxEnd > s.file.length()) await s.refcounts.hooks!.grow(maxEnd);
   await settleAll(pieces.map(([host, data]) => s.file.write(host, data)));
+}
 
-  // Only now point the entries at the data, and queue the old clusters' refcount drops.
-  let changed = false;
-  for (const p of plans) {
+/** Points the entries at the written data and queues the old clusters' refcount drops (synchronous once the table is at hand). */
+async function commitEntries(s: Qcow2State, t: TablePlan): Promise<void> {
+  const h = s.header;
+  const sub = h.subclusterSize;
+  if (t.plans.every((p) => p.mode === DIRECT)) return;
+  // The table is COPIED and allocated since planning, so its L1 entry is stable; a clean
+  // table may have been evicted meanwhile, and then its disk copy is current.
+  const off = readL1Entry(s, t.l1i).off;
+  const table = s.l2Cache.peek(off) ?? (await s.l2Cache.get(off));
+  for (const p of t.plans) {
     if (p.mode === DIRECT) continue;
-    changed = true;
     const e = p.e;
     if (h.extendedL2) {
       const bits = subclusterBits(Math.floor(p.a / sub), Math.floor((p.b - 1) / sub));
@@ -309,5 +399,5 @@ async function writeInTable(
     }
     if (p.mode === MOVE) freeEntryClusters(s, e);
   }
-  if (changed) markL2Dirty(s, readL1Entry(s, l1i).off);
+  markL2Dirty(s, off);
 }

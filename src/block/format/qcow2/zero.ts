@@ -8,7 +8,14 @@
  */
 import { ALL_SUBCLUSTERS, readL1Entry, readL2Entry, writeL2Entry } from './entries.js';
 import type { Qcow2State } from './state.js';
-import { checkNotCorrupt, freeEntryClusters, l2ForWrite, markL2Dirty, writeAllocating } from './write.js';
+import {
+  checkNotCorrupt,
+  exclusiveQuiet,
+  freeEntryClusters,
+  l2ForWrite,
+  markL2Dirty,
+  writeAllocating,
+} from './write.js';
 
 const ZERO_CHUNK = 1024 * 1024;
 
@@ -91,7 +98,7 @@ export async function writeZeroesGuest(
 ): Promise<void> {
   checkNotCorrupt(s);
   const w = s.w!;
-  await w.lock.exclusive();
+  await exclusiveQuiet(s);
   try {
     await zeroLocked(s, offset, length, mayUnmap);
   } finally {
@@ -127,7 +134,7 @@ export async function discardGuest(s: Qcow2State, offset: number, length: number
   const last = Math.floor((offset + length) / cs) - 1;
   if (first > last) return;
   const w = s.w!;
-  await w.lock.exclusive();
+  await exclusiveQuiet(s);
   try {
     await rewriteClusters(s, first, last, 'discard');
   } finally {

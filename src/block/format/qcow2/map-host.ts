@@ -1,0 +1,67 @@
+/**
+ * Host extents of guest ranges from cached L2 tables only, for the FUSE fast
+ * path (BlockNode.mapHostCached): data clusters map to the data file,
+ * zero/unallocated ones to zeroes or to the backing node's own mapping;
+ * compressed clusters, uncached tables and corrupt images answer null.
+ */
+import type { HostExtent } from '../../types.js';
+import { COMPRESSED, DATA, type MappedExtent, mapRangeCached, UNALLOCATED, ZERO } from './mapping.js';
+import type { Qcow2State } from './state.js';
+
+/** Appends `more` to `out` (merging contiguous pieces); false when `more` is null. */
+function append(out: HostExtent[], more: HostExtent[] | null | undefined): boolean {
+  if (!more) return false;
+  for (const x of more) {
+    const last = out[out.length - 1];
+    if (last && 'zero' in last && 'zero' in x) last.length += x.length;
+    else if (last && 'fd' in last && 'fd' in x && last.fd === x.fd && last.host + last.length === x.host)
+      last.length += x.length;
+    else out.push({ ...x });
+  }
+  return true;
+}
+
+/** The host extents of guest [offset, offset+length), or null when caches cannot tell. */
+export function mapHostCached(s: Qcow2State, offset: number, length: number): HostExtent[] | null {
+  if (s.corrupt) return null;
+  // While an allocating write, zeroing, discard or resize holds the lock, mappings are in flux.
+  const lock = s.w?.lock;
+  if (lock && !lock.tryShared()) return null;
+  try {
+    return mapHost(s, offset, length);
+  } finally {
+    lock?.releaseShared();
+  }
+}
+
+function mapHost(s: Qcow2State, offset: number, length: number): HostExtent[] | null {
+  const extents: MappedExtent[] = [];
+  if (!mapRangeCached(s, offset, length, extents)) return null;
+  const out: HostExtent[] = [];
+  let pos = offset;
+  for (const x of extents) {
+    switch (x.kind) {
+      case DATA:
+        if (!append(out, s.data.mapHostCached?.(x.host, x.length))) return null;
+        break;
+      case ZERO:
+        append(out, [{ length: x.length, zero: true }]);
+        break;
+      case UNALLOCATED: {
+        const backing = s.backing;
+        if (backing === null) {
+          append(out, [{ length: x.length, zero: true }]);
+          break;
+        }
+        const avail = Math.max(0, Math.min(x.length, backing.length() - pos));
+        if (avail > 0 && !append(out, backing.mapHostCached?.(pos, avail))) return null;
+        if (avail < x.length) append(out, [{ length: x.length - avail, zero: true }]);
+        break;
+      }
+      case COMPRESSED:
+        return null;
+    }
+    pos += x.length;
+  }
+  return out;
+}
