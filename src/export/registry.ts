@@ -10,6 +10,11 @@ import type { BlockNode } from '../block/types.js';
 import { BlkError } from '../errors.js';
 import { FuseExport, type FuseExportOptions } from './fuse/export.js';
 
+/** `node` and every node below it. */
+function nodesUnder(node: BlockNode): BlockNode[] {
+  return [node, ...node.children.flatMap(nodesUnder)];
+}
+
 /** Checks that `mountpoint` is an absolute path to an existing regular file (QSD's messages). */
 export async function checkMountpoint(mountpoint: string): Promise<void> {
   if (!isAbsolute(mountpoint)) {
@@ -61,6 +66,7 @@ export class ExportRegistry {
       });
       this.byId.set(opts.id, exp);
       this.byMountpoint.set(opts.mountpoint, exp);
+      this.refreshSharing();
       return exp;
     } finally {
       this.pending.delete(`id:${opts.id}`);
@@ -77,6 +83,22 @@ export class ExportRegistry {
     } finally {
       this.byId.delete(id);
       this.byMountpoint.delete(exp.mountpoint);
+      this.refreshSharing();
+    }
+  }
+
+  /**
+   * Exports that share a node while one of them can write do not use the
+   * binding's read fast path (each would miss the other's invalidations).
+   * Call after adding, removing or reopening an export.
+   */
+  refreshSharing(): void {
+    const all = this.list().map((e) => ({ e, nodes: new Set(nodesUnder(e.node)) }));
+    for (const a of all) {
+      const shared = all.some(
+        (b) => b !== a && (a.e.isWritable || b.e.isWritable) && [...a.nodes].some((n) => b.nodes.has(n)),
+      );
+      a.e.setFastPath(!shared);
     }
   }
 

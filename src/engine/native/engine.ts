@@ -273,6 +273,7 @@ export class NativeEngine implements Engine {
     e.exp.setGrowable(options.growable);
     e.exp.setAllowOther(options['allow-other']);
     e.options = options;
+    this.registry.refreshSharing();
     if (!options.writable) await this.relaxWritable(e.exp.node);
   }
 

@@ -135,6 +135,16 @@ export class FuseExport {
     return exp;
   }
 
+  /**
+   * Turns the binding's read fast path on or off. The export core turns it off
+   * while another export shares a node with this one and either can write:
+   * this export would not see the other's changes to invalidate them.
+   */
+  setFastPath(on: boolean): void {
+    if (this.closed) return;
+    this.mount?.fast?.enable(on);
+  }
+
   /** Counters, including the reads the binding served itself. */
   get stats(): ExportStats {
     const fast = this.mount?.fast?.stats();
