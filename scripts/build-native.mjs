@@ -1,23 +1,42 @@
 #!/usr/bin/env node
-// Builds native/ (blkexport's N-API helper: OFD byte-range locks, SO_PEERCRED)
-// with node-gyp, offline: it points node-gyp at the headers of the running
-// Node (e.g. /usr/include/node from the distribution package) so nothing is
-// downloaded. Skips the build when the addon is newer than its sources.
+// Builds the N-API addons with node-gyp, offline: it points node-gyp at the
+// headers of the running Node (e.g. /usr/include/node from the distribution
+// package) so nothing is downloaded. Skips an addon newer than its sources.
+//   native/       OFD byte-range locks, SO_PEERCRED (required)
+//   native-fuse/  the libfuse 3 FUSE binding (optional: needs libfuse3-dev;
+//                 without it exports fall back to fuse-native, libfuse 2)
 // Usage: node scripts/build-native.mjs [--force]
 import { spawnSync } from 'node:child_process';
 import { existsSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 
 const root = new URL('..', import.meta.url).pathname;
-const dir = join(root, 'native');
-const out = join(dir, 'build', 'Release', 'blkexport_native.node');
-const sources = ['blkexport_native.c', 'binding.gyp'].map((f) => join(dir, f));
+const addons = [
+  {
+    dir: join(root, 'native'),
+    out: 'blkexport_native.node',
+    sources: ['blkexport_native.c', 'binding.gyp'],
+    required: true,
+  },
+  {
+    dir: join(root, 'native-fuse'),
+    out: 'blkexport_fuse3.node',
+    sources: ['fuse3_file.c', 'binding.gyp'],
+    required: false,
+    // Built only where Debian's libfuse3-dev is installed.
+    needs: '/usr/include/fuse3/fuse_lowlevel.h',
+  },
+];
 
 const force = process.argv.includes('--force');
-if (!force && existsSync(out)) {
+const upToDate = (a) => {
+  const out = join(a.dir, 'build', 'Release', a.out);
+  if (force || !existsSync(out)) return false;
   const built = statSync(out).mtimeMs;
-  if (sources.every((s) => statSync(s).mtimeMs <= built)) process.exit(0);
-}
+  return a.sources.every((s) => statSync(join(a.dir, s)).mtimeMs <= built);
+};
+const todo = addons.filter((a) => !upToDate(a));
+if (todo.length === 0) process.exit(0);
 
 // node-gyp: the one npm bundles (npm exports its path to scripts), else next to this node.
 const candidates = [
@@ -38,20 +57,29 @@ if (candidates.length === 0) {
   console.error('build-native: node-gyp not found (it comes with npm); install npm or node-gyp');
   process.exit(1);
 }
-const args = [candidates[0], 'rebuild', '--directory', dir];
-
 // Headers: an explicit nodedir wins, else the prefix of the running node when it ships its headers.
 const prefix = join(dirname(process.execPath), '..');
 const nodedir =
   process.env.npm_config_nodedir ||
   (existsSync(join(prefix, 'include', 'node', 'node_api.h')) ? prefix : undefined);
-if (nodedir) args.push(`--nodedir=${nodedir}`);
 
-const r = spawnSync(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], encoding: 'utf8' });
-if (r.status !== 0) {
-  process.stderr.write(r.stdout + r.stderr);
-  console.error(
-    'build-native: node-gyp failed; it needs make, a C compiler and python3 (scripts/setup.sh installs them)',
-  );
-  process.exit(1);
+let failed = false;
+for (const a of todo) {
+  if (a.needs && !existsSync(a.needs)) {
+    console.error(
+      `build-native: skipping ${a.dir} (${a.needs} missing: apt-get install libfuse3-dev); using fuse-native`,
+    );
+    continue;
+  }
+  const args = [candidates[0], 'rebuild', '--directory', a.dir];
+  if (nodedir) args.push(`--nodedir=${nodedir}`);
+  const r = spawnSync(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], encoding: 'utf8' });
+  if (r.status !== 0) {
+    process.stderr.write(r.stdout + r.stderr);
+    console.error(
+      `build-native: node-gyp failed in ${a.dir}; it needs make, a C compiler and python3 (scripts/setup.sh installs them)`,
+    );
+    if (a.required) failed = true;
+  }
 }
+process.exit(failed ? 1 : 0);
