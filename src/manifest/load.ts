@@ -1,6 +1,6 @@
 /** Loads one manifest file: YAML (all documents), schema, expansion and per-document checks, every problem at once. */
 import { readFileSync } from 'node:fs';
-import { type Document, isMap, isScalar, LineCounter, parseAllDocuments, type YAMLError } from 'yaml';
+import { type Document, isMap, isScalar, LineCounter, parseAllDocuments, visit, type YAMLError } from 'yaml';
 import { BlkError, type BlkErrorCode } from '../errors.js';
 import { checkDocument } from './check.js';
 import { type DocumentProblem, expandDocument, type RawDocument } from './expand.js';
@@ -39,6 +39,22 @@ function syntaxProblem(file: string, text: string, e: YAMLError, lineCounter: Li
   }
   const pos = lineCounter.linePos(offset);
   return new BlkError('MANIFEST_SYNTAX', yamlMessage(e), { file, line: pos.line, col: pos.col });
+}
+
+/** A conversion error (unresolved alias, too many aliases), located at the alias it names or the first one. */
+function aliasProblem(file: string, doc: Document, e: unknown, lineCounter: LineCounter): BlkError {
+  const message = (e instanceof Error ? e.message : String(e)).split('\n')[0] ?? 'cannot convert the document';
+  const named = /: (.*)$/.exec(message)?.[1];
+  let offset: number | undefined;
+  visit(doc, {
+    Alias(_, node) {
+      if (offset === undefined || node.source === named) offset = node.range?.[0];
+      if (node.source === named) return visit.BREAK;
+      return undefined;
+    },
+  });
+  const pos = lineCounter.linePos(offset ?? doc.range?.[0] ?? 0);
+  return new BlkError('MANIFEST_SYNTAX', message, { file, line: pos.line, col: pos.col });
 }
 
 function isEmptyDocument(doc: Document): boolean {
@@ -97,7 +113,14 @@ export function loadManifestText(file: string, text: string): ManifestFile {
       );
       return;
     }
-    const data = doc.toJS({ maxAliasCount: 100 }) as unknown;
+    let data: unknown;
+    try {
+      data = doc.toJS({ maxAliasCount: 100 });
+    } catch (e) {
+      // yaml finds an alias to an anchor set later (or an alias bomb) only when converting.
+      problems.push(aliasProblem(file, doc, e, lineCounter));
+      return;
+    }
     const errors = validateManifestData(data);
     if (errors.length > 0) {
       for (const p of schemaProblems(errors, data)) problems.push(toError('MANIFEST_SCHEMA', p));
