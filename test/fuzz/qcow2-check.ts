@@ -1,0 +1,89 @@
+/**
+ * What one fuzzed image must do: open and fail with a BlkError that has a
+ * code and names the file, or open and serve, each read either the bytes or
+ * a BlkError (EIO to a FUSE reader) — never another exception, never a hang,
+ * never unbounded memory. Reads cover the start of the disk in 64 KiB steps
+ * and seeded random ranges anywhere in it (the virtual size may be mutated to
+ * petabytes: only bounded ranges are read).
+ */
+import { openImage } from '../../src/block/index.js';
+import { isBlkError } from '../../src/errors.js';
+import { seededRandom } from '../helpers/tools.js';
+
+export interface CheckResult {
+  /** 'refused' at open, or 'served' (possibly with read errors). */
+  outcome: 'refused' | 'served';
+  /** The open error's code, or the read errors' codes. */
+  codes: string[];
+  reads: number;
+  readErrors: number;
+  /** A broken promise: the reason (a non-BlkError, an error without a code or file, ...). */
+  violation?: string;
+}
+
+function violationOf(e: unknown, what: string, needFile: boolean): string | undefined {
+  if (!isBlkError(e))
+    return `${what} threw a non-BlkError: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`;
+  if (!e.code) return `${what} threw a BlkError without a code: ${e.message}`;
+  if (needFile && e.place.file === undefined)
+    return `${what} error does not name the file: ${e.code} ${e.message}`;
+  return undefined;
+}
+
+/** Opens `path` read-only (backing and data files only inside `roots`) and reads bounded ranges. */
+export async function checkImage(path: string, roots: string[], seed: number): Promise<CheckResult> {
+  const r: CheckResult = { outcome: 'refused', codes: [], reads: 0, readErrors: 0 };
+  let img: Awaited<ReturnType<typeof openImage>>;
+  try {
+    img = await openImage({ filename: path, readOnly: true, allowedRoots: roots, format: 'qcow2' });
+  } catch (e) {
+    r.violation = violationOf(e, 'open', true);
+    if (isBlkError(e)) r.codes.push(e.code);
+    return r;
+  }
+  r.outcome = 'served';
+  try {
+    const size = img.node.length();
+    if (!Number.isSafeInteger(size) || size < 0) {
+      r.violation = `virtual size ${size} is not a safe integer`;
+      return r;
+    }
+    const ranges: [number, number][] = [];
+    for (let off = 0; off < Math.min(size, 1 << 20); off += 64 << 10)
+      ranges.push([off, Math.min(64 << 10, size - off)]);
+    const rand = seededRandom(seed ^ 0x5eed);
+    for (let i = 0; i < 8 && size > 0; i++) {
+      const off = Math.floor(rand() * size);
+      ranges.push([off, Math.min(size - off, 1 + Math.floor(rand() * (128 << 10)))]);
+    }
+    const buf = Buffer.alloc(128 << 10);
+    for (const [off, len] of ranges) {
+      r.reads++;
+      try {
+        await img.node.read(off, buf.subarray(0, len));
+      } catch (e) {
+        r.readErrors++;
+        const v = violationOf(e, `read ${off}+${len}`, false);
+        if (v) {
+          r.violation = v;
+          return r;
+        }
+        if (isBlkError(e) && !r.codes.includes(e.code)) r.codes.push(e.code);
+      }
+    }
+    try {
+      await img.node.blockStatus(0, Math.min(size, 1 << 20));
+      img.node.imageInfo?.();
+    } catch (e) {
+      const v = violationOf(e, 'blockStatus/imageInfo', false);
+      if (v) r.violation = v;
+    }
+  } finally {
+    try {
+      await img.close();
+    } catch (e) {
+      r.violation ??= violationOf(e, 'close', false);
+    }
+  }
+  return r;
+}

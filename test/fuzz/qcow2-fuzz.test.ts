@@ -1,0 +1,47 @@
+/**
+ * qcow2 fuzzing in CI: seeded mutations of real qemu-img images (headers,
+ * extensions, L1/L2, refcounts, snapshots, compressed descriptors) for a fixed
+ * time budget; each must be refused with a coded BlkError or served with
+ * coded read errors, within the per-image bound, in bounded memory. A failing
+ * input is saved under test/fixtures/fuzz/ (commit it: the replay test keeps it).
+ * The seed varies per run (FUZZ_SEED to repeat one); `npm run fuzz` runs longer.
+ */
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { needTools, REPO, tempDir } from '../helpers/tools.js';
+import { runQcow2Fuzz, saveFailures } from './qcow2-run.js';
+
+const BUDGET_MS = Number(process.env.BLKEXPORT_FUZZ_MS ?? 30_000);
+
+test('qcow2 fuzzing: thousands of mutated images refused or served with coded errors, no crash or hang', {
+  timeout: BUDGET_MS + 120_000,
+}, async (t) => {
+  if (!needTools(t, 'qemu-img', 'qemu-io')) return;
+  const dir = tempDir(t, 'blkexport-fuzz-');
+  const seed = Number(process.env.FUZZ_SEED ?? (Date.now() % 1_000_000) * 1000);
+  const s = await runQcow2Fuzz({
+    corpusDir: dir,
+    budgetMs: BUDGET_MS,
+    seed,
+    workers: 2,
+    perImageMs: 5000,
+    maxRss: 1536 * 1024 * 1024,
+  });
+  const saved = saveFailures(join(REPO, 'test/fixtures/fuzz'), s.failures);
+  t.diagnostic(
+    `seed ${seed}: ${s.images} images in ${s.elapsedMs} ms (${s.refused} refused, ${s.served} served, ` +
+      `${s.servedWithReadErrors} with read errors), slowest ${Math.round(s.maxImageMs)} ms, ` +
+      `peak RSS ${Math.round(s.peakRss / 2 ** 20)} MiB, codes ${JSON.stringify(s.codes)}`,
+  );
+  assert.deepEqual(
+    s.failures.map((f) => `${f.base} seed ${f.seed} [${f.steps.join('; ')}]: ${f.reason}`),
+    [],
+    `saved as fixtures: ${saved.join(', ')}`,
+  );
+  assert.ok(s.images >= 1000, `only ${s.images} images in ${BUDGET_MS} ms`);
+  assert.ok(
+    s.refused > 0 && s.served > 0 && s.servedWithReadErrors > 0,
+    'mutations reach open and read paths',
+  );
+});
