@@ -166,7 +166,7 @@ describe('qcow2 write path', { concurrency: false }, () => {
     assertClean(dir, img, ref, 'resized');
   });
 
-  test('images that are never written: corrupt flag, external data file; snapshots block shrinking', async (t) => {
+  test('images that are never written: corrupt flag, a write aimed at metadata; snapshots block shrinking', async (t) => {
     if (!needTools(t, 'qemu-img')) return;
     const dir = tempDir(t);
     const img = createQcow2(join(dir, 'c.qcow2'), 1 * M, {});
@@ -174,6 +174,29 @@ describe('qcow2 write path', { concurrency: false }, () => {
     b.writeBigUInt64BE(b.readBigUInt64BE(72) | 2n, 72);
     writeFileSync(img, b);
     await assert.rejects(openImage({ filename: img, readOnly: false }), (e) => code(e) === 'IMAGE_CORRUPT');
+    // An L2 entry that points at the L1 table: the write is refused before it lands, the image flagged corrupt.
+    const bad = createQcow2(join(dir, 'bad.qcow2'), 1 * M, {});
+    qemuIo('-f', 'qcow2', '-c', 'write -P 1 0 64k', bad);
+    const raw = readFileSync(bad);
+    const l1 = Number(raw.readBigUInt64BE(40));
+    const l2 = Number(raw.readBigUInt64BE(l1) & 0xfffffffffe00n);
+    raw.writeBigUInt64BE((1n << 63n) | BigInt(l1), l2);
+    writeFileSync(bad, raw);
+    const w = await openImage({ filename: bad, readOnly: false });
+    try {
+      await assert.rejects(w.node.write(100, Buffer.alloc(10, 2)), (e) => code(e) === 'IMAGE_CORRUPT');
+      assert.equal(w.node.capabilities().write, false);
+      await assert.rejects(w.node.write(70000, Buffer.alloc(10, 2)), (e) => code(e) === 'IMAGE_CORRUPT');
+    } finally {
+      await w.close();
+    }
+    assert.equal(readFileSync(bad).readBigUInt64BE(l1), raw.readBigUInt64BE(l1), 'the L1 table is untouched');
+    const info = JSON.parse(qemuImg('info', '--output=json', bad)) as {
+      'format-specific': { data: { corrupt: boolean } };
+    };
+    assert.equal(info['format-specific'].data.corrupt, true);
+    await assert.rejects(openImage({ filename: bad, readOnly: false }), (e) => code(e) === 'IMAGE_CORRUPT');
+
     const s = createQcow2(join(dir, 's.qcow2'), 1 * M, {});
     qemuImg('snapshot', '-c', 'x', s);
     const o = await openImage({ filename: s, readOnly: false });

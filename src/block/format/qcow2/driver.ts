@@ -26,7 +26,7 @@ import {
   parseHeader,
   roundUp,
 } from './header.js';
-import { setDirtyBit } from './header-write.js';
+import { markCorrupt, setDirtyBit } from './header-write.js';
 import { registerQcow2Node } from './inspect.js';
 import { mapHostCached } from './map-host.js';
 import { COMPRESSED, DATA, type MappedExtent, mapRange, UNALLOCATED, ZERO } from './mapping.js';
@@ -225,8 +225,28 @@ async function readLocked(s: Qcow2State, offset: number, buf: Buffer): Promise<v
   if (!w.lock.tryShared()) await w.lock.shared();
   try {
     await readGuest(s, offset, buf);
+  } catch (e) {
+    await flagCorrupt(s, e);
+    throw e;
   } finally {
     w.lock.releaseShared();
+  }
+}
+
+/** A corruption found while the image is writable sets the corrupt bit: no writer touches it again. */
+async function flagCorrupt(s: Qcow2State, e: unknown): Promise<void> {
+  if ((e as { code?: string }).code !== 'IMAGE_CORRUPT' || !s.corrupt || s.readOnly || !s.w) return;
+  await markCorrupt(s).catch(() => undefined);
+}
+
+/** Runs a modifying operation, flagging the image corrupt when it finds corruption. */
+async function modifying(s: Qcow2State, fn: () => Promise<void>): Promise<void> {
+  try {
+    await writable(s);
+    await fn();
+  } catch (e) {
+    await flagCorrupt(s, e);
+    throw e;
   }
 }
 
@@ -281,22 +301,11 @@ export const qcow2Format = defineDriver<Qcow2State>({
   length: (s) => s.header.size,
   read: readLocked,
   mapHostCached,
-  async write(s, offset, buf) {
-    await writable(s);
-    await writeGuest(s, offset, buf);
-  },
-  async writeZeroes(s, offset, length, opts) {
-    await writable(s);
-    await writeZeroesGuest(s, offset, length, opts.mayUnmap);
-  },
-  async discard(s, offset, length) {
-    await writable(s);
-    await discardGuest(s, offset, length);
-  },
-  async truncate(s, size) {
-    await writable(s);
-    await resizeImage(s, size);
-  },
+  write: (s, offset, buf) => modifying(s, () => writeGuest(s, offset, buf)),
+  writeZeroes: (s, offset, length, opts) =>
+    modifying(s, () => writeZeroesGuest(s, offset, length, opts.mayUnmap)),
+  discard: (s, offset, length) => modifying(s, () => discardGuest(s, offset, length)),
+  truncate: (s, size) => modifying(s, () => resizeImage(s, size)),
   async flush(s) {
     if (s.readOnly || !s.w) return;
     await writeBack(s);
