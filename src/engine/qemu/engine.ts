@@ -47,7 +47,8 @@ interface QsdNodeInfo {
   'node-name': string;
   drv: string;
   ro: boolean;
-  backing_file?: string;
+  /** The backing file the image names (even when we passed backing: null). */
+  image?: { 'backing-filename'?: string };
 }
 
 interface QsdExportInfo {
@@ -318,11 +319,12 @@ export class QemuEngine implements Engine {
       const info = (await client.execute<QsdNodeInfo[]>('query-named-block-nodes', { flat: true })).find(
         (x) => x['node-name'] === name,
       );
-      if (info?.backing_file) {
+      const named = info?.image?.['backing-filename'];
+      if (named) {
         await client.execute('blockdev-del', { 'node-name': name }).catch(() => undefined);
         throw new BlkError(
           'BACKING_POLICY',
-          `node '${name}': the image names backing file '${info.backing_file}'; the qemu engine never lets QEMU follow it: name the backing node in the manifest (backing: NODE) or set backing: null`,
+          `node '${name}': the image names backing file '${named}'; the qemu engine never lets QEMU follow it: name the backing node in the manifest (backing: NODE) or set backing: null`,
         );
       }
     }
