@@ -1,12 +1,16 @@
 /**
  * The agent's control socket: HTTP with JSON over a Unix socket (mode 0600,
  * so only root talks to it). GET /status, GET /metrics, POST /reconcile.
+ * Each connection's peer credentials (SO_PEERCRED) are checked too, so a
+ * socket whose mode was loosened by hand still answers only root (and the
+ * agent's own user): others get 403.
  */
 import { chmod, mkdir, unlink } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
-import { connect } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import { dirname } from 'node:path';
-import { BlkError } from '../errors.js';
+import { nativeHelper } from '../block/lock-native.js';
+import { BlkError, describeError } from '../errors.js';
 
 export interface ControlHandlers {
   status(): unknown;
@@ -30,6 +34,20 @@ function socketAnswers(path: string): Promise<boolean> {
   });
 }
 
+/** Why the peer of `socket` may not talk to the agent, or undefined when it may (root or our own user). */
+export function refusePeer(socket: Socket): string | undefined {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) return 'cannot verify peer credentials (no descriptor)';
+  let uid: number;
+  try {
+    uid = nativeHelper().peerCredentials(fd).uid;
+  } catch (e) {
+    return `cannot verify peer credentials: ${describeError(e)}`;
+  }
+  const own = process.getuid?.() ?? 0;
+  return uid === 0 || uid === own ? undefined : `uid ${uid} may not use the agent's control socket`;
+}
+
 function send(res: ServerResponse, status: number, body: unknown, contentType = 'application/json'): void {
   const text = contentType === 'application/json' ? `${JSON.stringify(body, null, 2)}\n` : String(body);
   res.writeHead(status, { 'content-type': contentType, 'content-length': Buffer.byteLength(text) });
@@ -46,7 +64,10 @@ export async function startControlServer(
     throw new BlkError('AGENT', `another agent already answers on ${socketPath}`);
   }
   await unlink(socketPath).catch(() => undefined);
+  const refused = new WeakMap<Socket, string>();
   const server = createServer((req: IncomingMessage, res: ServerResponse) => {
+    const denied = refused.get(req.socket);
+    if (denied !== undefined) return send(res, 403, { error: denied });
     const route = `${req.method} ${(req.url ?? '/').split('?')[0]}`;
     const fail = (e: unknown) => send(res, 500, { error: (e as Error).message });
     try {
@@ -68,6 +89,11 @@ export async function startControlServer(
     } catch (e) {
       fail(e);
     }
+  });
+  // Checked once per connection, before its first request is read.
+  server.on('connection', (socket: Socket) => {
+    const why = refusePeer(socket);
+    if (why !== undefined) refused.set(socket, why);
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
