@@ -43,7 +43,8 @@ function syntaxProblem(file: string, text: string, e: YAMLError, lineCounter: Li
 
 /** A conversion error (unresolved alias, too many aliases), located at the alias it names or the first one. */
 function aliasProblem(file: string, doc: Document, e: unknown, lineCounter: LineCounter): BlkError {
-  const message = (e instanceof Error ? e.message : String(e)).split('\n')[0] ?? 'cannot convert the document';
+  const message =
+    (e instanceof Error ? e.message : String(e)).split('\n')[0] ?? 'cannot convert the document';
   const named = /: (.*)$/.exec(message)?.[1];
   let offset: number | undefined;
   visit(doc, {
