@@ -17,6 +17,7 @@ import { desiredFromManifests } from '../reconcile/desired.js';
 import { diff } from '../reconcile/diff.js';
 import type { Desired, NodeOptions, Observed, Plan, Step } from '../reconcile/model.js';
 import { ExportBook, type ExportRecord } from './export-status.js';
+import { DEFAULT_MAX_EXPORTS, exportsOverCap, IoErrorWatch, withoutExports } from './limits.js';
 import type { Logger } from './log.js';
 import {
   EMPTY_MANIFEST_STATE,
@@ -33,6 +34,8 @@ export interface AgentConfig {
   roots: readonly string[] | 'any';
   /** The engine of manifests that do not name one (--engine); default native. */
   defaultEngine?: EngineName;
+  /** At most this many exports (--max-exports); default DEFAULT_MAX_EXPORTS. */
+  maxExports?: number;
 }
 
 export interface StatusExport {
@@ -107,6 +110,7 @@ export class Agent {
   private manifestState: ManifestState = EMPTY_MANIFEST_STATE;
   private manifestStatus: ManifestStatus[] = [];
   private readonly book = new ExportBook();
+  private readonly ioErrors = new IoErrorWatch();
   private passes = 0;
   private lastPass: string | null = null;
   private running: Promise<PassResult> | undefined;
@@ -172,17 +176,22 @@ export class Agent {
         lastPass: this.lastPass,
       },
       manifests: this.manifestStatus,
-      exports: this.book.list().map((r) => ({
-        id: r.id,
-        manifest: r.manifest,
-        engine: this.engineOf.get(r.id) ?? this.defaultEngine,
-        state: r.state,
-        reason: r.reason,
-        since: r.since,
-        mountpoint: r.mountpoint,
-        node: r.node,
-        chain: live.get(r.id)?.nodeChain ?? [],
-      })),
+      exports: this.book.list().map((r) => {
+        // A live export that keeps answering EIO is failed in status; it stays mounted for its good ranges.
+        const io = this.ioErrors.observe(r.id, live.get(r.id)?.stats?.errors, Date.now());
+        const failing = io !== undefined && r.state === 'ready';
+        return {
+          id: r.id,
+          manifest: r.manifest,
+          engine: this.engineOf.get(r.id) ?? this.defaultEngine,
+          state: failing ? 'failed' : r.state,
+          reason: failing ? io : r.reason,
+          since: r.since,
+          mountpoint: r.mountpoint,
+          node: r.node,
+          chain: live.get(r.id)?.nodeChain ?? [],
+        };
+      }),
     };
   }
 
@@ -314,6 +323,18 @@ export class Agent {
       }
       this.book.retain(new Set(all.exports.map((e) => e.options.id)));
       this.engineOf.clear();
+      const served = new Set(this.engines.flatMap((en) => en.exports().map((e) => e.id)));
+      const overCap = exportsOverCap(
+        all.exports.map((e) => e.options.id),
+        served,
+        this.config.maxExports ?? DEFAULT_MAX_EXPORTS,
+      );
+      for (const [id, why] of overCap) {
+        const before = this.book.get(id);
+        if (before?.state === 'failed' && before.reason === why) continue;
+        this.log.error('export refused', { export: id, reason: why });
+        this.book.failed(id, why, now);
+      }
 
       // Each engine gets its own desired subset and its own observed state; the same diff for all.
       const passes: EnginePass[] = [];
@@ -324,7 +345,7 @@ export class Agent {
           this.config.hostname,
         );
         for (const e of desired.exports) this.engineOf.set(e.options.id, engine.name);
-        desired = await this.confine(desired, now);
+        desired = await this.confine(withoutExports(desired, new Set(overCap.keys())), now);
         try {
           let observed = await engine.observe();
           if (await this.evictDrifted(engine, observed)) observed = await engine.observe();

@@ -7,6 +7,7 @@ import { hostname } from 'node:os';
 import { resolve } from 'node:path';
 import { Agent } from '../../agent/agent.js';
 import { DEFAULT_SOCKET, startControlServer } from '../../agent/control-server.js';
+import { DEFAULT_MAX_EXPORTS } from '../../agent/limits.js';
 import { createLogger, type LogFormat } from '../../agent/log.js';
 import { createAgentMetrics } from '../../agent/metrics.js';
 import { cleanStaleAgentMounts } from '../../agent/stale.js';
@@ -33,6 +34,7 @@ options:
   --allow-root DIR         images, backing files and mountpoints must lie in DIR (repeatable)
   --allow-any-path         no confinement (explicit opt-in; one of the two is required)
   --resync SEC             periodic full pass, also repairs drift (default 30)
+  --max-exports N          serve at most N exports; more are refused with a reason (default ${DEFAULT_MAX_EXPORTS})
   --engine native|qemu     the engine of manifests that do not name one (default native)
   --qsd-dir DIR            qemu engine: qemu-storage-daemon's pidfile, QMP socket and state file
                            (default ${DEFAULT_QSD_DIR}); one daemon per directory, re-attached on restart
@@ -47,6 +49,7 @@ export async function run(args: string[]): Promise<number> {
     'allow-root': { type: 'string', multiple: true, default: [] },
     'allow-any-path': { type: 'boolean', default: false },
     resync: { type: 'string', default: '30' },
+    'max-exports': { type: 'string', default: String(DEFAULT_MAX_EXPORTS) },
     engine: { type: 'string', default: 'native' },
     'qsd-dir': { type: 'string', default: DEFAULT_QSD_DIR },
     'log-format': { type: 'string', default: 'text' },
@@ -62,6 +65,9 @@ export async function run(args: string[]): Promise<number> {
   const resyncSec = Number(values.resync);
   if (!Number.isFinite(resyncSec) || resyncSec <= 0)
     throw new BlkError('USAGE', '--resync takes a positive number of seconds');
+  const maxExports = Number(values['max-exports']);
+  if (!Number.isSafeInteger(maxExports) || maxExports < 0)
+    throw new BlkError('USAGE', '--max-exports takes a whole number');
   const rootsGiven = (values['allow-root'] as string[]).map((r) => resolve(r));
   if (rootsGiven.length === 0 && !values['allow-any-path']) {
     throw new BlkError(
@@ -94,7 +100,7 @@ export async function run(args: string[]): Promise<number> {
   });
   const engines = [native, qemu];
   const agent = new Agent(
-    { manifests: dir, hostname: host, roots: policy.allowedRoots, defaultEngine },
+    { manifests: dir, hostname: host, roots: policy.allowedRoots, defaultEngine, maxExports },
     engines,
     log,
   );
