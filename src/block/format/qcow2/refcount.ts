@@ -80,10 +80,9 @@ export class Refcounts {
     this.zeroFrom = this.hostEnd;
   }
 
-  /** Tells the reader the file grew (blocks may now lie further out). */
+  /** Tells the reader the file grew (blocks may now lie further out); the space handed out stays where it is. */
   setFileLength(n: number): void {
     this.fileLength = n;
-    this.hostEnd = Math.max(this.hostEnd, Math.ceil(n / this.cs) * this.cs);
   }
 
   /** Number of entries in the refcount table. */
@@ -226,6 +225,7 @@ export class Refcounts {
 
   /** Hands out up to n contiguous free clusters with refcount 1 (in memory); the file is grown to hold them. */
   async allocate(n: number): Promise<ClusterRun> {
+    const hint = this.freeHint;
     const run = await this.findFree(n);
     for (let i = 0; i < run.count; i++) this.reserved.add(run.start + i);
     try {
@@ -238,7 +238,8 @@ export class Refcounts {
     } finally {
       for (let i = 0; i < run.count; i++) this.reserved.delete(run.start + i);
     }
-    if (run.start <= this.freeHint) this.freeHint = run.start + run.count;
+    // Everything from the hint up to the run is in use; keep a lower hint a free set meanwhile.
+    if (this.freeHint === hint) this.freeHint = run.start + run.count;
     return run;
   }
 

@@ -20,7 +20,7 @@ import type { Qcow2State, WriteState } from './state.js';
 const EROFS = 30;
 const TWO32 = 2 ** 32;
 /** The file grows in steps of at least this much (one ftruncate per step, not per cluster). */
-const GROW_STEP = 1024 * 1024;
+const GROW_STEP = 8 * 1024 * 1024;
 /** Autoclear bits this writer keeps valid: bitmaps (marked in use) and raw external data. */
 const AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | (1n << 1n);
 

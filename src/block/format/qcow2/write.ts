@@ -357,7 +357,12 @@ async function writeData(s: Qcow2State, t: TablePlan, offset: number, buf: Buffe
     maxEnd = Math.max(maxEnd, host + data.length);
     const last = pieces[pieces.length - 1];
     if (last && last[0] + last[1].length === host && last[1].length + data.length <= MERGE_LIMIT) {
-      last[1] = Buffer.concat([last[1], data]);
+      const prev = last[1];
+      // Consecutive slices of the caller's buffer merge without a copy.
+      last[1] =
+        prev.buffer === data.buffer && prev.byteOffset + prev.length === data.byteOffset
+          ? Buffer.from(prev.buffer, prev.byteOffset, prev.length + data.length)
+          : Buffer.concat([prev, data]);
     } else {
       pieces.push([host, data]);
     }
