@@ -656,32 +656,36 @@ static napi_value js_reply_open(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* reply_data(req, n): sends the first n bytes of the read buffer. */
-static napi_value js_reply_data(napi_env env, napi_callback_info info) {
+/* The request and byte count of reply_data/reply_write(req, n); n is clamped to the request's size. */
+static blk_req *req_and_count(napi_env env, napi_callback_info info, size_t *count) {
   size_t argc = 2;
   napi_value argv[2];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
   blk_req *r = req_arg(env, argv[0]);
   if (!r) return NULL;
   double n = 0;
   napi_get_value_double(env, argv[1], &n);
   if (n < 0 || n > (double)r->size) n = (double)r->size;
-  fuse_reply_buf(r->req, r->buf, (size_t)n);
+  *count = (size_t)n;
+  return r;
+}
+
+/* reply_data(req, n): sends the first n bytes of the read buffer. */
+static napi_value js_reply_data(napi_env env, napi_callback_info info) {
+  size_t n = 0;
+  blk_req *r = req_and_count(env, info, &n);
+  if (!r) return NULL;
+  fuse_reply_buf(r->req, r->buf, n);
   free_req(r);
   return NULL;
 }
 
 /* reply_write(req, n) */
 static napi_value js_reply_write(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  blk_req *r = req_arg(env, argv[0]);
+  size_t n = 0;
+  blk_req *r = req_and_count(env, info, &n);
   if (!r) return NULL;
-  double n = 0;
-  napi_get_value_double(env, argv[1], &n);
-  if (n < 0 || n > (double)r->size) n = (double)r->size;
-  fuse_reply_write(r->req, (size_t)n);
+  fuse_reply_write(r->req, n);
   free_req(r);
   return NULL;
 }
