@@ -39,6 +39,7 @@ enum {
   OP_FLUSH = 6,
   OP_FSYNC = 7,
   OP_FALLOCATE = 8,
+  OP_LSEEK = 9,
   OP_ENDED = 100,
 };
 
@@ -390,6 +391,14 @@ static void ll_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
   queue(req, r);
 }
 
+static void ll_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi) {
+  blk_req *r = new_req(req, OP_LSEEK);
+  if (!r) return;
+  r->off = (uint64_t)off;
+  r->flags = whence;
+  queue(req, r);
+}
+
 static void ll_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) { fuse_reply_err(req, 0); }
 
 static void ll_statfs(fuse_req_t req, fuse_ino_t ino) {
@@ -415,6 +424,7 @@ static const struct fuse_lowlevel_ops ops = {
     .flush = ll_flush,
     .fsync = ll_fsync,
     .fallocate = ll_fallocate,
+    .lseek = ll_lseek,
     .release = ll_release,
     .statfs = ll_statfs,
     .unlink = ll_unlink,
@@ -491,6 +501,10 @@ static void call_js(napi_env env, napi_value js_cb, void *context, void *data) {
       napi_create_double(env, (double)r->size, &argv[2]);
       napi_create_double(env, (double)r->off, &argv[3]);
       napi_create_external_buffer(env, r->size, r->buf, noop_finalize, NULL, &argv[7]);
+      break;
+    case OP_LSEEK:
+      napi_create_double(env, (double)r->off, &argv[2]);
+      napi_create_int32(env, r->flags, &argv[3]);
       break;
     case OP_FALLOCATE:
       napi_create_int32(env, r->flags, &argv[2]);
@@ -690,6 +704,20 @@ static napi_value js_reply_write(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* reply_lseek(req, offset) */
+static napi_value js_reply_lseek(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  blk_req *r = req_arg(env, argv[0]);
+  if (!r) return NULL;
+  double off = 0;
+  napi_get_value_double(env, argv[1], &off);
+  fuse_reply_lseek(r->req, (off_t)off);
+  free_req(r);
+  return NULL;
+}
+
 static blk_fs *fs_arg(napi_env env, napi_value v) {
   void *p = NULL;
   if (napi_get_value_external(env, v, &p) != napi_ok || p == NULL) {
@@ -849,6 +877,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"replyOpen", NULL, js_reply_open, NULL, NULL, NULL, napi_default, NULL},
       {"replyData", NULL, js_reply_data, NULL, NULL, NULL, napi_default, NULL},
       {"replyWrite", NULL, js_reply_write, NULL, NULL, NULL, napi_default, NULL},
+      {"replyLseek", NULL, js_reply_lseek, NULL, NULL, NULL, napi_default, NULL},
       {"unref", NULL, js_unref, NULL, NULL, NULL, napi_default, NULL},
       {"fastGen", NULL, js_fast_gen, NULL, NULL, NULL, napi_default, NULL},
       {"fastInvalidate", NULL, js_fast_invalidate, NULL, NULL, NULL, napi_default, NULL},

@@ -86,6 +86,35 @@ for (const binding of ['fuse3', 'fuse-native'] as const) {
       assert.ok(readFileSync(img).subarray(0, size).equals(ref));
     });
 
+    if (binding === 'fuse3') {
+      test('lseek SEEK_DATA / SEEK_HOLE follow the block status; ENXIO past the end', (t) => {
+        if (!needTools(t, 'qemu-img', 'qemu-io', '/dev/fuse', 'python3')) return;
+        const dir = tempDir(t, 'blkexport-test-', cleanupMountsUnder);
+        const img = join(dir, 'sparse.qcow2');
+        qemuImg('create', '-q', '-f', 'qcow2', img, '4M');
+        run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 1M 64k', '-c', 'write -P 2 3M 512k', img]);
+        assert.equal(blk(env, 'mount', img, '--daemonize').status, 0);
+        const script = [
+          'import os, sys',
+          'fd = os.open(sys.argv[1], os.O_RDONLY)',
+          'for off in map(int, sys.argv[2:]):',
+          '  for wh in (os.SEEK_DATA, os.SEEK_HOLE):',
+          '    try: print(os.lseek(fd, off, wh))',
+          '    except OSError as e: print(-e.errno)',
+        ].join('\n');
+        const out = runOk('python3', ['-c', script, img, '0', '1100000', '2000000', '3500000', '4194304']);
+        const M = 1024 * 1024;
+        assert.deepEqual(out.trim().split('\n').map(Number), [
+          ...[M, 0], // data starts at 1 MiB; 0 is a hole
+          ...[1100000, M + 64 * K], // inside the data; the hole after it
+          ...[3 * M, 2000000], // the next data; a hole here
+          ...[3500000, 3 * M + 512 * K],
+          ...[-6, -6], // ENXIO at the end
+        ]);
+        assert.equal(blk(env, 'umount', img).status, 0);
+      });
+    }
+
     test('a qcow2 over a backing file reads identically to qemu-img convert', (t) => {
       if (!needTools(t, 'qemu-img', 'qemu-io', '/dev/fuse')) return;
       const dir = tempDir(t, 'blkexport-test-', cleanupMountsUnder);

@@ -41,6 +41,10 @@ export interface ExportStats {
 const O_ACCMODE = 3;
 /** The fast path's granule (native-fuse/fuse3_file.c GRANULE_BITS). */
 const GRANULE = 64 * 1024;
+/** lseek whence values the kernel passes on (SEEK_SET/CUR/END never reach us). */
+const SEEK = { DATA: 3, HOLE: 4 } as const;
+/** Block-status calls one lseek may make before answering conservatively. */
+const MAX_SEEK_STEPS = 100_000;
 /** A length that covers any export: invalidates everything. */
 const ALL = Number.MAX_SAFE_INTEGER;
 /** fallocate(2) mode bits. */
@@ -360,6 +364,26 @@ export class FuseExport {
           return;
         }
         throw new FuseErrno(Errno.EOPNOTSUPP, `fallocate mode ${mode} is not supported`);
+      },
+      seek: async (offset, whence) => {
+        this.check();
+        const size = node.length();
+        if (whence !== SEEK.DATA && whence !== SEEK.HOLE) throw new FuseErrno(Errno.EINVAL);
+        // Past the node's end: the rounding tail (up to 512) is a hole, beyond it nothing.
+        if (offset >= size) {
+          if (whence === SEEK.HOLE && offset < roundUpToSector(size)) return offset;
+          throw new FuseErrno(Errno.ENXIO);
+        }
+        let pos = offset;
+        for (let i = 0; pos < size && i < MAX_SEEK_STEPS; i++) {
+          const ext = await node.blockStatus(pos, size - pos);
+          const hole = ext.zero || !ext.data;
+          if (hole === (whence === SEEK.HOLE)) return pos;
+          pos = ext.offset + ext.length;
+        }
+        if (pos < size) return whence === SEEK.DATA ? pos : size; // too fragmented to walk: claim data
+        if (whence === SEEK.DATA) throw new FuseErrno(Errno.ENXIO);
+        return size;
       },
       utimens: () => {
         throw new FuseErrno(Errno.EOPNOTSUPP, 'timestamps cannot be set');

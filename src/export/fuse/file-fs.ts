@@ -21,6 +21,7 @@ export const Errno = {
   EROFS: 30,
   ENOSYS: 38,
   EOPNOTSUPP: 95,
+  ENXIO: 6,
   ENOTCONN: 107,
 } as const;
 
@@ -61,6 +62,8 @@ export interface FileFsOps {
   fsync(): Promise<void>;
   /** fallocate(2) on the file: mode bits as the kernel gives them (absent: EOPNOTSUPP). */
   fallocate?(mode: number, offset: number, length: number): Promise<void>;
+  /** lseek SEEK_DATA (3) / SEEK_HOLE (4): the offset found (absent: EOPNOTSUPP). */
+  seek?(offset: number, whence: number): Promise<number>;
   /** Called for every failure answered with EIO (for metrics and logs). */
   onError?(op: string, err: unknown): void;
 }

@@ -46,6 +46,7 @@ interface Fuse3Addon {
   replyOpen(req: ReqHandle, directIo: boolean, keepCache: boolean): void;
   replyData(req: ReqHandle, n: number): void;
   replyWrite(req: ReqHandle, n: number): void;
+  replyLseek(req: ReqHandle, offset: number): void;
   unref(handle: object): void;
   fastGen(handle: object): number;
   fastInvalidate(handle: object, offset: number, length: number, size: number): void;
@@ -87,6 +88,7 @@ const OP = {
   FLUSH: 6,
   FSYNC: 7,
   FALLOCATE: 8,
+  LSEEK: 9,
   ENDED: 100,
 } as const;
 // struct fuse_setattr flags (fuse_lowlevel.h)
@@ -193,6 +195,14 @@ export function mountFileFsFuse3(
         case OP.FALLOCATE:
           if (!ops.fallocate) a.replyErr(req, Errno.EOPNOTSUPP);
           else done(req, 'fallocate', ops.fallocate(x, y, z));
+          return;
+        case OP.LSEEK:
+          if (!ops.seek) a.replyErr(req, Errno.EOPNOTSUPP);
+          else
+            ops.seek(x, y).then(
+              (off) => a.replyLseek(req, off),
+              (e) => fail(req, 'lseek', e),
+            );
           return;
         case OP.ENDED:
           ended();
