@@ -133,7 +133,7 @@ async function crashImage(dir: string, cfg: Config, idx: number): Promise<number
 }
 
 test('SIGKILL during qcow2 writes never corrupts and never loses flushed data', {
-  timeout: 170_000,
+  timeout: 300_000,
 }, async (t) => {
   if (!needTools(t, 'qemu-img', 'qemu-io')) return;
   const dir = tempDir(t);
