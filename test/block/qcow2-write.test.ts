@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
+import { stateOf } from '../../src/block/format/qcow2/inspect.js';
 import { openImage } from '../../src/block/open-image.js';
 import { needTools, qemuImg, qemuIo, randomBytes, run, seededRandom, tempDir } from '../helpers/tools.js';
 import { convertToRaw, createQcow2, K, M } from './images.js';
@@ -71,6 +72,32 @@ describe('qcow2 write path', { concurrency: false }, () => {
       await workloadOn(dir, img, 12, 40, ref);
     });
   }
+
+  test('overwriting allocated clusters is one pwrite and a flush of it writes no metadata', async (t) => {
+    if (!needTools(t, 'qemu-img')) return;
+    const dir = tempDir(t);
+    const img = createQcow2(join(dir, 'fast.qcow2'), 4 * M, {});
+    const o = await openImage({ filename: img, readOnly: false });
+    try {
+      await o.node.write(0, Buffer.alloc(M, 1)); // allocates 16 clusters, contiguous
+      await o.node.flush();
+      const file = stateOf(o.node).file;
+      const writes: [number, number][] = [];
+      const write = file.write.bind(file);
+      file.write = (off: number, buf: Buffer) => {
+        writes.push([off, buf.length]);
+        return write(off, buf);
+      };
+      await o.node.write(1000, Buffer.alloc(200000, 2)); // spans four clusters
+      assert.equal(writes.length, 1, `one pwrite, got ${JSON.stringify(writes)}`);
+      await o.node.flush();
+      assert.equal(writes.length, 1, 'the flush wrote no metadata');
+      file.write = write;
+    } finally {
+      await o.close();
+    }
+    assert.equal(run('qemu-img', ['check', img]).status, 0);
+  });
 
   test('backing chain: raw ← qcow2 ← qcow2 (v3 and extended L2 tops)', async (t) => {
     if (!needTools(t, 'qemu-img', 'qemu-io')) return;
