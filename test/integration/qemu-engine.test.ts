@@ -201,8 +201,18 @@ describe('the qemu engine', { concurrency: false }, () => {
     - { node-name: top, driver: qcow2, file: top-file, backing: base, read-only: true }
 `;
     body += `    - { id: chain, node-name: top, mountpoint: ${join(d.images, 'chain.raw')}, create-mountpoint: true }\n`;
-    // A shorthand export of the same overlay: QEMU must not follow its backing file on its own.
+    // A shorthand export of the same overlay: its backing file, inside the allowed roots, is opened
+    // by us as explicit nodes (QEMU never follows it on its own).
     body += shorthand('follow', top, { mountpoint: join(d.images, 'follow.raw'), 'create-mountpoint': true });
+    // An overlay whose backing file lies outside the allowed roots is refused.
+    const outsideBase = join(d.dir, 'outside-base.qcow2');
+    qemuImg('convert', '-f', 'raw', '-O', 'qcow2', refPath, outsideBase);
+    const escape = join(d.images, 'escape.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-b', outsideBase, '-F', 'qcow2', escape);
+    body += shorthand('escape', escape, {
+      mountpoint: join(d.images, 'escape.raw'),
+      'create-mountpoint': true,
+    });
     writeFileSync(join(d.manifests, 'matrix.yaml'), manifest('matrix', blockdevs + body, 'qemu'));
     const agent = await start();
     const by = await until(
@@ -210,15 +220,15 @@ describe('the qemu engine', { concurrency: false }, () => {
       async () => {
         const st = await agent.get<Status>('/status');
         const m = new Map(st.exports.map((e) => [e.id, e]));
-        return st.exports.length === variants.length + 3 &&
-          m.get('follow')?.state === 'failed' &&
-          st.exports.filter((e) => e.id !== 'follow').every((e) => e.state === 'ready')
+        return st.exports.length === variants.length + 4 &&
+          m.get('escape')?.state === 'failed' &&
+          st.exports.filter((e) => e.id !== 'escape').every((e) => e.state === 'ready')
           ? m
           : undefined;
       },
       15_000,
     );
-    assert.match(by.get('follow')!.reason, /names backing file .*never lets QEMU follow it/);
+    assert.match(by.get('escape')!.reason, /outside the allowed roots/);
     for (const id of [...variants.map((v) => v[0]), 'zero']) {
       const img = join(d.images, `${id === 'zero' ? 'zero' : id}.qcow2`);
       assert.ok(
@@ -226,7 +236,26 @@ describe('the qemu engine', { concurrency: false }, () => {
         id,
       );
     }
-    assert.ok(readExport(join(d.images, 'chain.raw')).equals(convertToRaw(top, join(d.dir, 'chain.out'))));
+    const chain = convertToRaw(top, join(d.dir, 'chain.out'));
+    assert.ok(readExport(join(d.images, 'chain.raw')).equals(chain));
+    assert.ok(readExport(join(d.images, 'follow.raw')).equals(chain), 'the followed chain reads the same');
+
+    // Re-attach after SIGKILL: the chain's nodes are known (not removed as orphans), the plan is empty.
+    agent.proc.kill('SIGKILL');
+    await agent.exited;
+    const again = await start();
+    await until('re-attached', async () => (await again.get<Status>('/status')).exports.length > 0);
+    const plan = run(BIN, ['plan', '--manifests', d.manifests, '--socket', again.socket, '-o', 'json']);
+    const steps = (
+      JSON.parse(plan.stdout) as { steps: { node?: { 'node-name': string }; export?: { id: string } }[] }
+    ).steps;
+    // Only the refused export (its format node and the export) is still to add.
+    assert.deepEqual(
+      steps.map((x) => x.node?.['node-name'] ?? x.export?.id),
+      ['escape-fmt', 'escape'],
+    );
+    assert.doesNotMatch(again.log(), /removed a node qemu-storage-daemon had/);
+    assert.ok(readExport(join(d.images, 'follow.raw')).equals(chain));
   });
 
   test('one agent, both engines: manifests pick theirs; a qemu-only format under the native engine fails clearly', async (t) => {

@@ -92,6 +92,7 @@ export async function run(args: string[]): Promise<number> {
   // QSD is started only when a step needs it; an agent with no qemu manifests never runs it.
   const qemu = new QemuEngine({
     dir: resolve(values['qsd-dir'] as string),
+    policy,
     onLost: (why) => {
       log.warn('qemu-storage-daemon lost; reconciling', { why });
       void agentRef?.requestPass('qemu-storage-daemon lost');

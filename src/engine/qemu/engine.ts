@@ -7,7 +7,9 @@
  * query-block-exports and each export by the kernel's mount table. When QSD
  * dies, its stale mounts are cleaned and the next pass applies everything again.
  */
+import { createHash } from 'node:crypto';
 import { unlink, writeFile } from 'node:fs/promises';
+import { type PathPolicy, resolveImplicitFile } from '../../block/path-policy.js';
 import { BlkError } from '../../errors.js';
 import { lazyUnmount } from '../../export/fuse/file-fs.js';
 import { type MountEntry, readMountTable, topMountAt } from '../../export/mount-table.js';
@@ -39,6 +41,12 @@ export interface QemuEngineOptions {
   dir?: string;
   /** Called when the QMP connection drops without our asking (QSD died): the agent then asks for a pass. */
   onLost?: (why: string) => void;
+  /**
+   * Where backing files named inside images may be followed (the agent's
+   * --allow-root). Without it, an image that names a backing file is refused
+   * unless the manifest names the backing node.
+   */
+  policy?: PathPolicy;
   /** Where to say what happened outside any step (re-attach, stale clean-up). */
   log?: (msg: string, fields?: Record<string, unknown>) => void;
 }
@@ -47,8 +55,8 @@ interface QsdNodeInfo {
   'node-name': string;
   drv: string;
   ro: boolean;
-  /** The backing file the image names (even when we passed backing: null). */
-  image?: { 'backing-filename'?: string };
+  /** The backing file the image names (even when we passed backing: null), and its recorded format. */
+  image?: { 'backing-filename'?: string; 'backing-filename-format'?: string };
 }
 
 interface QsdExportInfo {
@@ -62,6 +70,9 @@ interface QsdExportInfo {
 function isQsdMount(e: MountEntry | undefined): boolean {
   return e !== undefined && e.fstype === 'fuse' && e.source === '/dev/fuse';
 }
+
+/** Longest backing chain followed from an image's own header. */
+const MAX_BACKING_DEPTH = 16;
 
 function notFound(e: unknown): boolean {
   return e instanceof QmpError && /not found|Failed to find|Cannot find/i.test(e.message);
@@ -143,7 +154,9 @@ export class QemuEngine implements Engine {
       this.log('removing an export qemu-storage-daemon has but the state does not', { export: e.id });
       await this.deleteExport(client, e.id).catch(() => undefined);
     }
-    const knownNodes = new Set(this.state.nodes.map((n) => n.options['node-name']));
+    const knownNodes = new Set(
+      this.state.nodes.flatMap((n) => [n.options['node-name'], ...(n.hidden ?? [])]),
+    );
     // Parents before children: repeat while something could be deleted.
     for (let progress = true; progress; ) {
       progress = false;
@@ -314,24 +327,108 @@ export class QemuEngine implements Engine {
     const client = (await this.attach(true))!;
     const args = blockdevArgs(n, driver);
     await client.execute('blockdev-add', args);
-    if (BACKING_FORMATS.includes(driver) && n.backing === undefined) {
-      // `backing` absent: we passed null; an image that names a backing file would read wrong without it.
-      const info = (await client.execute<QsdNodeInfo[]>('query-named-block-nodes', { flat: true })).find(
-        (x) => x['node-name'] === name,
-      );
-      const named = info?.image?.['backing-filename'];
-      if (named) {
-        await client.execute('blockdev-del', { 'node-name': name }).catch(() => undefined);
-        throw new BlkError(
-          'BACKING_POLICY',
-          `node '${name}': the image names backing file '${named}'; the qemu engine never lets QEMU follow it: name the backing node in the manifest (backing: NODE) or set backing: null`,
-        );
-      }
-    }
     const applied: AppliedNode = { options: n, args };
     if (Object.keys(resolved).length) applied.resolved = resolved;
+    if (BACKING_FORMATS.includes(driver) && n.backing === undefined) {
+      // `backing` absent: QEMU got null. An image that names a backing file gets it as explicit
+      // nodes we opened ourselves, inside the allowed roots, or is refused.
+      const image = this.applied(n.file!)?.options.filename;
+      const named = await this.namedBacking(client, name);
+      if (named) {
+        await client.execute('blockdev-del', { 'node-name': name }).catch(() => undefined);
+        const hidden: string[] = [];
+        try {
+          const top = await this.addBackingChain(client, name, image, named, 1, hidden);
+          args.backing = top;
+          await client.execute('blockdev-add', args);
+        } catch (e) {
+          for (const h of hidden)
+            await client.execute('blockdev-del', { 'node-name': h }).catch(() => undefined);
+          throw e;
+        }
+        applied.hidden = hidden;
+      }
+    }
     this.state.nodes.push(applied);
     await this.save();
+  }
+
+  /** The backing file a node's image names (QSD's image info), with its recorded format. */
+  private async namedBacking(
+    client: QmpClient,
+    nodeName: string,
+  ): Promise<{ name: string; format: string | undefined } | undefined> {
+    const info = (await client.execute<QsdNodeInfo[]>('query-named-block-nodes', { flat: true })).find(
+      (x) => x['node-name'] === nodeName,
+    );
+    const name = info?.image?.['backing-filename'];
+    return name ? { name, format: info?.image?.['backing-filename-format'] } : undefined;
+  }
+
+  /**
+   * Adds the backing chain an image names, bottom-up, as nodes of our own
+   * naming (recorded in `hidden`, top-down), each file resolved with the path
+   * policy and each format taken from the image, never probed. Returns the
+   * node-name of the chain's top.
+   */
+  private async addBackingChain(
+    client: QmpClient,
+    owner: string,
+    image: string | undefined,
+    named: { name: string; format: string | undefined },
+    depth: number,
+    hidden: string[],
+  ): Promise<string> {
+    const refuse = (why: string) =>
+      new BlkError(
+        'BACKING_POLICY',
+        `node '${owner}': backing file '${named.name}' ${why}; name the backing node in the manifest (backing: NODE) or set backing: null`,
+        image === undefined ? {} : { file: image, field: 'backing_file' },
+      );
+    if (!this.opts.policy || image === undefined) throw refuse('is not followed by the qemu engine here');
+    if (depth > MAX_BACKING_DEPTH)
+      throw new BlkError('BACKING_CHAIN', `node '${owner}': backing chain longer than ${MAX_BACKING_DEPTH}`);
+    if (!named.format || !QEMU_FORMATS.includes(named.format))
+      throw refuse(
+        `has no usable recorded format (${named.format ?? 'none'}); backing files are never probed`,
+      );
+    const path = await resolveImplicitFile(
+      this.opts.policy,
+      image,
+      named.name,
+      'backing file',
+      'backing_file',
+    );
+    const top = topMountAt(await readMountTable(), path);
+    if (top?.fstype.startsWith('fuse')) throw refuse(`(${path}) is covered by a FUSE mount`);
+    const tag = `bk${createHash('sha1').update(owner).digest('hex').slice(0, 8)}d${depth}`;
+    const fileName = `${tag}f`;
+    await client.execute('blockdev-add', {
+      driver: 'file',
+      'node-name': fileName,
+      filename: path,
+      'read-only': true,
+    });
+    hidden.push(fileName);
+    checkImageHead(named.format, await readHead(path), path);
+    const args: Record<string, unknown> = {
+      driver: named.format,
+      'node-name': tag,
+      file: fileName,
+      'read-only': true,
+    };
+    if (BACKING_FORMATS.includes(named.format)) args.backing = null;
+    await client.execute('blockdev-add', args);
+    hidden.unshift(tag);
+    const deeper = BACKING_FORMATS.includes(named.format) ? await this.namedBacking(client, tag) : undefined;
+    if (deeper) {
+      await client.execute('blockdev-del', { 'node-name': tag });
+      hidden.shift();
+      args.backing = await this.addBackingChain(client, owner, path, deeper, depth + 1, hidden);
+      await client.execute('blockdev-add', args);
+      hidden.unshift(tag);
+    }
+    return tag;
   }
 
   private async removeNode(name: string): Promise<void> {
@@ -342,6 +439,9 @@ export class QemuEngine implements Engine {
       } catch (e) {
         if (!notFound(e)) throw e;
       }
+      // The backing chain we opened for it, top-down.
+      for (const h of this.applied(name)?.hidden ?? [])
+        await client.execute('blockdev-del', { 'node-name': h }).catch(() => undefined);
     }
     this.state.nodes = this.state.nodes.filter((n) => n.options['node-name'] !== name);
     await this.save();

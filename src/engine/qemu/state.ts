@@ -14,6 +14,8 @@ export interface AppliedNode {
   options: NodeOptions;
   resolved?: ObservedNode['resolved'];
   args: Record<string, unknown>;
+  /** Nodes we opened for the backing chain the image names (top-down), removed with this node. */
+  hidden?: string[];
 }
 
 /** One export as applied. */
