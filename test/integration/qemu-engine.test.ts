@@ -6,7 +6,7 @@
  * safety, and one agent serving both engines.
  */
 import assert from 'node:assert/strict';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import {
@@ -256,6 +256,38 @@ describe('the qemu engine', { concurrency: false }, () => {
     );
     assert.doesNotMatch(again.log(), /removed a node qemu-storage-daemon had/);
     assert.ok(readExport(join(d.images, 'follow.raw')).equals(chain));
+  });
+
+  test('partition: of a qcow2 found by our reader, served by QSD as a raw window', async (t) => {
+    if (!needTools(t, ...QSD_TOOLS, 'parted')) return;
+    const { d, start } = await setup(t);
+    const raw = join(d.images, 'disk.ref');
+    const data = reference(raw, 8 << 20, 241);
+    run('parted', [
+      '-s',
+      raw,
+      'mklabel msdos',
+      'mkpart primary ext4 2048s 8191s',
+      'mkpart primary ext4 8192s 100%',
+    ]);
+    const img = join(d.images, 'disk.qcow2');
+    qemuImg('convert', '-f', 'raw', '-O', 'qcow2', raw, img);
+    const whole = readFileSync(raw);
+    const mnt = join(d.images, 'p2.raw');
+    writeFileSync(
+      join(d.manifests, 'p.yaml'),
+      manifest(
+        'p',
+        `  exports:\n${shorthand('p2', img, { partition: 2, mountpoint: mnt, 'create-mountpoint': true })}`,
+        'qemu',
+      ),
+    );
+    const agent = await start();
+    await allReady(agent, 1);
+    assert.ok(readExport(mnt).equals(whole.subarray(8192 * 512)));
+    assert.equal(data.length, whole.length);
+    const plan = run(BIN, ['plan', '--manifests', d.manifests, '--socket', agent.socket]);
+    assert.equal(plan.status, 0, plan.stdout + plan.stderr);
   });
 
   test('one agent, both engines: manifests pick theirs; a qemu-only format under the native engine fails clearly', async (t) => {

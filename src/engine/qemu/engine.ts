@@ -9,6 +9,8 @@
  */
 import { createHash } from 'node:crypto';
 import { unlink, writeFile } from 'node:fs/promises';
+import { openImage } from '../../block/open-image.js';
+import { findPartition } from '../../block/partition.js';
 import { type PathPolicy, resolveImplicitFile } from '../../block/path-policy.js';
 import { BlkError } from '../../errors.js';
 import { lazyUnmount } from '../../export/fuse/file-fs.js';
@@ -281,17 +283,20 @@ export class QemuEngine implements Engine {
     return this.state.nodes.find((n) => n.options['node-name'] === name);
   }
 
-  private async addNode(n: NodeOptions): Promise<void> {
+  private async addNode(given: NodeOptions): Promise<void> {
+    // Observed options stay exactly as the step gave them; what we resolve goes in `resolved`.
+    const asGiven = given;
+    let n = given;
     const name = n['node-name'];
     if (this.applied(name)) throw new BlkError('IMAGE_INVALID', `node '${name}' is already open`);
-    if (n.partition !== undefined) {
-      throw new BlkError(
-        'NOT_SUPPORTED',
-        `node '${name}': partition: is not supported by the qemu engine yet`,
-      );
-    }
     let driver: string = n.driver;
     const resolved: AppliedNode['resolved'] = {};
+    if (n.partition !== undefined) {
+      const p = await this.findPartitionOf(n);
+      resolved.offset = p.offset;
+      resolved.size = p.size;
+      n = { ...n, offset: p.offset, size: p.size };
+    }
     if (n.driver === 'file') {
       // QSD would open whatever a FUSE mount on the path serves (maybe its own export: a deadlock).
       const top = topMountAt(await readMountTable(), n.filename!);
@@ -327,7 +332,7 @@ export class QemuEngine implements Engine {
     const client = (await this.attach(true))!;
     const args = blockdevArgs(n, driver);
     await client.execute('blockdev-add', args);
-    const applied: AppliedNode = { options: n, args };
+    const applied: AppliedNode = { options: asGiven, args };
     if (Object.keys(resolved).length) applied.resolved = resolved;
     if (BACKING_FORMATS.includes(driver) && n.backing === undefined) {
       // `backing` absent: QEMU got null. An image that names a backing file gets it as explicit
@@ -351,6 +356,51 @@ export class QemuEngine implements Engine {
     }
     this.state.nodes.push(applied);
     await this.save();
+  }
+
+  /**
+   * `partition:` over a raw or qcow2 node: the partition table is read by our
+   * own block layer (read-only, from the image file), and QEMU gets a raw
+   * window with the offset and size found.
+   */
+  private async findPartitionOf(n: NodeOptions): Promise<{ offset: number; size: number }> {
+    const name = n['node-name'];
+    const fmt = n.file === undefined ? undefined : this.applied(n.file);
+    const file = fmt?.options.file === undefined ? undefined : this.applied(fmt.options.file);
+    const driver = fmt?.resolved?.driver ?? fmt?.options.driver;
+    const path = file?.options.driver === 'file' ? file.options.filename : undefined;
+    if (
+      !fmt ||
+      path === undefined ||
+      (driver !== 'raw' && driver !== 'qcow2') ||
+      fmt.options.offset ||
+      fmt.options.size
+    ) {
+      throw new BlkError(
+        'NOT_SUPPORTED',
+        `node '${name}': the qemu engine finds partitions only in a whole raw or qcow2 image over a file node`,
+      );
+    }
+    if (topMountAt(await readMountTable(), path)?.fstype.startsWith('fuse'))
+      throw new BlkError('EXPORT_EXISTS', `node '${name}': '${path}' is covered by a FUSE mount`);
+    const roots = this.opts.policy?.allowedRoots;
+    const img = await openImage({
+      filename: path,
+      format: driver,
+      readOnly: true,
+      backing: fmt.options.backing === null ? 'none' : 'follow',
+      ...(roots !== undefined && roots !== 'any' ? { allowedRoots: [...roots] } : {}),
+    });
+    try {
+      const read = async (off: number, len: number) => {
+        const buf = Buffer.alloc(len);
+        await img.node.read(off, buf);
+        return buf;
+      };
+      return await findPartition(read, img.node.length(), n.partition!, path);
+    } finally {
+      await img.close();
+    }
   }
 
   /** The backing file a node's image names (QSD's image info), with its recorded format. */
