@@ -1,10 +1,12 @@
 /** The QMP client against a real qemu-storage-daemon: greeting, ids, errors, events, close. */
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { qsdPaths, runningQsd, startQsd, waitExit } from '../../src/engine/qemu/daemon.js';
 import { codeForQmpError, QmpClient, QmpError } from '../../src/engine/qemu/qmp.js';
+import type { BlkError } from '../../src/errors.js';
 import { needTools, qemuImg, tempDir } from '../helpers/tools.js';
 import { cleanupQsd, mountAt, QSD_TOOLS, readExport } from './qsd-helpers.js';
 
@@ -17,6 +19,51 @@ test('QMP errors map to BlkError codes', () => {
   );
   assert.equal(codeForQmpError('GenericError', 'Failed to get "write" lock'), 'LOCKED');
   assert.equal(codeForQmpError('GenericError', 'something else'), 'AGENT');
+});
+
+test('QMP client against a scripted server: events, answers out of order, a command that never answers times out', async (t) => {
+  const dir = tempDir(t, 'blkexport-qmp-fake-');
+  const path = join(dir, 'qmp.sock');
+  const server = createServer((c) => {
+    c.write(
+      '{"QMP": {"version": {"qemu": {"major": 9, "minor": 1, "micro": 0}, "package": "fake"}, "capabilities": []}}\n',
+    );
+    let buf = '';
+    c.on('data', (d) => {
+      buf += d;
+      for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+        const m = JSON.parse(buf.slice(0, nl)) as { execute: string; id: string };
+        buf = buf.slice(nl + 1);
+        if (m.execute === 'qmp_capabilities') c.write(`{"return": {}, "id": "${m.id}"}\n`);
+        if (m.execute === 'slow') setTimeout(() => c.write(`{"return": "slow", "id": "${m.id}"}\n`), 50);
+        if (m.execute === 'fast') {
+          c.write(
+            '{"event": "SOMETHING", "data": {"x": 1}, "timestamp": {"seconds": 1, "microseconds": 2}}\n',
+          );
+          // Two messages in one write, one split across writes.
+          c.write(`{"return": "fast", "id": "${m.id}"}\n{"ret`);
+          c.write('urn": {}, "id": "nobody"}\n');
+        }
+        // 'hang' gets no answer.
+      }
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(path, resolve));
+  t.after(() => server.close());
+  const qmp = await QmpClient.connect(path);
+  t.after(() => qmp.close());
+  assert.equal(qmp.version?.major, 9);
+  const events: string[] = [];
+  qmp.on('event', (e) => events.push(e.event));
+  const slow = qmp.execute('slow');
+  assert.equal(await qmp.execute('fast'), 'fast');
+  assert.equal(await slow, 'slow');
+  assert.deepEqual(events, ['SOMETHING']);
+  qmp.timeoutMs = 100;
+  await assert.rejects(
+    qmp.execute('hang'),
+    (e: BlkError) => e.code === 'AGENT' && /no answer/.test(e.message),
+  );
 });
 
 test('QMP client: greeting, concurrent commands by id, errors, BLOCK_EXPORT_DELETED, close when QSD quits', async (t) => {

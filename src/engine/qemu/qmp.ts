@@ -160,14 +160,30 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [Error |
     return !this.closed;
   }
 
-  /** Runs one command; resolves with its `return`, rejects with a QmpError (or AGENT when the connection drops). */
+  /** Longest wait for an answer: a daemon that hangs must not hang the agent's passes. */
+  timeoutMs = 30_000;
+
+  /** Runs one command; resolves with its `return`, rejects with a QmpError (or AGENT when the connection drops or times out). */
   execute<T = unknown>(command: string, args?: Record<string, unknown>): Promise<T> {
     if (this.closed) return Promise.reject(new BlkError('AGENT', `QMP ${this.path}: connection closed`));
     const id = `blk-${this.nextId++}`;
     const msg: Record<string, unknown> = { execute: command, id };
     if (args !== undefined) msg.arguments = args;
     return new Promise<T>((resolve, reject) => {
-      this.pending.set(id, { command, resolve: resolve as (v: unknown) => void, reject });
+      const timer = setTimeout(() => {
+        if (!this.pending.delete(id)) return;
+        reject(
+          new BlkError('AGENT', `${command}: no answer from QMP ${this.path} within ${this.timeoutMs} ms`),
+        );
+      }, this.timeoutMs);
+      timer.unref();
+      const done =
+        <A extends unknown[]>(f: (...a: A) => void) =>
+        (...a: A) => {
+          clearTimeout(timer);
+          f(...a);
+        };
+      this.pending.set(id, { command, resolve: done(resolve as (v: unknown) => void), reject: done(reject) });
       this.socket.write(`${JSON.stringify(msg)}\n`);
     });
   }
