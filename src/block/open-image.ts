@@ -24,6 +24,8 @@ export interface OpenImageOptions {
   allowedRoots?: string[];
   /** Bound of the qcow2 L2-table cache in bytes. */
   l2CacheBytes?: number;
+  /** QEMU-compatible image locking of the image file (default auto); 'off' is qemu-img's -U. */
+  locking?: 'auto' | 'on' | 'off';
 }
 
 export interface OpenedImage {
@@ -56,6 +58,7 @@ export async function openImage(opts: OpenImageOptions): Promise<OpenedImage> {
       nodeName: `${nodeName}-file`,
       filename,
       readOnly: opts.readOnly,
+      ...(opts.locking !== undefined ? { locking: opts.locking } : {}),
     });
     const requested = opts.format ?? 'auto';
     const format = requested === 'auto' ? await probeNode(file) : requested;

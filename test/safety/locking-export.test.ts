@@ -85,6 +85,20 @@ describe('image locking through exports', { concurrency: false }, () => {
     assert.match(w2.stderr, /Failed to get "write" lock/);
   });
 
+  test('blkexport info next to a QEMU writer: refused naming the lock, works with -U (as qemu-img info)', async (t) => {
+    if (!needTools(t, ...TOOLS)) return;
+    const dir = tempDir(t, 'blkexport-lock-');
+    const img = join(dir, 'a.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', img, '8M');
+    await holdWithQemuIo(t, img, ['-f', 'qcow2']);
+    const refused = blk('info', img);
+    assert.equal(refused.status, 1);
+    assert.match(refused.stderr, /Failed to get shared "write" lock\. Is another process using the image \[/);
+    const shared = blk('info', '-U', img, '-o', 'json');
+    assert.equal(shared.status, 0, shared.stderr);
+    assert.equal(JSON.parse(shared.stdout)['virtual-size'], 8 << 20);
+  });
+
   test('agent: a writable export locks its image; one refused by a QEMU writer is failed, then retried and ready', async (t) => {
     if (!needTools(t, ...TOOLS)) return;
     const d = agentDir(t);

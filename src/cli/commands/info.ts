@@ -13,7 +13,7 @@ import { formatBytes } from '../format.js';
 
 export const summary = 'format, virtual size, cluster size, backing chain, features, snapshots';
 export const usage = `usage: blkexport info IMAGE [-o human|json] [--format auto|raw|qcow2] [--backing-chain]
-        [--allow-root DIR]...
+        [--allow-root DIR]... [-U]
 
 Shows what blkexport sees in IMAGE. JSON field names follow
 \`qemu-img info --output=json\`.
@@ -23,6 +23,7 @@ options:
   --format F           auto (default: probe), raw or qcow2
   --backing-chain      also describe every backing file (followed only inside the allowed roots)
   --allow-root DIR     where backing files may be followed from (default: the image's directory)
+  -U, --force-share    take no image locks (as qemu-img -U): works while QEMU writes the image
 `;
 
 /** One image's description with qemu-img's JSON names. */
@@ -64,7 +65,13 @@ function describeNode(node: BlockNode, format: string, filename: string, actualS
 /** Describes the image at `filename` (and its backing chain when asked) in qemu-img's JSON shape. */
 export async function imageInfoJson(
   filename: string,
-  opts: { format?: 'auto' | 'raw' | 'qcow2'; backingChain?: boolean; allowedRoots?: string[] } = {},
+  opts: {
+    format?: 'auto' | 'raw' | 'qcow2';
+    backingChain?: boolean;
+    allowedRoots?: string[];
+    /** Take no image locks (qemu-img -U). */
+    forceShare?: boolean;
+  } = {},
 ): Promise<InfoJson[]> {
   const img = await openImage({
     filename: resolve(filename),
@@ -72,6 +79,7 @@ export async function imageInfoJson(
     readOnly: true,
     backing: opts.backingChain ? 'follow' : 'none',
     allowedRoots: opts.allowedRoots,
+    ...(opts.forceShare ? { locking: 'off' as const } : {}),
   });
   try {
     const out: InfoJson[] = [];
@@ -152,6 +160,7 @@ export async function run(args: string[]): Promise<number> {
     format: { type: 'string', default: 'auto' },
     'backing-chain': { type: 'boolean', default: false },
     'allow-root': { type: 'string', multiple: true },
+    'force-share': { type: 'boolean', short: 'U', default: false },
   });
   if (positionals.length !== 1)
     throw new BlkError('USAGE', 'info needs exactly one IMAGE (see blkexport info --help)');
@@ -166,6 +175,7 @@ export async function run(args: string[]): Promise<number> {
     format,
     backingChain: values['backing-chain'],
     allowedRoots: values['allow-root'],
+    forceShare: values['force-share'],
   });
   if (output === 'json') {
     console.log(JSON.stringify(values['backing-chain'] ? infos : infos[0], null, 4));
