@@ -37,6 +37,8 @@ function assertAgree(img: string, what: string): number {
   const q = qemuCheck(img);
   const b = blkCheck(img);
   assert.equal(b.status, q.status, `${what}: exit status`);
+  // The same JSON, key order included.
+  assert.equal(JSON.stringify(b.json), JSON.stringify(q.json), `${what}: JSON`);
   assert.equal(b.json.corruptions ?? 0, q.json.corruptions ?? 0, `${what}: corruptions`);
   assert.equal(b.json.leaks ?? 0, q.json.leaks ?? 0, `${what}: leaks`);
   assert.equal(b.json['image-end-offset'], q.json['image-end-offset'], `${what}: image end offset`);
@@ -137,6 +139,35 @@ describe('blkexport create and check', { concurrency: false }, () => {
     qemuImg('snapshot', '-c', 's', clean);
     qemuIo('-f', 'qcow2', '-c', 'write -P 9 0 64k', clean);
     assert.equal(assertAgree(clean, 'clean'), 0);
+
+    const kinds: Record<string, string>[] = [
+      { extended_l2: 'on', cluster_size: '32k' },
+      { compat: '0.10' },
+      { refcount_bits: '1', cluster_size: '512' },
+      { lazy_refcounts: 'on', cluster_size: '4096' },
+    ];
+    kinds.forEach((opts, i) => {
+      const img = createQcow2(join(dir, `kind${i}.qcow2`), 8 * M, opts);
+      qemuIo(
+        '-f',
+        'qcow2',
+        '-c',
+        'write -P 1 1000 300k',
+        '-c',
+        'write -c 2M 64k',
+        '-c',
+        'write -z 4M 128k',
+        '-c',
+        'discard 1M 64k',
+        '-c',
+        'write 5M 64k',
+        '-c',
+        'write -z 5M 4k',
+        img,
+      );
+      if (opts.refcount_bits !== '1') qemuImg('snapshot', '-c', 's', img);
+      assert.equal(assertAgree(img, JSON.stringify(opts)), 0);
+    });
 
     const leaky = make('leaky.qcow2');
     const end = qemuCheck(leaky).json['image-end-offset'] / (64 * K);

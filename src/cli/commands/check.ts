@@ -59,10 +59,10 @@ function summaryLines(r: CheckResult): string[] {
 }
 
 function json(r: CheckResult, fixed: CheckResult | undefined, filename: string): Record<string, unknown> {
-  const o: Record<string, unknown> = {
-    'image-end-offset': r.imageEndOffset,
-    'total-clusters': r.totalClusters,
-  };
+  // Key order as qemu-img prints it.
+  const o: Record<string, unknown> = { 'image-end-offset': r.imageEndOffset };
+  if (r.compressedClusters) o['compressed-clusters'] = r.compressedClusters;
+  o['total-clusters'] = r.totalClusters;
   if (r.corruptions) o.corruptions = r.corruptions;
   o['check-errors'] = r.checkErrors;
   if (r.leaks) o.leaks = r.leaks;
@@ -72,7 +72,6 @@ function json(r: CheckResult, fixed: CheckResult | undefined, filename: string):
   o.filename = filename;
   o.format = 'qcow2';
   if (r.fragmentedClusters) o['fragmented-clusters'] = r.fragmentedClusters;
-  if (r.compressedClusters) o['compressed-clusters'] = r.compressedClusters;
   return o;
 }
 

@@ -82,8 +82,9 @@ async function countReferences(s: Qcow2State, progress?: (done: number) => void)
     }
   };
   const walkL1 = async (l1: Buffer, size: number, active: boolean) => {
-    let prevHost = -1;
     for (let i = 0; i < size; i++) {
+      // Like qemu-img, contiguity is judged inside one L2 table.
+      let prevHost = -1;
       const l2Off = entryOffset(l1, i * 8);
       if (l2Off === 0) continue;
       if (l2Off % cs !== 0) {
@@ -113,8 +114,10 @@ async function countReferences(s: Qcow2State, progress?: (done: number) => void)
         if (e.compressed) {
           for (let c = e.cfirst; c <= e.clast; c++) inc(c * cs, 1, 'compressed cluster');
           if (active) {
+            // Compressed clusters count as fragmented (qemu-img: they are read by whole sectors).
             walk.allocated++;
             walk.compressed++;
+            walk.fragmented++;
           }
           continue;
         }
