@@ -30,6 +30,11 @@ import type { Qcow2State } from './state.js';
 
 /** Dirty tables above this many bytes start a write-back (bounds memory between guest flushes). */
 const DIRTY_LIMIT = 32 * 1024 * 1024;
+
+/** The dirty bound of a node: its L2 cache size (dirty tables are pinned there), at most DIRTY_LIMIT. */
+function dirtyLimit(s: Qcow2State): number {
+  return Math.min(DIRTY_LIMIT, Math.max(s.l2Cache.maxBytes, 2 * s.header.clusterSize));
+}
 /** Host-contiguous pieces are merged into one pwrite up to this size. */
 const MERGE_LIMIT = 4 * 1024 * 1024;
 const EIO = 5;
@@ -81,7 +86,7 @@ export async function writeGuest(s: Qcow2State, offset: number, buf: Buffer): Pr
     if (done) return;
   }
   await writeUnlocked(s, offset, buf);
-  if (w.dirtyBytes > DIRTY_LIMIT) await writeBack(s);
+  if (w.dirtyBytes > dirtyLimit(s)) await writeBack(s);
 }
 
 /**
