@@ -207,9 +207,9 @@ describe('the qemu engine', { concurrency: false }, () => {
     // An overlay whose backing file lies outside the allowed roots is refused.
     const outsideBase = join(d.dir, 'outside-base.qcow2');
     qemuImg('convert', '-f', 'raw', '-O', 'qcow2', refPath, outsideBase);
-    const escape = join(d.images, 'escape.qcow2');
-    qemuImg('create', '-f', 'qcow2', '-b', outsideBase, '-F', 'qcow2', escape);
-    body += shorthand('escape', escape, {
+    const escapeTop = join(d.images, 'escape.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-b', outsideBase, '-F', 'qcow2', escapeTop);
+    body += shorthand('escape', escapeTop, {
       mountpoint: join(d.images, 'escape.raw'),
       'create-mountpoint': true,
     });

@@ -87,6 +87,8 @@ export class QemuEngine implements Engine {
   private state: QemuState = emptyState();
   private loaded = false;
   private stopping = false;
+  /** observe/apply/shutdown run one at a time (GET /observed may come during a pass). */
+  private queue: Promise<unknown> = Promise.resolve();
 
   constructor(private readonly opts: QemuEngineOptions = {}) {
     this.paths = qsdPaths(opts.dir ?? DEFAULT_QSD_DIR);
@@ -95,6 +97,13 @@ export class QemuEngine implements Engine {
   /** The pid of the QSD this engine talks to, if connected. */
   get pid(): number | undefined {
     return this.client?.isOpen ? this.state.pid : undefined;
+  }
+
+  /** Runs `fn` after every operation queued before it. */
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(fn, fn);
+    this.queue = run.catch(() => undefined);
+    return run;
   }
 
   private log(msg: string, fields?: Record<string, unknown>): void {
@@ -196,7 +205,11 @@ export class QemuEngine implements Engine {
     await this.save();
   }
 
-  async observe(): Promise<Observed> {
+  observe(): Promise<Observed> {
+    return this.serial(() => this.observeNow());
+  }
+
+  private async observeNow(): Promise<Observed> {
     const client = await this.attach(false);
     if (!client) return { nodes: [], exports: [] };
     const qnodes = new Map(
@@ -254,7 +267,11 @@ export class QemuEngine implements Engine {
     }));
   }
 
-  async apply(step: Step): Promise<void> {
+  apply(step: Step): Promise<void> {
+    return this.serial(() => this.applyNow(step));
+  }
+
+  private async applyNow(step: Step): Promise<void> {
     switch (step.action) {
       case 'add-node':
         return this.addNode(step.node);
@@ -588,8 +605,12 @@ export class QemuEngine implements Engine {
   }
 
   /** Quits QSD (it unmounts every export and closes every node), then forgets the state. */
-  async shutdown(): Promise<void> {
+  shutdown(): Promise<void> {
     this.stopping = true;
+    return this.serial(() => this.shutdownNow());
+  }
+
+  private async shutdownNow(): Promise<void> {
     if (!this.loaded) {
       this.state = await loadState(this.paths.state);
       this.loaded = true;
