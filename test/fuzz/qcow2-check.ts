@@ -30,12 +30,29 @@ function violationOf(e: unknown, what: string, needFile: boolean): string | unde
   return undefined;
 }
 
-/** Opens `path` read-only (backing and data files only inside `roots`) and reads bounded ranges. */
-export async function checkImage(path: string, roots: string[], seed: number): Promise<CheckResult> {
+/**
+ * Opens `path` (backing and data files only inside `roots`) and reads bounded
+ * ranges; with `writes`, opens it read-write and also writes, zeroes and
+ * discards seeded ranges, each of which (with `readBack`) must read back as
+ * written when it succeeded.
+ */
+export async function checkImage(
+  path: string,
+  roots: string[],
+  seed: number,
+  writes = false,
+  readBack = true,
+): Promise<CheckResult> {
   const r: CheckResult = { outcome: 'refused', codes: [], reads: 0, readErrors: 0 };
   let img: Awaited<ReturnType<typeof openImage>>;
   try {
-    img = await openImage({ filename: path, readOnly: true, allowedRoots: roots, format: 'qcow2' });
+    img = await openImage({
+      filename: path,
+      readOnly: !writes,
+      allowedRoots: roots,
+      format: 'qcow2',
+      locking: 'off',
+    });
   } catch (e) {
     r.violation = violationOf(e, 'open', true);
     if (isBlkError(e)) r.codes.push(e.code);
@@ -71,6 +88,13 @@ export async function checkImage(path: string, roots: string[], seed: number): P
         if (isBlkError(e) && !r.codes.includes(e.code)) r.codes.push(e.code);
       }
     }
+    if (writes && size > 0) {
+      const v = await writeAndReadBack(img.node, size, seed, r, readBack);
+      if (v) {
+        r.violation = v;
+        return r;
+      }
+    }
     try {
       await img.node.blockStatus(0, Math.min(size, 1 << 20));
       img.node.imageInfo?.();
@@ -86,4 +110,58 @@ export async function checkImage(path: string, roots: string[], seed: number): P
     }
   }
   return r;
+}
+
+/** Seeded writes, zeroes and discards; a write that succeeded must read back (unless a later op failed). */
+async function writeAndReadBack(
+  node: Awaited<ReturnType<typeof openImage>>['node'],
+  size: number,
+  seed: number,
+  r: CheckResult,
+  readBack: boolean,
+): Promise<string | undefined> {
+  const rand = seededRandom(seed ^ 0x3717e);
+  const ops: { off: number; data: Buffer | undefined }[] = [];
+  for (let i = 0; i < 4; i++) {
+    const off = Math.floor(rand() * Math.min(size, 4 << 20));
+    const len = Math.min(size - off, 1 + Math.floor(rand() * (96 << 10)));
+    const kind = Math.floor(rand() * 4);
+    const data = kind <= 1 ? Buffer.alloc(len, 0x11 + i) : kind === 2 ? Buffer.alloc(len) : undefined;
+    try {
+      if (kind <= 1) await node.write(off, data!);
+      else if (kind === 2) await node.writeZeroes(off, len, { mayUnmap: rand() < 0.5 });
+      else await node.discard(off, len);
+      ops.push({ off, data });
+    } catch (e) {
+      const v = violationOf(e, `${['write', 'write', 'writeZeroes', 'discard'][kind]} ${off}+${len}`, false);
+      if (v) return v;
+      if (isBlkError(e) && !r.codes.includes(e.code)) r.codes.push(e.code);
+      return undefined; // a failing image may refuse everything after: no read-back claims
+    }
+  }
+  try {
+    await node.flush();
+  } catch (e) {
+    return violationOf(e, 'flush', false);
+  }
+  if (!readBack) return undefined;
+  // Later ops may overwrite earlier ones: check each byte against the last op that covered it.
+  for (let i = 0; i < ops.length; i++) {
+    const { off, data } = ops[i]!;
+    if (!data) continue;
+    const got = Buffer.alloc(data.length);
+    try {
+      await node.read(off, got);
+    } catch (e) {
+      return violationOf(e, `read back ${off}+${data.length}`, false) ?? undefined;
+    }
+    for (let b = 0; b < data.length; b++) {
+      const at = off + b;
+      const later = ops.slice(i + 1).find((o) => at >= o.off && at < o.off + (o.data?.length ?? 0));
+      const discarded = ops.slice(i + 1).some((o) => !o.data);
+      if (later || discarded) continue;
+      if (got[b] !== data[b]) return `byte ${at} reads ${got[b]} after writing ${data[b]}`;
+    }
+  }
+  return undefined;
 }

@@ -17,6 +17,8 @@ export interface FuzzFailure {
   seed: number;
   steps: string[];
   reason: string;
+  /** Found with writes (replay it read-write). */
+  writes: boolean;
   /** The failing image (kept in memory only until saved). */
   image: Buffer;
 }
@@ -49,6 +51,10 @@ export interface FuzzOptions {
   files?: { name: string; path: string; seed: number }[];
   /** Prebuilt seed corpus (else built in corpusDir). */
   seeds?: SeedImage[];
+  /** Open the mutants read-write and write, zero and discard too. */
+  writes?: boolean;
+  /** With writes: what succeeded must read back (default true). */
+  readBack?: boolean;
 }
 
 const WORKER = new URL('./qcow2-worker-boot.mjs', import.meta.url);
@@ -70,14 +76,21 @@ export async function runQcow2Fuzz(o: FuzzOptions): Promise<FuzzStats> {
     failures: [],
   };
   const maxImages = o.maxImages ?? Number.MAX_SAFE_INTEGER;
-  const fail = (cur: Extract<WorkerMessage, { type: 'start' }>, reason: string) => {
-    let image = Buffer.alloc(0);
+  const fail = (cur: Extract<WorkerMessage, { type: 'start' }>, reason: string, given?: Uint8Array) => {
+    let image = given ? Buffer.from(given) : Buffer.alloc(0);
     try {
-      image = readFileSync(cur.input);
+      if (!given) image = readFileSync(o.writes ? `${cur.input}.orig` : cur.input);
     } catch {
       // the input is gone: the seed and steps still reproduce it
     }
-    stats.failures.push({ base: cur.base, seed: cur.seed, steps: cur.steps, reason, image });
+    stats.failures.push({
+      base: cur.base,
+      seed: cur.seed,
+      steps: cur.steps,
+      reason,
+      image,
+      writes: !!o.writes,
+    });
   };
 
   // One lane per worker; a lane whose worker dies restarts past the input that killed it.
@@ -99,6 +112,7 @@ export async function runQcow2Fuzz(o: FuzzOptions): Promise<FuzzStats> {
           deadline,
           maxImages: Math.ceil((maxImages - stats.images) / o.workers),
           ...(files ? { files: files.slice(fileIdx) } : {}),
+          ...(o.writes ? { writes: true, readBack: o.readBack ?? true } : {}),
         };
         const w = new Worker(WORKER, { workerData: job, resourceLimits: { maxOldGenerationSizeMb: 768 } });
         let cur: Extract<WorkerMessage, { type: 'start' }> | undefined;
@@ -134,7 +148,7 @@ export async function runQcow2Fuzz(o: FuzzOptions): Promise<FuzzStats> {
             else stats.served++;
             if (m.readErrors > 0) stats.servedWithReadErrors++;
             for (const c of m.codes) stats.codes[c] = (stats.codes[c] ?? 0) + 1;
-            if (m.violation && cur) fail(cur, m.violation);
+            if (m.violation && cur) fail(cur, m.violation, m.image);
             else if (m.rss > o.maxRss && cur) fail(cur, `process RSS ${m.rss} above ${o.maxRss}`);
             cur = undefined;
           } else finish(false);
@@ -166,6 +180,7 @@ export function saveFailures(dir: string, failures: FuzzFailure[]): string[] {
     const name = `${f.base}-${f.seed}`;
     writeFileSync(join(dir, `${name}.qcow2.gz`), gzipSync(f.image, { level: 9 }));
     const meta = {
+      writes: f.writes,
       base: f.base,
       seed: f.seed,
       steps: f.steps,

@@ -3,6 +3,7 @@
  * then manifests; every failing input is saved under test/fixtures/fuzz/ for
  * the replay test. Exits 1 when anything failed.
  *   npm run fuzz -- [--minutes N (10)] [--seed S] [--workers W (2)] [--manifests-only | --qcow2-only]
+ *                   [--writes]   (qcow2 mutants opened read-write: writes, zeroes, discards, read-back)
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -22,6 +23,7 @@ const { values } = parseArgs({
     workers: { type: 'string', default: '2' },
     'manifests-only': { type: 'boolean', default: false },
     'qcow2-only': { type: 'boolean', default: false },
+    writes: { type: 'boolean', default: false },
   },
 });
 const budget = Number(values.minutes) * 60_000;
@@ -39,6 +41,7 @@ if (manifestShare < 1) {
       workers: Number(values.workers),
       perImageMs: 5000,
       maxRss: 2 * 1024 ** 3,
+      writes: values.writes,
     });
     const saved = saveFailures(join(REPO, 'test/fixtures/fuzz'), s.failures);
     console.log(
