@@ -22,6 +22,8 @@ export interface RefcountHooks {
   grow(end: number): Promise<void>;
   /** A cluster now holds metadata (refcount block or table): overlap protection must know. */
   metadata(cluster: number): void;
+  /** Whether a cluster holds metadata (the allocator never hands those out). */
+  isMetadata(cluster: number): boolean;
 }
 
 /** A run of free clusters handed out by allocate(). */
@@ -213,6 +215,9 @@ export class Refcounts {
       const ti = Math.floor(c / this.perBlock);
       const b = this.blocks.get(ti) ?? (await this.block(ti));
       const free = !this.reserved.has(c) && (b === undefined || this.read(b, c % this.perBlock) === 0);
+      if (free && this.hooks?.isMetadata(c)) {
+        throw this.corrupt(`cluster ${c} holds metadata but its refcount is 0`);
+      }
       if (free) {
         if (start < 0) start = c;
         if (c - start + 1 === n) return { start, count: n, fresh: false };

@@ -123,6 +123,24 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
   }
   if (s.ext.bitmaps) addRange(meta, cs, s.ext.bitmaps.directoryOffset, s.ext.bitmaps.directorySize);
 
+  // Metadata is referenced once per L1 table at most (L2 tables shared with snapshots), so its
+  // refcount lies in 1..snapshots+1; anything else (a misread refcount width, a broken block)
+  // means allocation would hand out clusters still in use. Such an image is never written.
+  if ((h.incompatible & INCOMPAT_DIRTY) === 0n && !s.repairing) {
+    const most = s.snapshots.length + 1;
+    for (const c of meta) {
+      const rc = await refs.getCluster(c);
+      if (rc < 1 || rc > most) {
+        throw new BlkError(
+          'IMAGE_CORRUPT',
+          `metadata cluster ${c} has refcount ${rc}: the refcounts cannot be trusted, the image is not written (repair it with \`blkexport check -r all\`)`,
+          { file: s.path, field: 'refcount_table' },
+          { errno: EROFS },
+        );
+      }
+    }
+  }
+
   const w: WriteState = {
     lock: new RwLock(),
     meta,
@@ -144,6 +162,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
       refs.setFileLength(s.fileLength);
     },
     metadata: (c) => meta.add(c),
+    isMetadata: (c) => meta.has(c),
   };
   s.w = w;
 
