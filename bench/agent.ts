@@ -167,11 +167,12 @@ export async function measureAgent(opts: AgentBenchOptions): Promise<AgentOutcom
   for (let i = 0; i < edits; i++) {
     const start = performance.now();
     await writeFile(editFile, manifest('edit', [{ id: `edit${i}`, image: img, mountpoint: editMnt }]));
-    await waitUntil(
-      async () => (await isMounted(editMnt)) && readableFromChild(editMnt),
-      10_000,
-      `edit ${i} readable`,
-    );
+    // Poll every 5 ms (waitUntil's 50 ms would be a large part of the figure).
+    while (!((await isMounted(editMnt)) && (await readableFromChild(editMnt)))) {
+      if (performance.now() - start > 10_000)
+        throw new BlkError('AGENT', `edit ${i} not readable within 10 s`);
+      await sleep(5);
+    }
     lat.push(performance.now() - start);
     await rm(editFile);
     await waitUntil(async () => !(await isMounted(editMnt)), 10_000, `edit ${i} removed`);

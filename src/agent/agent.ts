@@ -11,7 +11,6 @@
 import type { Engine } from '../engine/engine.js';
 import { describeError } from '../errors.js';
 import { listManifestFiles } from '../manifest/directory.js';
-import { loadManifestFile } from '../manifest/load.js';
 import type { EngineName, ManifestFile } from '../manifest/types.js';
 import { desiredFromManifests } from '../reconcile/desired.js';
 import { diff } from '../reconcile/diff.js';
@@ -19,6 +18,7 @@ import type { Desired, NodeOptions, Observed, Plan, Step } from '../reconcile/mo
 import { ExportBook, type ExportRecord } from './export-status.js';
 import { DEFAULT_MAX_EXPORTS, exportsOverCap, IoErrorWatch, withoutExports } from './limits.js';
 import type { Logger } from './log.js';
+import { ManifestCache } from './manifest-cache.js';
 import {
   EMPTY_MANIFEST_STATE,
   type ManifestState,
@@ -62,9 +62,16 @@ export interface PassResult {
   durationMs: number;
 }
 
+/** node-name → options of a desired state, built once per Desired (chainIn runs per export). */
+const nodeIndex = new WeakMap<Desired, Map<string, Desired['nodes'][number]['options']>>();
+
 /** Node-names an export depends on, from the desired graph (export node down through file/backing). */
 function chainIn(desired: Desired, nodeName: string): string[] {
-  const byName = new Map(desired.nodes.map((n) => [n.options['node-name'], n.options]));
+  let byName = nodeIndex.get(desired);
+  if (!byName) {
+    byName = new Map(desired.nodes.map((n) => [n.options['node-name'], n.options]));
+    nodeIndex.set(desired, byName);
+  }
   const out: string[] = [];
   const visit = (name: string) => {
     if (out.includes(name)) return;
@@ -110,6 +117,7 @@ export class Agent {
   private manifestState: ManifestState = EMPTY_MANIFEST_STATE;
   private manifestStatus: ManifestStatus[] = [];
   private readonly book = new ExportBook();
+  private readonly manifestCache = new ManifestCache();
   private readonly ioErrors = new IoErrorWatch();
   private passes = 0;
   private lastPass: string | null = null;
@@ -209,7 +217,7 @@ export class Agent {
   /** Reads every manifest of the directory; a directory that cannot be read keeps the previous state. */
   private loadManifests(): ManifestFile[] | undefined {
     try {
-      return listManifestFiles(this.config.manifests).map((f) => loadManifestFile(f));
+      return this.manifestCache.load(listManifestFiles(this.config.manifests));
     } catch (e) {
       this.log.error('cannot read the manifest directory; keeping the state in force', {
         dir: this.config.manifests,
@@ -222,15 +230,23 @@ export class Agent {
   /** Drops exports (and nodes only they need) whose paths leave the allowed roots; marks them failed. */
   private async confine(desired: Desired, now: number): Promise<Desired> {
     if (this.config.roots === 'any') return desired;
+    // Each distinct path is resolved once per pass, all at once (many exports share an image).
+    const roots = this.config.roots;
+    const paths = new Set<string>();
+    for (const n of desired.nodes) if (n.options.filename !== undefined) paths.add(n.options.filename);
+    for (const e of desired.exports) paths.add(e.options.mountpoint);
+    const verdicts = new Map(
+      await Promise.all([...paths].map(async (p) => [p, await outsideRoots(p, roots)] as const)),
+    );
     const badNodes = new Map<string, string>();
     for (const n of desired.nodes) {
       if (n.options.filename === undefined) continue;
-      const why = await outsideRoots(n.options.filename, this.config.roots);
+      const why = verdicts.get(n.options.filename);
       if (why) badNodes.set(n.options['node-name'], `image ${why}`);
     }
     const badExports = new Map<string, string>();
     for (const e of desired.exports) {
-      const why = await outsideRoots(e.options.mountpoint, this.config.roots);
+      const why = verdicts.get(e.options.mountpoint);
       if (why) {
         badExports.set(e.options.id, `mountpoint ${why}`);
         continue;
@@ -348,7 +364,10 @@ export class Agent {
         desired = await this.confine(withoutExports(desired, new Set(overCap.keys())), now);
         try {
           let observed = await engine.observe();
-          if (await this.evictDrifted(engine, observed)) observed = await engine.observe();
+          // Image files replaced under live nodes are looked for on every pass but the ones a
+          // manifest edit triggers (those should follow the edit as fast as they can).
+          if (why !== 'manifest change' && (await this.evictDrifted(engine, observed)))
+            observed = await engine.observe();
           passes.push({ engine, desired, plan: diff(desired, observed) });
           desiredExports.push(...desired.exports);
         } catch (e) {

@@ -80,19 +80,32 @@ export class NativeEngine implements Engine {
    */
   async driftedNodes(): Promise<{ nodeName: string; reason: string }[]> {
     const table = await readMountTable();
-    const out: { nodeName: string; reason: string }[] = [];
-    for (const n of this.nodes.values()) {
+    const files = [...this.nodes.values()].filter((n) => {
       const path = n.options.filename;
-      if (n.options.driver !== 'file' || !path || !n.fileKey) continue;
+      if (n.options.driver !== 'file' || !path || !n.fileKey) return false;
       const top = topMountAt(table, path);
-      if (top && mountOwner(top)) continue;
-      try {
-        const st = await stat(path);
-        if (`${st.dev}:${st.ino}` !== n.fileKey)
-          out.push({ nodeName: n.options['node-name'], reason: 'image file replaced' });
-      } catch {
-        out.push({ nodeName: n.options['node-name'], reason: 'image file missing' });
-      }
+      return !(top && mountOwner(top));
+    });
+    // One stat per distinct path, all at once (many nodes may name one image).
+    const paths = [...new Set(files.map((n) => n.options.filename!))];
+    const keys = new Map(
+      await Promise.all(
+        paths.map(async (p) => {
+          try {
+            const st = await stat(p);
+            return [p, `${st.dev}:${st.ino}`] as const;
+          } catch {
+            return [p, undefined] as const;
+          }
+        }),
+      ),
+    );
+    const out: { nodeName: string; reason: string }[] = [];
+    for (const n of files) {
+      const key = keys.get(n.options.filename!);
+      if (key === undefined) out.push({ nodeName: n.options['node-name'], reason: 'image file missing' });
+      else if (key !== n.fileKey)
+        out.push({ nodeName: n.options['node-name'], reason: 'image file replaced' });
     }
     return out;
   }
