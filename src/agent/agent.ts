@@ -118,6 +118,7 @@ export class Agent {
   private manifestStatus: ManifestStatus[] = [];
   private readonly book = new ExportBook();
   private readonly manifestCache = new ManifestCache();
+  private previousInForce = new Map<string, ManifestFile>();
   private readonly ioErrors = new IoErrorWatch();
   private passes = 0;
   private lastPass: string | null = null;
@@ -333,6 +334,12 @@ export class Agent {
         this.manifestStatus = mp.status;
       }
       const inForce = [...this.manifestState.lastGood.values()];
+      // A manifest whose content in force changed gets its exports tried now, not after their backoff.
+      for (const f of inForce) {
+        if (this.previousInForce.get(f.file) === f) continue;
+        for (const d of f.documents) for (const e of d.exports) this.book.retryNow(e.options.id);
+      }
+      this.previousInForce = new Map(inForce.map((f) => [f.file, f]));
       const all = desiredFromManifests(inForce, this.config.hostname);
       for (const e of all.exports) {
         this.book.track(e.options.id, e.origin.manifest, e.options.mountpoint, e.options['node-name'], now);

@@ -83,6 +83,14 @@ export class ExportBook {
     this.set(r, 'failed', reason, now);
   }
 
+  /** Ends the wait of a failed export (its manifest changed): the next pass tries it again. */
+  retryNow(id: string): void {
+    const r = this.records.get(id);
+    if (!r) return;
+    r.failures = 0;
+    r.retryAt = 0;
+  }
+
   /** True while a failed export waits for its retry time. */
   inBackoff(id: string, now: number): boolean {
     const r = this.records.get(id);

@@ -20,6 +20,10 @@ test('a failed export waits for its retry time; success resets it', () => {
   book.failed('e', 'boom', 2000);
   assert.equal(book.get('e')!.retryAt, 4000);
   assert.equal(book.get('e')!.since, new Date(1000).toISOString(), 'same state and reason: since unchanged');
+  book.failed('e', 'boom', 3000);
+  assert.equal(book.inBackoff('e', 3500), true);
+  book.retryNow('e');
+  assert.equal(book.inBackoff('e', 3500), false, 'a changed manifest is tried at once');
   book.ready('e', 5000);
   assert.equal(book.get('e')!.failures, 0);
   assert.equal(book.get('e')!.since, new Date(5000).toISOString());
