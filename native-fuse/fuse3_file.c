@@ -76,10 +76,19 @@ typedef struct {
   uint64_t host;
 } map_entry;
 
+/* What each recent generation invalidated (granule range), so an install computed
+ * at an older generation drops only the granules changed since, not everything:
+ * under a mixed read/write load reads keep teaching the map. */
+#define RING 256
+typedef struct {
+  uint64_t gen, first, last;
+} inval;
+
 typedef struct {
   pthread_rwlock_t lock;
   int enabled;
   uint64_t gen;
+  inval ring[RING];
   uint64_t fsize;
   map_entry *table;
   uint32_t cap; /* power of two */
@@ -194,6 +203,21 @@ static int fast_slot(fast_map *m, int fd) {
   m->devs[m->nfds] = st.st_dev;
   m->inos[m->nfds] = st.st_ino;
   return m->nfds++;
+}
+
+/* Moves the generation, remembering which granules it invalidated. Caller holds the write lock. */
+static void fast_record(fast_map *m, uint64_t first, uint64_t last) {
+  m->gen++;
+  m->ring[m->gen % RING] = (inval){m->gen, first, last};
+}
+
+/* True when granule `k` was invalidated after generation `since`. Caller holds the lock. */
+static int changed_since(const fast_map *m, uint64_t since, uint64_t k) {
+  for (uint64_t g = since + 1; g <= m->gen; g++) {
+    const inval *e = &m->ring[g % RING];
+    if (e->gen != g || (k >= e->first && k <= e->last)) return 1; /* overwritten slot: assume changed */
+  }
+  return 0;
 }
 
 static void fast_destroy(fast_map *m) {
@@ -757,10 +781,18 @@ static napi_value js_fast_invalidate(napi_env env, napi_callback_info info) {
   napi_get_value_double(env, argv[3], &size);
   fast_map *m = &fs->fast;
   pthread_rwlock_wrlock(&m->lock);
-  m->gen++;
+  uint64_t first = 1, last = 0; /* empty */
+  if (len > 0) {
+    first = (uint64_t)off >> GRANULE_BITS;
+    last = ((uint64_t)off + (uint64_t)len - 1) >> GRANULE_BITS;
+  }
+  if (size >= 0 && (uint64_t)size != m->fsize) {
+    first = 0;
+    last = UINT64_MAX;
+  }
+  fast_record(m, first, last);
   if (size >= 0) m->fsize = (uint64_t)size;
   if (len > 0) {
-    uint64_t first = (uint64_t)off >> GRANULE_BITS, last = ((uint64_t)off + (uint64_t)len - 1) >> GRANULE_BITS;
     if (last - first > 256) {
       fast_clear(m);
     } else {
@@ -785,7 +817,7 @@ static napi_value js_fast_enable(napi_env env, napi_callback_info info) {
   napi_get_value_bool(env, argv[1], &on);
   pthread_rwlock_wrlock(&fs->fast.lock);
   fs->fast.enabled = on;
-  fs->fast.gen++;
+  fast_record(&fs->fast, 0, UINT64_MAX);
   if (!on) fast_clear(&fs->fast);
   pthread_rwlock_unlock(&fs->fast.lock);
   return NULL;
@@ -816,7 +848,8 @@ static napi_value js_fast_install(napi_env env, napi_callback_info info) {
   const uint64_t G = 1ULL << GRANULE_BITS;
   fast_map *m = &fs->fast;
   pthread_rwlock_wrlock(&m->lock);
-  if (m->enabled && (double)m->gen == gen) {
+  if (m->enabled && gen >= 0 && (uint64_t)gen <= m->gen && m->gen - (uint64_t)gen < RING) {
+    uint64_t since = (uint64_t)gen;
     uint64_t pos = (uint64_t)off;
     for (size_t i = 0; i < count; i += 3) {
       uint64_t len = (uint64_t)x[i];
@@ -829,6 +862,7 @@ static napi_value js_fast_install(napi_env env, napi_callback_info info) {
           slot = fast_slot(m, fd);
           if (slot < 0) break;
         }
+        if (changed_since(m, since, g >> GRANULE_BITS)) continue;
         fast_put(m, g >> GRANULE_BITS, slot, fd < 0 ? 0 : host + (g - pos));
       }
       pos = end;

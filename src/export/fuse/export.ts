@@ -7,7 +7,7 @@
  */
 import { execFile } from 'node:child_process';
 import { constants } from 'node:fs';
-import type { BlockNode } from '../../block/types.js';
+import type { BlockNode, HostExtent } from '../../block/types.js';
 import { BlkError } from '../../errors.js';
 import { LatencyHistogram } from '../latency.js';
 import { Errno, type FileAttr, type FileFsMount, type FileFsOps, FuseErrno } from './file-fs.js';
@@ -66,6 +66,17 @@ function remount(mountpoint: string, mode: 'rw' | 'ro'): Promise<void> {
         );
       else resolve();
     });
+  });
+}
+
+/** True when two host mappings are the same pieces. */
+function sameExtents(a: readonly HostExtent[], b: readonly HostExtent[]): boolean {
+  if (a.length !== b.length) return false;
+  return a.every((x, i) => {
+    const y = b[i]!;
+    if (x.length !== y.length) return false;
+    if ('zero' in x || 'zero' in y) return 'zero' in x && 'zero' in y;
+    return x.fd === y.fd && x.host === y.host;
   });
 }
 
@@ -237,6 +248,28 @@ export class FuseExport {
     }
   }
 
+  /**
+   * Runs a write. An overwrite in place (a raw file, an allocated qcow2
+   * cluster) leaves the host mapping as it was, and the fast path keeps it;
+   * only a write that moved or allocated something invalidates its range.
+   * Reads overlapping the write may see old or new bytes, as with any
+   * concurrent read; installs computed before a moving write are dropped by
+   * the invalidation's generation.
+   */
+  private async writing(offset: number, length: number, fn: () => Promise<void>): Promise<void> {
+    const fast = this.mount?.fast;
+    const map = this.node.mapHostCached;
+    if (!fast || !map) return this.changing(offset, length, fn);
+    const before = map.call(this.node, offset, length);
+    try {
+      await fn();
+    } finally {
+      const after = map.call(this.node, offset, length);
+      if (!before || !after || !sameExtents(before, after))
+        fast.invalidate(offset, length, this.node.length());
+    }
+  }
+
   /** After a read served here, tells the fast path where the surrounding granules live (from caches only). */
   private learn(gen: number, position: number, n: number): void {
     const map = this.node.mapHostCached;
@@ -301,7 +334,7 @@ export class FuseExport {
           }
         }
         const t0 = performance.now();
-        await this.changing(position, n, () =>
+        await this.writing(position, n, () =>
           node.write(position, n === buf.length ? buf : buf.subarray(0, n)),
         );
         this.jsStats.writeLatency.observe((performance.now() - t0) / 1000);

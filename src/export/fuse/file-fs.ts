@@ -84,7 +84,7 @@ export interface MountOptions {
  * (see native-fuse/fuse3_file.c). The export invalidates around every change.
  */
 export interface FastPath {
-  /** The current generation; an install computed from state older than a change is dropped. */
+  /** The current generation; an install computed at an older one skips the granules changed since. */
   gen(): number;
   /** Remembers where guest bytes from `offset` live (whole 64 KiB granules only). */
   install(gen: number, offset: number, extents: readonly HostExtent[]): void;
