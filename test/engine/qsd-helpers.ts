@@ -8,7 +8,10 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseMountInfo } from '../../src/export/mount-table.js';
+import { type AgentHandle, agentDir, startAgent } from '../helpers/agent.js';
 import { cleanupMountsUnder } from '../helpers/mounts.js';
+
+export { readExport } from '../helpers/mounts.js';
 
 /** The tools every QSD test needs (under CI=true missing ones fail the test). */
 export const QSD_TOOLS = ['qemu-storage-daemon', 'qemu-img', '/dev/fuse'];
@@ -68,13 +71,6 @@ export function cleanupQsd(
   });
 }
 
-/** Reads a whole exported file from a child process (never from this one's event loop). */
-export function readExport(path: string): Buffer {
-  const r = spawnSync('cat', [path], { timeout: 20_000, maxBuffer: 256 << 20 });
-  if (r.status !== 0) throw new Error(`cat ${path}: ${r.stderr?.toString()}`);
-  return r.stdout;
-}
-
 /** The guest-visible bytes of an image, by qemu-img convert (the oracle). */
 export function convertToRaw(image: string, out: string, format?: string): Buffer {
   const args = ['convert', '-U', ...(format ? ['-f', format] : []), '-O', 'raw', image, out];
@@ -89,4 +85,32 @@ export function mountAt(path: string): { mountId: number; fstype: string; source
   for (const e of parseMountInfo(readFileSync('/proc/self/mountinfo', 'utf8')))
     if (e.mountpoint === path) top = e;
   return top;
+}
+
+/**
+ * A test directory with QSD clean-up registered first, and `start(engine)`
+ * starting an agent whose default engine is `engine` and whose QSD lives in
+ * the test directory.
+ */
+export function qsdAgentSetup(
+  t: Parameters<typeof agentDir>[0] & { after(fn: () => void | Promise<void>): void },
+  defaultEngine: 'native' | 'qemu' = 'qemu',
+) {
+  let root: string | undefined;
+  const agents: AgentHandle[] = [];
+  cleanupQsd(
+    t,
+    () => root && join(root, 'qsd'),
+    () => root,
+    () => agents.map((a) => a.proc),
+  );
+  const d = agentDir(t);
+  root = d.dir;
+  const qsdDir = join(d.dir, 'qsd');
+  const start = async (engine: string = defaultEngine) => {
+    const a = await startAgent(t, d, ['--engine', engine, '--qsd-dir', qsdDir]);
+    agents.push(a);
+    return a;
+  };
+  return { d, qsdDir, start };
 }

@@ -32,3 +32,10 @@ export function cleanupMountsUnder(dir: string): void {
   );
   for (const e of loops.reverse()) spawnSync('umount', ['-l', e.mountpoint], { stdio: 'ignore' });
 }
+
+/** Reads a whole exported file from a child process (never from this one's event loop). */
+export function readExport(path: string): Buffer {
+  const r = spawnSync('cat', [path], { timeout: 20_000, maxBuffer: 256 << 20 });
+  if (r.status !== 0) throw new Error(`cat ${path}: ${r.stderr?.toString()}`);
+  return r.stdout;
+}

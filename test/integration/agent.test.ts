@@ -20,7 +20,8 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { agentDir, startAgent, until } from '../helpers/agent.js';
-import { mountsUnder } from '../helpers/mounts.js';
+import { shorthand } from '../helpers/manifests.js';
+import { mountsUnder, readExport } from '../helpers/mounts.js';
 import { BIN, needTools, qemuImg, randomBytes, run, seededRandom } from '../helpers/tools.js';
 
 const TOOLS = ['qemu-img', '/dev/fuse'];
@@ -49,12 +50,6 @@ function manifest(name: string, exports: string, extra = ''): string {
   return `apiVersion: blkexport/v1\nkind: ExportSet\nmetadata:\n  name: ${name}\nspec:\n${extra}  exports:\n${exports}`;
 }
 
-function shorthand(id: string, image: string, opts: Record<string, string | boolean | number> = {}): string {
-  let s = `    - id: ${id}\n      image: ${image}\n`;
-  for (const [k, v] of Object.entries(opts)) s += `      ${k}: ${v}\n`;
-  return s;
-}
-
 /** An image with seeded content: raw file and its qcow2 conversion. */
 function makeImage(
   dir: string,
@@ -68,12 +63,6 @@ function makeImage(
   const qcow2 = join(dir, `${name}.qcow2`);
   qemuImg('convert', '-f', 'raw', '-O', 'qcow2', raw, qcow2);
   return { qcow2, raw, data };
-}
-
-function readExport(path: string): Buffer {
-  const r = run('cat', [path], { timeoutMs: 20_000 });
-  if (r.status !== 0) throw new Error(`cat ${path}: ${r.stderr}`);
-  return Buffer.from(run('sh', ['-c', `cat '${path}' | base64 -w0`]).stdout, 'base64');
 }
 
 function isMounted(path: string): boolean {

@@ -7,8 +7,16 @@ import assert from 'node:assert/strict';
 import { readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import { cleanupQsd, convertToRaw, mountAt, QSD_TOOLS, qsdPid, readExport } from '../engine/qsd-helpers.js';
-import { type AgentHandle, agentDir, startAgent, until } from '../helpers/agent.js';
+import {
+  convertToRaw,
+  mountAt,
+  QSD_TOOLS,
+  qsdAgentSetup,
+  qsdPid,
+  readExport,
+} from '../engine/qsd-helpers.js';
+import { until } from '../helpers/agent.js';
+import { shorthand } from '../helpers/manifests.js';
 import { mountsUnder } from '../helpers/mounts.js';
 import { BIN, needTools, qemuImg, randomBytes, run, seededRandom } from '../helpers/tools.js';
 
@@ -19,12 +27,6 @@ interface Status {
 
 function manifest(name: string, exports: string): string {
   return `apiVersion: blkexport/v1\nkind: ExportSet\nmetadata:\n  name: ${name}\nspec:\n  exports:\n${exports}`;
-}
-
-function shorthand(id: string, image: string, opts: Record<string, string | boolean | number> = {}): string {
-  let s = `    - id: ${id}\n      image: ${image}\n`;
-  for (const [k, v] of Object.entries(opts)) s += `      ${k}: ${v}\n`;
-  return s;
 }
 
 function makeQcow2(dir: string, name: string, seed: number, size = 1 << 20): { qcow2: string; data: Buffer } {
@@ -46,26 +48,7 @@ for (const engine of ['native', 'qemu'] as const) {
   describe(`reconcile through the ${engine} engine`, { concurrency: false }, () => {
     const tools = engine === 'qemu' ? QSD_TOOLS : ['qemu-img', '/dev/fuse'];
 
-    /** A test directory, QSD clean-up registered first, and an agent with this engine as its default. */
-    async function setup(t: Parameters<typeof agentDir>[0] & { after(fn: () => void): void }) {
-      let root: string | undefined;
-      const agents: AgentHandle[] = [];
-      cleanupQsd(
-        t,
-        () => root && join(root, 'qsd'),
-        () => root,
-        () => agents.map((a) => a.proc),
-      );
-      const d = agentDir(t);
-      root = d.dir;
-      const qsdDir = join(d.dir, 'qsd');
-      const start = async () => {
-        const a = await startAgent(t, d, ['--engine', engine, '--qsd-dir', qsdDir]);
-        agents.push(a);
-        return a;
-      };
-      return { d, qsdDir, start };
-    }
+    const setup = async (t: Parameters<typeof qsdAgentSetup>[0]) => qsdAgentSetup(t, engine);
 
     test('add, writable edit, invalid YAML keeps the last good version, delete', async (t) => {
       if (!needTools(t, ...tools)) return;

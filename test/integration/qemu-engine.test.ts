@@ -10,15 +10,16 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import {
-  cleanupQsd,
   convertToRaw,
   killQsd,
   mountAt,
   QSD_TOOLS,
+  qsdAgentSetup,
   qsdPid,
   readExport,
 } from '../engine/qsd-helpers.js';
-import { type AgentHandle, agentDir, startAgent, until } from '../helpers/agent.js';
+import { type AgentHandle, until } from '../helpers/agent.js';
+import { shorthand } from '../helpers/manifests.js';
 import { mountsUnder } from '../helpers/mounts.js';
 import { BIN, needTools, qemuImg, qemuIo, randomBytes, run, seededRandom } from '../helpers/tools.js';
 
@@ -31,31 +32,7 @@ function manifest(name: string, body: string, engine?: string): string {
   return `apiVersion: blkexport/v1\nkind: ExportSet\nmetadata:\n  name: ${name}\nspec:\n${e}${body}`;
 }
 
-function shorthand(id: string, image: string, opts: Record<string, string | boolean | number> = {}): string {
-  let s = `    - id: ${id}\n      image: ${image}\n`;
-  for (const [k, v] of Object.entries(opts)) s += `      ${k}: ${v}\n`;
-  return s;
-}
-
-async function setup(t: Parameters<typeof agentDir>[0] & { after(fn: () => void): void }) {
-  let root: string | undefined;
-  const agents: AgentHandle[] = [];
-  cleanupQsd(
-    t,
-    () => root && join(root, 'qsd'),
-    () => root,
-    () => agents.map((a) => a.proc),
-  );
-  const d = agentDir(t);
-  root = d.dir;
-  const qsdDir = join(d.dir, 'qsd');
-  const start = async (engine = 'qemu') => {
-    const a = await startAgent(t, d, ['--engine', engine, '--qsd-dir', qsdDir]);
-    agents.push(a);
-    return a;
-  };
-  return { d, qsdDir, start };
-}
+const setup = (t: Parameters<typeof qsdAgentSetup>[0]) => qsdAgentSetup(t, 'qemu');
 
 /** A raw reference with seeded data in a few places (holes elsewhere). */
 function reference(path: string, size: number, seed: number): Buffer {
