@@ -625,12 +625,17 @@ static napi_value js_mount(napi_env env, napi_callback_info info) {
   return handle;
 }
 
+/* Reads `n` arguments into argv (missing ones are undefined); the first is a request, claimed for one answer. */
+static blk_req *req_args(napi_env env, napi_callback_info info, napi_value *argv, size_t n) {
+  size_t argc = n;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  return req_arg(env, argv[0]);
+}
+
 /* reply_err(req, errno) */
 static napi_value js_reply_err(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  blk_req *r = req_arg(env, argv[0]);
+  blk_req *r = req_args(env, info, argv, 2);
   if (!r) return NULL;
   int32_t err = EIO;
   napi_get_value_int32(env, argv[1], &err);
@@ -641,10 +646,8 @@ static napi_value js_reply_err(napi_env env, napi_callback_info info) {
 
 /* reply_attr(req, mode, uid, gid, size, blocks, timeoutSec) */
 static napi_value js_reply_attr(napi_env env, napi_callback_info info) {
-  size_t argc = 7;
   napi_value argv[7];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  blk_req *r = req_arg(env, argv[0]);
+  blk_req *r = req_args(env, info, argv, 7);
   if (!r) return NULL;
   uint32_t mode = 0, uid = 0, gid = 0;
   double size = 0, blocks = 0, timeout = 1;
@@ -676,10 +679,8 @@ static napi_value js_reply_attr(napi_env env, napi_callback_info info) {
 
 /* reply_open(req, directIo, keepCache) */
 static napi_value js_reply_open(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
   napi_value argv[3];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  blk_req *r = req_arg(env, argv[0]);
+  blk_req *r = req_args(env, info, argv, 3);
   if (!r) return NULL;
   bool direct = false, keep = false;
   napi_get_value_bool(env, argv[1], &direct);
@@ -696,10 +697,8 @@ static napi_value js_reply_open(napi_env env, napi_callback_info info) {
 
 /* The request and byte count of reply_data/reply_write(req, n); n is clamped to the request's size. */
 static blk_req *req_and_count(napi_env env, napi_callback_info info, size_t *count) {
-  size_t argc = 2;
   napi_value argv[2];
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
-  blk_req *r = req_arg(env, argv[0]);
+  blk_req *r = req_args(env, info, argv, 2);
   if (!r) return NULL;
   double n = 0;
   napi_get_value_double(env, argv[1], &n);
@@ -730,10 +729,8 @@ static napi_value js_reply_write(napi_env env, napi_callback_info info) {
 
 /* reply_lseek(req, offset) */
 static napi_value js_reply_lseek(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  blk_req *r = req_arg(env, argv[0]);
+  blk_req *r = req_args(env, info, argv, 2);
   if (!r) return NULL;
   double off = 0;
   napi_get_value_double(env, argv[1], &off);
