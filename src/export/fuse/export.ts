@@ -106,6 +106,8 @@ export class FuseExport {
   private growable: boolean;
   private allowOther = false;
   private mountAllowsOther = false;
+  /** The binding's fast path is in use (reads teach it; writes keep it exact). Size changes reach it regardless. */
+  private fastOn = true;
   private mode: number;
   private uid = process.getuid?.() ?? 0;
   private gid = process.getgid?.() ?? 0;
@@ -157,6 +159,7 @@ export class FuseExport {
    */
   setFastPath(on: boolean): void {
     if (this.closed) return;
+    this.fastOn = on;
     this.mount?.fast?.enable(on);
   }
 
@@ -259,7 +262,7 @@ export class FuseExport {
   private async writing(offset: number, length: number, fn: () => Promise<void>): Promise<void> {
     const fast = this.mount?.fast;
     const map = this.node.mapHostCached;
-    if (!fast || !map) return this.changing(offset, length, fn);
+    if (!fast || !map || !this.fastOn) return this.changing(offset, length, fn);
     const before = map.call(this.node, offset, length);
     try {
       await fn();
@@ -311,7 +314,7 @@ export class FuseExport {
         if (position >= size) return 0;
         const n = Math.min(length, size - position);
         const t0 = performance.now();
-        const gen = this.mount?.fast?.gen() ?? -1;
+        const gen = this.fastOn ? (this.mount?.fast?.gen() ?? -1) : -1;
         await node.read(position, n === buf.length ? buf : buf.subarray(0, n));
         if (gen >= 0) this.learn(gen, position, n);
         this.jsStats.readLatency.observe((performance.now() - t0) / 1000);
