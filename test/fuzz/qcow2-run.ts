@@ -135,6 +135,7 @@ export async function runQcow2Fuzz(o: FuzzOptions): Promise<FuzzStats> {
           }
         }, 100);
         w.on('message', (m: WorkerMessage) => {
+          if (finished) return; // a worker the watchdog terminated may still deliver queued messages
           if (m.type === 'start') {
             cur = m;
             startedAt = Date.now();
@@ -154,6 +155,7 @@ export async function runQcow2Fuzz(o: FuzzOptions): Promise<FuzzStats> {
           } else finish(false);
         });
         w.on('error', (e) => {
+          if (finished) return;
           if (cur) fail(cur, `worker died: ${e.stack ?? e.message}`);
           cur = undefined;
           finish(true);
