@@ -7,7 +7,7 @@
 //                 without it exports fall back to fuse-native, libfuse 2)
 // Usage: node scripts/build-native.mjs [--force]
 import { spawnSync } from 'node:child_process';
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 
 const root = new URL('..', import.meta.url).pathname;
@@ -15,13 +15,11 @@ const addons = [
   {
     dir: join(root, 'native'),
     out: 'blkexport_native.node',
-    sources: ['blkexport_native.c', 'binding.gyp'],
     required: true,
   },
   {
     dir: join(root, 'native-fuse'),
     out: 'blkexport_fuse3.node',
-    sources: ['fuse3_file.c', 'binding.gyp'],
     required: false,
     // Built only where Debian's libfuse3-dev is installed.
     needs: '/usr/include/fuse3/fuse_lowlevel.h',
@@ -29,11 +27,13 @@ const addons = [
 ];
 
 const force = process.argv.includes('--force');
+// An addon's sources: binding.gyp and every C source or header next to it.
+const sources = (dir) => readdirSync(dir).filter((f) => f === 'binding.gyp' || /\.[ch]$/.test(f));
 const upToDate = (a) => {
   const out = join(a.dir, 'build', 'Release', a.out);
   if (force || !existsSync(out)) return false;
   const built = statSync(out).mtimeMs;
-  return a.sources.every((s) => statSync(join(a.dir, s)).mtimeMs <= built);
+  return sources(a.dir).every((s) => statSync(join(a.dir, s)).mtimeMs <= built);
 };
 const todo = addons.filter((a) => !upToDate(a));
 if (todo.length === 0) process.exit(0);

@@ -1,9 +1,9 @@
 /**
- * Our own FUSE binding on libfuse 3 (native-fuse/fuse3_file.c): 1 MiB
- * requests, asynchronous direct I/O, fallocate, and requests answered from
- * JavaScript whenever they are done, never holding a libfuse thread. The
- * addon is built at install from Debian's libfuse3-dev; without it, mount.ts
- * falls back to fuse-native.
+ * Our own FUSE binding on libfuse 3 (native-fuse/, its parts listed in
+ * blk_fs.h): 1 MiB requests, asynchronous direct I/O, fallocate, and requests
+ * answered from JavaScript whenever they are done, never holding a libfuse
+ * thread. The addon is built at install from Debian's libfuse3-dev; without
+ * it, mount.ts falls back to fuse-native.
  */
 import { createRequire } from 'node:module';
 import type { HostExtent } from '../../block/types.js';
@@ -17,8 +17,29 @@ import {
   toErrno,
 } from './file-fs.js';
 
+/**
+ * The request kinds dispatch() receives. Their numbers are defined once, in
+ * native-fuse/blk_fs.h (BLK_OPS), and read from the addon's `ops` when it loads.
+ */
+const OP_NAMES = [
+  'GETATTR',
+  'SETATTR',
+  'OPEN',
+  'READ',
+  'WRITE',
+  'FLUSH',
+  'FSYNC',
+  'FALLOCATE',
+  'LSEEK',
+  'ENDED',
+] as const;
+type OpName = (typeof OP_NAMES)[number];
+type OpCodes = Readonly<Record<OpName, number>>;
+
 type ReqHandle = object;
 interface Fuse3Addon {
+  /** The op codes, frozen: { GETATTR: 1, ... }. */
+  readonly ops: OpCodes;
   mount(
     mountpoint: string,
     options: string,
@@ -65,7 +86,13 @@ let loadError = '';
 export function loadFuse3(): Fuse3Addon | null {
   if (addon === undefined) {
     try {
-      addon = createRequire(import.meta.url)(ADDON_PATH) as Fuse3Addon;
+      const a = createRequire(import.meta.url)(ADDON_PATH) as Partial<Fuse3Addon>;
+      const missing = OP_NAMES.filter((n) => !Number.isInteger(a.ops?.[n]));
+      if (missing.length > 0)
+        throw new Error(
+          `${ADDON_PATH} has no op code for ${missing.join(', ')} (rebuild it: npm run build:native)`,
+        );
+      addon = a as Fuse3Addon;
     } catch (e) {
       addon = null;
       loadError = (e as Error).message.split('\n')[0] ?? String(e);
@@ -79,18 +106,6 @@ export function fuse3Unavailable(): string {
   return loadFuse3() ? '' : loadError;
 }
 
-const OP = {
-  GETATTR: 1,
-  SETATTR: 2,
-  OPEN: 3,
-  READ: 4,
-  WRITE: 5,
-  FLUSH: 6,
-  FSYNC: 7,
-  FALLOCATE: 8,
-  LSEEK: 9,
-  ENDED: 100,
-} as const;
 // struct fuse_setattr flags (fuse_lowlevel.h)
 const SET = {
   MODE: 1 << 0,
@@ -121,6 +136,7 @@ export function mountFileFsFuse3(
 ): Promise<FileFsMount> {
   const a = loadFuse3();
   if (!a) return Promise.reject(new Error(`the libfuse 3 binding is not built: ${loadError}`));
+  const OP = a.ops; // checked when the addon loaded; dispatch() compares against it
   let ended: () => void = () => undefined;
   const endedP = new Promise<void>((resolve) => {
     ended = resolve;

@@ -1,0 +1,295 @@
+/*
+ * The read fast path. JavaScript installs what the block layer's caches know
+ * about where guest bytes live (host fd + offset, or zeroes) per 64 KiB
+ * granule; a read whose granules are all known is served here, in the libfuse
+ * worker thread, with preads: no trip to JavaScript. Every write, truncate or
+ * fallocate goes through JavaScript, which invalidates the range before and
+ * after it (a generation counter drops installs computed meanwhile). Host fds
+ * are dup()ed on first use and kept until the mount ends, so a node reopening
+ * or closing its own fd never leaves a stale number here.
+ *
+ * This file holds the map itself (an open-addressing hash table of granules,
+ * the host fd slots, the invalidation ring) and everything done under its
+ * lock, so the locking rules live in one place.
+ */
+#include "fast_map.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define SLOT_EMPTY (-2)
+#define SLOT_TOMB (-3)
+#define SLOT_ZERO (-1)
+
+struct map_entry {
+  uint64_t key;
+  int32_t slot;
+  uint64_t host;
+};
+
+/* ---- the map ------------------------------------------------------------------- */
+
+static uint32_t hash64(uint64_t k) {
+  k ^= k >> 33;
+  k *= 0xff51afd7ed558ccdULL;
+  k ^= k >> 33;
+  return (uint32_t)k;
+}
+
+static void fast_clear(fast_map *m) {
+  for (uint32_t i = 0; i < m->cap; i++) m->table[i].slot = SLOT_EMPTY;
+  m->used = 0;
+}
+
+int fast_init(fast_map *m) {
+  pthread_rwlock_init(&m->lock, NULL);
+  m->cap = 1024;
+  m->table = malloc(sizeof(map_entry) * m->cap);
+  if (!m->table) return -1;
+  fast_clear(m);
+  m->enabled = 1;
+  return 0;
+}
+
+static map_entry *fast_find(fast_map *m, uint64_t key) {
+  uint32_t mask = m->cap - 1;
+  for (uint32_t i = hash64(key) & mask, n = 0; n < m->cap; i = (i + 1) & mask, n++) {
+    map_entry *e = &m->table[i];
+    if (e->slot == SLOT_EMPTY) return NULL;
+    if (e->slot != SLOT_TOMB && e->key == key) return e;
+  }
+  return NULL;
+}
+
+/* Caller holds the write lock. Grows up to 1 << 16 entries, then starts over. */
+static void fast_put(fast_map *m, uint64_t key, int32_t slot, uint64_t host) {
+  map_entry *old = fast_find(m, key);
+  if (old) {
+    old->slot = slot;
+    old->host = host;
+    return;
+  }
+  if ((m->used + 1) * 2 > m->cap) {
+    uint32_t ncap = m->cap < (1u << 16) ? m->cap * 2 : m->cap;
+    map_entry *nt = ncap == m->cap ? NULL : malloc(sizeof(map_entry) * ncap);
+    map_entry *ot = m->table;
+    uint32_t ocap = m->cap;
+    if (nt) {
+      m->table = nt;
+      m->cap = ncap;
+      fast_clear(m);
+      for (uint32_t i = 0; i < ocap; i++)
+        if (ot[i].slot != SLOT_EMPTY && ot[i].slot != SLOT_TOMB) fast_put(m, ot[i].key, ot[i].slot, ot[i].host);
+      free(ot);
+    } else {
+      fast_clear(m);
+    }
+  }
+  uint32_t mask = m->cap - 1;
+  for (uint32_t i = hash64(key) & mask;; i = (i + 1) & mask) {
+    map_entry *e = &m->table[i];
+    if (e->slot == SLOT_EMPTY || e->slot == SLOT_TOMB) {
+      if (e->slot == SLOT_EMPTY) m->used++;
+      e->key = key;
+      e->slot = slot;
+      e->host = host;
+      return;
+    }
+  }
+}
+
+/* The slot of a dup of `fd` (same file by dev/ino), or -1. Caller holds the write lock. */
+static int fast_slot(fast_map *m, int fd) {
+  struct stat st;
+  if (fstat(fd, &st) != 0) return -1;
+  for (int i = 0; i < m->nfds; i++)
+    if (m->devs[i] == st.st_dev && m->inos[i] == st.st_ino) return i;
+  if (m->nfds >= MAX_SLOTS) return -1;
+  int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+  if (d < 0) return -1;
+  m->fds[m->nfds] = d;
+  m->devs[m->nfds] = st.st_dev;
+  m->inos[m->nfds] = st.st_ino;
+  return m->nfds++;
+}
+
+/* Moves the generation, remembering which granules it invalidated. Caller holds the write lock. */
+static void fast_record(fast_map *m, uint64_t first, uint64_t last) {
+  m->gen++;
+  m->ring[m->gen % RING] = (inval){m->gen, first, last};
+}
+
+/* True when granule `k` was invalidated after generation `since`. Caller holds the lock. */
+static int changed_since(const fast_map *m, uint64_t since, uint64_t k) {
+  for (uint64_t g = since + 1; g <= m->gen; g++) {
+    const inval *e = &m->ring[g % RING];
+    if (e->gen != g || (k >= e->first && k <= e->last)) return 1; /* overwritten slot: assume changed */
+  }
+  return 0;
+}
+
+void fast_destroy(fast_map *m) {
+  for (int i = 0; i < m->nfds; i++) close(m->fds[i]);
+  m->nfds = 0;
+  free(m->table);
+  m->table = NULL;
+  pthread_rwlock_destroy(&m->lock);
+}
+
+/* ---- libfuse worker threads' side: serving a read ------------------------------ */
+
+typedef struct {
+  int32_t slot;
+  uint64_t host;
+  size_t len;
+  size_t at;
+} seg;
+
+/* Serves a read from the fast map; returns 0 when it answered, -1 to let JavaScript serve it. */
+int fast_read(fast_map *m, fuse_req_t req, size_t size, uint64_t off) {
+  seg segs[32];
+  int nseg = 0;
+  size_t n = 0;
+  const uint64_t G = 1ULL << GRANULE_BITS;
+  pthread_rwlock_rdlock(&m->lock);
+  if (!m->enabled) {
+    pthread_rwlock_unlock(&m->lock);
+    return -1;
+  }
+  if (off >= m->fsize) {
+    pthread_rwlock_unlock(&m->lock);
+    fuse_reply_buf(req, NULL, 0);
+    return 0;
+  }
+  n = size;
+  if (off + n > m->fsize) n = (size_t)(m->fsize - off);
+  for (uint64_t pos = off; pos < off + n;) {
+    map_entry *e = fast_find(m, pos >> GRANULE_BITS);
+    if (!e || nseg == 32) {
+      pthread_rwlock_unlock(&m->lock);
+      return -1;
+    }
+    uint64_t gend = ((pos >> GRANULE_BITS) + 1) << GRANULE_BITS;
+    size_t len = (size_t)((gend < off + n ? gend : off + n) - pos);
+    uint64_t host = e->slot == SLOT_ZERO ? 0 : e->host + (pos & (G - 1));
+    seg *last = nseg ? &segs[nseg - 1] : NULL;
+    if (last && last->slot == e->slot && (e->slot == SLOT_ZERO || last->host + last->len == host)) {
+      last->len += len;
+    } else {
+      segs[nseg++] = (seg){e->slot, host, len, (size_t)(pos - off)};
+    }
+    pos += len;
+  }
+  int fds[32];
+  for (int i = 0; i < nseg; i++) fds[i] = segs[i].slot >= 0 ? m->fds[segs[i].slot] : -1;
+  pthread_rwlock_unlock(&m->lock);
+
+  char *buf = malloc(n ? n : 1);
+  if (!buf) return -1;
+  for (int i = 0; i < nseg; i++) {
+    if (segs[i].slot == SLOT_ZERO) {
+      memset(buf + segs[i].at, 0, segs[i].len);
+      continue;
+    }
+    size_t done = 0;
+    while (done < segs[i].len) {
+      ssize_t r = pread(fds[i], buf + segs[i].at + done, segs[i].len - done, (off_t)(segs[i].host + done));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) {
+        free(buf);
+        return -1; /* let JavaScript serve it (and report the error) */
+      }
+      if (r == 0) { /* past the end of the host file: zeroes, as the file driver reads them */
+        memset(buf + segs[i].at + done, 0, segs[i].len - done);
+        break;
+      }
+      done += (size_t)r;
+    }
+  }
+  fuse_reply_buf(req, buf, n);
+  free(buf);
+  atomic_fetch_add(&m->reads, 1);
+  atomic_fetch_add(&m->bytes, n);
+  return 0;
+}
+
+/* ---- the JavaScript thread's side: generation, invalidation, installs ---------- */
+
+/* The current generation; an install passes it back to say what it was computed against. */
+uint64_t fast_gen(fast_map *m) {
+  pthread_rwlock_rdlock(&m->lock);
+  uint64_t g = m->gen;
+  pthread_rwlock_unlock(&m->lock);
+  return g;
+}
+
+/* Bumps the generation, forgets the range, sets the size (-1: keep). */
+void fast_invalidate(fast_map *m, double off, double len, double size) {
+  pthread_rwlock_wrlock(&m->lock);
+  uint64_t first = 1, last = 0; /* empty */
+  if (len > 0) {
+    first = (uint64_t)off >> GRANULE_BITS;
+    last = ((uint64_t)off + (uint64_t)len - 1) >> GRANULE_BITS;
+  }
+  if (size >= 0 && (uint64_t)size != m->fsize) {
+    first = 0;
+    last = UINT64_MAX;
+  }
+  fast_record(m, first, last);
+  if (size >= 0) m->fsize = (uint64_t)size;
+  if (len > 0) {
+    if (last - first > 256) {
+      fast_clear(m);
+    } else {
+      for (uint64_t k = first; k <= last; k++) {
+        map_entry *e = fast_find(m, k);
+        if (e) e->slot = SLOT_TOMB;
+      }
+    }
+  }
+  pthread_rwlock_unlock(&m->lock);
+}
+
+/* Off forgets everything and sends every read to JavaScript. */
+void fast_enable(fast_map *m, bool on) {
+  pthread_rwlock_wrlock(&m->lock);
+  m->enabled = on;
+  fast_record(m, 0, UINT64_MAX);
+  if (!on) fast_clear(m);
+  pthread_rwlock_unlock(&m->lock);
+}
+
+/*
+ * `x` holds `count` doubles, triples [length, fd, host] (fd -1: zeroes)
+ * describing guest bytes from `off`. Whole granules covered by one contiguous
+ * piece are remembered; granules invalidated since generation `gen` are not.
+ */
+void fast_install(fast_map *m, double gen, double off, const double *x, size_t count) {
+  const uint64_t G = 1ULL << GRANULE_BITS;
+  pthread_rwlock_wrlock(&m->lock);
+  if (m->enabled && gen >= 0 && (uint64_t)gen <= m->gen && m->gen - (uint64_t)gen < RING) {
+    uint64_t since = (uint64_t)gen;
+    uint64_t pos = (uint64_t)off;
+    for (size_t i = 0; i < count; i += 3) {
+      uint64_t len = (uint64_t)x[i];
+      int fd = (int)x[i + 1];
+      uint64_t host = (uint64_t)x[i + 2];
+      uint64_t end = pos + len;
+      int slot = fd < 0 ? SLOT_ZERO : -100;
+      for (uint64_t g = (pos + G - 1) & ~(G - 1); g + G <= end; g += G) {
+        if (slot == -100) {
+          slot = fast_slot(m, fd);
+          if (slot < 0) break;
+        }
+        if (changed_since(m, since, g >> GRANULE_BITS)) continue;
+        fast_put(m, g >> GRANULE_BITS, slot, fd < 0 ? 0 : host + (g - pos));
+      }
+      pos = end;
+    }
+  }
+  pthread_rwlock_unlock(&m->lock);
+}

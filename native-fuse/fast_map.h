@@ -1,0 +1,73 @@
+/*
+ * The read fast path's extent map: what the block layer's caches know about
+ * where guest bytes live, per 64 KiB granule, so a read can be answered in the
+ * libfuse worker thread with preads instead of a trip to JavaScript.
+ *
+ * Kept apart from the rest of the binding because it is the one part with its
+ * own locking (a rwlock taken by libfuse threads and by the JavaScript thread)
+ * and its own invariants (the generation counter and invalidation ring); the
+ * N-API functions in napi_glue.c only unpack their arguments and call these.
+ *
+ * Feature macros (_GNU_SOURCE, FUSE_USE_VERSION, _FILE_OFFSET_BITS) come from
+ * binding.gyp's cflags, so that they precede every system header.
+ */
+#ifndef BLKEXPORT_FAST_MAP_H
+#define BLKEXPORT_FAST_MAP_H
+
+#ifndef FUSE_USE_VERSION
+#error "build through binding.gyp: it sets FUSE_USE_VERSION and _GNU_SOURCE"
+#endif
+
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define GRANULE_BITS 16 /* src/export/fuse/export.ts relies on this granule size */
+#define MAX_SLOTS 64
+
+typedef struct map_entry map_entry; /* private to fast_map.c */
+
+/* What each recent generation invalidated (granule range), so an install computed
+ * at an older generation drops only the granules changed since, not everything:
+ * under a mixed read/write load reads keep teaching the map. */
+#define RING 256
+typedef struct {
+  uint64_t gen, first, last;
+} inval;
+
+typedef struct {
+  pthread_rwlock_t lock;
+  int enabled;
+  uint64_t gen;
+  inval ring[RING];
+  uint64_t fsize;
+  map_entry *table;
+  uint32_t cap; /* power of two */
+  uint32_t used; /* live + tombstones */
+  int fds[MAX_SLOTS];
+  dev_t devs[MAX_SLOTS];
+  ino_t inos[MAX_SLOTS];
+  int nfds;
+  atomic_ullong reads, bytes; /* served without JavaScript; read lock-free */
+} fast_map;
+
+/* 0, or -1 when out of memory. The map starts enabled and empty. */
+int fast_init(fast_map *m);
+/* Closes the dup()ed host fds and frees the table; only once no libfuse thread is left. */
+void fast_destroy(fast_map *m);
+
+/* Serves a read from the map; returns 0 when it answered `req`, -1 to let JavaScript serve it. */
+int fast_read(fast_map *m, fuse_req_t req, size_t size, uint64_t off);
+
+/* The JavaScript thread's calls; each takes the lock itself. Numbers arrive as
+ * JavaScript doubles and are converted here. */
+uint64_t fast_gen(fast_map *m);
+void fast_invalidate(fast_map *m, double off, double len, double size);
+void fast_enable(fast_map *m, bool on);
+void fast_install(fast_map *m, double gen, double off, const double *x, size_t count);
+
+#endif
