@@ -1,5 +1,5 @@
 /**
- * Agent figures (issues 5 and 9), measured on a real agent process:
+ * Agent figures (docs/benchmarks.md, "Agent figures"), measured on a real agent process:
  * - time from start until N exports (default 200) are `ready`, and the
  *   agent's RSS with them;
  * - reconcile latency: a manifest saved → its export readable from this

@@ -1,8 +1,9 @@
 /**
  * fio runs and the parse of their JSON output. Options that keep numbers
- * honest (REFERENCE.md §G): --invalidate=0 so fio does not evict the image
- * from the page cache between runs; time-based runs; no pre-allocation (a
- * non-growable export refuses size changes).
+ * honest: --invalidate=0 so fio does not evict the image from the page cache
+ * between runs (which would hand one server a cold cache the others did not
+ * get); time-based runs; no pre-allocation (a non-growable export refuses
+ * size changes).
  */
 import { BlkError } from '../src/errors.js';
 import { runCommand } from './proc.js';

@@ -138,7 +138,7 @@ async function readPid(pidfile: string): Promise<number | undefined> {
   }
 }
 
-/** blkexport's one-shot export (SPEC §3): `mount --daemonize --pidfile`, then `umount`. */
+/** blkexport's one-shot export: `mount --daemonize --pidfile`, then `umount` (README, "The one-shot `mount`"). */
 function blkexportServer(ctx: ServerContext): Server {
   const mnt = join(ctx.dir, 'mnt-blkexport');
   const pidfile = join(ctx.dir, 'blkexport.pid');

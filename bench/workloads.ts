@@ -1,6 +1,6 @@
 /**
- * The I/O workloads of the benchmark (issues 4, 6 and 9): one row of the
- * report each. Sizes: 1 MiB for sequential throughput, 4 KiB for IOPS.
+ * The I/O workloads of the benchmark (docs/benchmarks.md, "The rows"): one
+ * row of the report each. Sizes: 1 MiB for sequential throughput, 4 KiB for IOPS.
  */
 
 /** Which image a workload runs on (see images.ts). */
