@@ -8,7 +8,15 @@
 
 import type { NodeOptions } from './options.js';
 import type { PathPolicy } from './path-policy.js';
-import type { BlockCapabilities, BlockExtent, BlockNode, BlockRole, HostExtent, ImageInfo } from './types.js';
+import type {
+  BlockCapabilities,
+  BlockExtent,
+  BlockNode,
+  BlockRole,
+  HostExtent,
+  ImageInfo,
+  ResolvedOptions,
+} from './types.js';
 
 /** Options a reopen may change; a driver lists the ones it supports in `mutableOptions`. */
 export interface ReopenOptions {
@@ -74,6 +82,8 @@ export interface BlockDriver<S = unknown> {
   capabilities?(s: S): Partial<BlockCapabilities>;
   /** Format details for `info`. */
   imageInfo?(s: S): ImageInfo;
+  /** Options the driver worked out when it opened, e.g. a partition's window. */
+  resolved?(s: S): ResolvedOptions;
   /** The host file behind the node (protocol drivers; format nodes inherit their file child's). */
   describe?(s: S): { filename?: string; fileKey?: string };
   /** Called once the state is wrapped into its node (lets a driver offer tools a view keyed by node). */

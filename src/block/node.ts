@@ -162,6 +162,7 @@ export function wrapNode<S>(
       };
     },
     imageInfo: driver.imageInfo ? () => driver.imageInfo!(state) : undefined,
+    resolved: driver.resolved ? () => driver.resolved!(state) : undefined,
     async reopen(opts) {
       // The node and its file child (recursively) change together; backing files stay read-only.
       await reopenTogether(fileSubtree(node), opts);

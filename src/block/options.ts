@@ -12,7 +12,7 @@ export interface NodeOptions {
   filename?: string;
   /** `file` driver: QEMU-compatible image locking (default auto: lock when OFD locks exist). */
   locking?: 'auto' | 'on' | 'off';
-  /** Format drivers: the protocol child, as a node-name or inline options. */
+  /** Format and filter drivers: the child, as a node-name or inline options. */
   file?: string | NodeOptions;
   /** qcow2: a node-name, inline options, `null` for none; absent = follow the image's own backing file. */
   backing?: string | NodeOptions | null;
@@ -20,6 +20,8 @@ export interface NodeOptions {
   offset?: number;
   /** raw: window length. */
   size?: number;
+  /** partition: the partition of the child's MBR/GPT to show (Linux numbering: MBR logicals from 5, GPT by slot). */
+  number?: number;
   /** qcow2: bound of the L2-table cache in bytes. */
   l2CacheBytes?: number;
   /**

@@ -1,7 +1,8 @@
-/** A raw window (offset/size) over an already open node, e.g. one partition of an image. */
+/** A raw window (offset/size) over an already open node, outside any graph. */
 import { rawFormat } from './format/raw.js';
 import { type GraphNode, wrapNode } from './node.js';
 import type { BlockNode } from './types.js';
+import { checkWindow, type WindowState } from './window.js';
 
 /** Opens a `raw` node showing [offset, offset+size) of `base`; its close() leaves `base` open. */
 export async function openRawWindow(
@@ -10,16 +11,8 @@ export async function openRawWindow(
   size: number,
   nodeName: string,
 ): Promise<GraphNode> {
-  const state = await rawFormat.open({
-    nodeName,
-    readOnly: base.readOnly,
-    options: { driver: 'raw', nodeName, offset, size },
-    file: base,
-    backing: undefined,
-    policy: { allowedRoots: [] },
-    chain: { depth: 0, seen: new Set() },
-    openChild: () => Promise.reject(new Error('a raw window opens no children')),
-  });
+  checkWindow(base, offset, size, 'raw');
+  const state: WindowState = { child: base, offset, size, fixed: true, readOnly: base.readOnly };
   return wrapNode(rawFormat, state, {
     nodeName,
     readOnly: base.readOnly,

@@ -1,6 +1,7 @@
 /** The drivers the native engine knows, by name. */
 import { BlkError } from '../errors.js';
 import type { BlockDriver } from './driver.js';
+import { partitionFilter } from './filter/partition.js';
 import { qcow2Format } from './format/qcow2/driver.js';
 import { rawFormat } from './format/raw.js';
 import { fileProtocol } from './protocol/file.js';
@@ -9,6 +10,7 @@ const DRIVERS: ReadonlyMap<string, BlockDriver> = new Map([
   ['file', fileProtocol],
   ['raw', rawFormat],
   ['qcow2', qcow2Format],
+  ['partition', partitionFilter],
 ]);
 
 /** The driver called `name`, or a NOT_SUPPORTED error. */

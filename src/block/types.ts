@@ -56,6 +56,12 @@ export interface ImageInfo {
   formatSpecific?: { type: string; data: Record<string, unknown> };
 }
 
+/** Options a driver worked out when it opened (not given by the caller), e.g. a partition's window. */
+export interface ResolvedOptions {
+  offset?: number;
+  size?: number;
+}
+
 export interface BlockNode {
   /** The node-name (manifest, or generated for implicit nodes such as an image's own backing file). */
   readonly nodeName: string;
@@ -96,6 +102,8 @@ export interface BlockNode {
   mapHostCached?(offset: number, length: number): HostExtent[] | null;
   /** Format details (format nodes that have them, e.g. qcow2). */
   imageInfo?(): ImageInfo;
+  /** Options the driver worked out when it opened (drivers that work some out, e.g. `partition`). */
+  resolved?(): ResolvedOptions;
   /** Change mutable options in place (prepare, then commit on every node, or abort). */
   reopen(opts: { readOnly?: boolean }): Promise<void>;
   /** Flush (when writable) and release every resource; children are closed by the graph. */

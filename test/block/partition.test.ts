@@ -3,7 +3,12 @@ import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { describe, it } from 'node:test';
 import { crc32 } from 'node:zlib';
-import { findPartition, listPartitions, type Partition, type ReadAt } from '../../src/block/partition.js';
+import {
+  findPartition,
+  listPartitions,
+  type Partition,
+  type ReadAt,
+} from '../../src/block/partition/index.js';
 import { BlkError } from '../../src/errors.js';
 import { needTools, runOk, tempDir } from '../helpers/tools.js';
 

@@ -1,22 +1,14 @@
 /**
  * The `raw` format driver: the file child as it is, or a window of it
- * (`offset`/`size`, e.g. one partition). Every access is bounds-checked by the
- * node wrapper against the window, so nothing outside it is ever reached.
+ * (`offset`/`size`). Every access is bounds-checked by the node wrapper
+ * against the window, so nothing outside it is ever reached; the I/O is the
+ * shared window shift (window.ts).
  */
 import { BlkError } from '../../errors.js';
 import { defineDriver } from '../driver.js';
-import type { BlockNode } from '../types.js';
+import { checkWindow, type WindowState, windowOps } from '../window.js';
 
-interface RawState {
-  child: BlockNode;
-  offset: number;
-  size: number;
-  /** true when offset/size were given: the window never follows the child's size. */
-  fixed: boolean;
-  readOnly: boolean;
-}
-
-export const rawFormat = defineDriver<RawState>({
+export const rawFormat = defineDriver<WindowState>({
   name: 'raw',
   role: 'format',
   mutableOptions: ['read-only'],
@@ -24,40 +16,15 @@ export const rawFormat = defineDriver<RawState>({
   async open(ctx) {
     const child = ctx.file;
     if (!child) throw new BlkError('IMAGE_INVALID', `node '${ctx.nodeName}': driver raw needs a file child`);
-    const childLen = child.length();
     const offset = ctx.options.offset ?? 0;
-    const place = { file: child.filename };
-    if (!Number.isSafeInteger(offset) || offset < 0 || offset > childLen) {
-      throw new BlkError('OUT_OF_RANGE', `raw offset ${offset} is outside the file (${childLen} bytes)`, {
-        ...place,
-        field: 'offset',
-      });
-    }
-    const size = ctx.options.size ?? childLen - offset;
-    if (!Number.isSafeInteger(size) || size < 0 || offset + size > childLen) {
-      throw new BlkError(
-        'OUT_OF_RANGE',
-        `raw window ${offset}+${size} runs past the end of the file (${childLen} bytes)`,
-        { ...place, field: 'size' },
-      );
-    }
+    const size = ctx.options.size ?? child.length() - offset;
+    checkWindow(child, offset, size, 'raw');
     const fixed = ctx.options.offset !== undefined || ctx.options.size !== undefined;
     return { child, offset, size, fixed, readOnly: ctx.readOnly };
   },
-  children: (s) => [s.child],
+  ...windowOps,
 
-  // --- I/O: one line each, the window shift
-  length: (s) => (s.fixed ? s.size : s.child.length()),
-  mapHostCached: (s, offset, length) => s.child.mapHostCached?.(s.offset + offset, length) ?? null,
-  read: (s, off, buf) => s.child.read(s.offset + off, buf),
-  write: (s, off, buf) => s.child.write(s.offset + off, buf),
-  writeZeroes: (s, off, len, opts) => s.child.writeZeroes(s.offset + off, len, opts),
-  discard: (s, off, len) => s.child.discard(s.offset + off, len),
-  flush: (s) => s.child.flush(),
-  async blockStatus(s, off, len) {
-    const e = await s.child.blockStatus(s.offset + off, len);
-    return { ...e, offset: e.offset - s.offset };
-  },
+  /** Follows the child's size, unless the window was given. */
   async truncate(s, size) {
     if (s.fixed) {
       throw new BlkError('NOT_SUPPORTED', 'a raw node with offset/size cannot be resized', {
@@ -66,11 +33,4 @@ export const rawFormat = defineDriver<RawState>({
     }
     await s.child.truncate(size);
   },
-  allocatedSize: (s) => s.child.allocatedSize(),
-  capabilities: (s) => ({ ...s.child.capabilities(), truncate: !s.fixed && s.child.capabilities().truncate }),
-  reopenCommit(s, opts) {
-    if (opts.readOnly !== undefined) s.readOnly = opts.readOnly;
-  },
-  isReadOnly: (s) => s.readOnly || s.child.readOnly,
-  describe: (s) => ({ filename: s.child.filename, fileKey: s.child.fileKey }),
 });
