@@ -28,10 +28,30 @@ export type BlkErrorCode =
   | 'MOUNT_FAILED'
   | 'PATH_POLICY'
   | 'LOCKED'
+  // an answer to a client with a POSIX errno (EACCES for a write to a read-only export)
+  | 'ERRNO'
   // command line and agent
   | 'USAGE'
   | 'AGENT'
   | 'INTERNAL';
+
+/** The Linux errno values blkexport answers with or reads (positive; FUSE replies negate them). The one table. */
+export const Errno = {
+  EPERM: 1,
+  ENOENT: 2,
+  EIO: 5,
+  ENXIO: 6,
+  EBADF: 9,
+  EACCES: 13,
+  EBUSY: 16,
+  EINVAL: 22,
+  EFBIG: 27,
+  ENOSPC: 28,
+  EROFS: 30,
+  ENOSYS: 38,
+  EOPNOTSUPP: 95,
+  ENOTCONN: 107,
+} as const;
 
 /** Where an error happened: a manifest position or an image (with the field that was wrong). */
 export interface BlkErrorPlace {
@@ -89,4 +109,28 @@ export function describeError(e: unknown): string {
   if (isBlkError(e)) return e.format();
   if (e instanceof Error) return e.message;
   return String(e);
+}
+
+/**
+ * Codes of failures that retrying cannot fix until something changes (the
+ * image, the manifest, a path): a corrupt or unsupported image, a path outside
+ * the roots, an export the options make impossible.
+ */
+const TERMINAL_CODES: ReadonlySet<BlkErrorCode> = new Set([
+  'IMAGE_INVALID',
+  'IMAGE_UNSUPPORTED',
+  'IMAGE_CORRUPT',
+  'IMAGE_ENCRYPTED',
+  'IMAGE_TOO_LARGE',
+  'OUT_OF_RANGE',
+  'NOT_SUPPORTED',
+  'BACKING_POLICY',
+  'BACKING_CHAIN',
+  'EXPORT_INVALID',
+  'PATH_POLICY',
+]);
+
+/** True when retrying `e` is pointless until its inputs change (see TERMINAL_CODES). */
+export function isTerminal(e: unknown): boolean {
+  return isBlkError(e) && TERMINAL_CODES.has(e.code);
 }

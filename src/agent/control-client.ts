@@ -18,7 +18,7 @@ export function callAgent(
       });
       res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
     });
-    req.on('timeout', () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
+    req.on('timeout', () => req.destroy(new BlkError('AGENT', `no answer within ${timeoutMs} ms`)));
     req.on('error', (e) =>
       reject(
         new BlkError(

@@ -1,6 +1,8 @@
 /**
  * Per-export state as status shows it (ready | pending | failed, with reason
  * and since), and the retry backoff of failed exports: 1 s doubling to 5 min.
+ * A terminal failure (a corrupt image, a path outside the roots) is not
+ * retried by time at all: only when its manifest or one of its files changes.
  * The clock is passed in, so the bookkeeping is testable without waiting.
  */
 
@@ -17,8 +19,10 @@ export interface ExportRecord {
   node: string;
   /** Consecutive failures. */
   failures: number;
-  /** Epoch ms before which a failed export is not retried. */
+  /** Epoch ms before which a failed export is not retried (Infinity: terminal). */
   retryAt: number;
+  /** A terminal failure: retried when these files' fingerprint changes (or the manifest does). */
+  terminal?: { files: string[]; fingerprint: string };
 }
 
 export const BACKOFF_FIRST_MS = 1000;
@@ -66,6 +70,7 @@ export class ExportBook {
     if (!r) return;
     r.failures = 0;
     r.retryAt = 0;
+    delete r.terminal;
     this.set(r, 'ready', '', now);
   }
 
@@ -74,21 +79,29 @@ export class ExportBook {
     if (r) this.set(r, 'pending', reason, now);
   }
 
-  /** Marks a failure and schedules the next retry. */
-  failed(id: string, reason: string, now: number): void {
+  /** Marks a failure and schedules the next retry; a terminal one waits for a change of `terminal.files`. */
+  failed(id: string, reason: string, now: number, terminal?: { files: string[]; fingerprint: string }): void {
     const r = this.records.get(id);
     if (!r) return;
     r.failures += 1;
-    r.retryAt = now + backoffMs(r.failures);
+    r.retryAt = terminal ? Number.POSITIVE_INFINITY : now + backoffMs(r.failures);
+    if (terminal) r.terminal = terminal;
+    else delete r.terminal;
     this.set(r, 'failed', reason, now);
   }
 
-  /** Ends the wait of a failed export (its manifest changed): the next pass tries it again. */
+  /** Ends the wait of a failed export (its manifest or its image changed): the next pass tries it again. */
   retryNow(id: string): void {
     const r = this.records.get(id);
     if (!r) return;
     r.failures = 0;
     r.retryAt = 0;
+    delete r.terminal;
+  }
+
+  /** Exports whose failure is terminal (waiting for a change, not for time). */
+  terminal(): ExportRecord[] {
+    return this.list().filter((r) => r.state === 'failed' && r.terminal !== undefined);
   }
 
   /** True while a failed export waits for its retry time. */
@@ -101,6 +114,7 @@ export class ExportBook {
   nextRetry(now: number): number | undefined {
     let next: number | undefined;
     for (const r of this.records.values()) {
+      if (!Number.isFinite(r.retryAt)) continue;
       if (r.state === 'failed' && r.retryAt > now && (next === undefined || r.retryAt < next))
         next = r.retryAt;
     }

@@ -5,6 +5,7 @@
  * health of live exports as their EIO counters show it (an export that keeps
  * answering EIO is `failed` in status while it and its siblings keep serving).
  */
+import { NodeGraph } from '../manifest/graph.js';
 import type { Desired } from '../reconcile/model.js';
 
 /** The default of `--max-exports`. */
@@ -34,26 +35,26 @@ export function exportsOverCap(
   return over;
 }
 
-/** `desired` without the exports in `drop`, and without the nodes only they needed. */
-export function withoutExports(desired: Desired, drop: ReadonlySet<string>): Desired {
-  if (drop.size === 0) return desired;
-  const byName = new Map(desired.nodes.map((n) => [n.options['node-name'], n.options]));
-  const chain = (name: string, out: Set<string>) => {
-    if (out.has(name)) return;
-    out.add(name);
-    const n = byName.get(name);
-    if (n?.file) chain(n.file, out);
-    if (typeof n?.backing === 'string') chain(n.backing, out);
-  };
+/**
+ * `desired` without the exports in `drop`, the nodes only they needed, and
+ * the nodes in `dropNodes` that no kept export needs.
+ */
+export function withoutExports(
+  desired: Desired,
+  drop: ReadonlySet<string>,
+  dropNodes: ReadonlySet<string> = new Set(),
+): Desired {
+  if (drop.size === 0 && dropNodes.size === 0) return desired;
+  const graph = new NodeGraph(desired.nodes.map((n) => n.options));
   const kept = desired.exports.filter((e) => !drop.has(e.options.id));
-  const needed = new Set<string>();
-  for (const e of kept) chain(e.options['node-name'], needed);
-  const ofDropped = new Set<string>();
-  for (const e of desired.exports) if (drop.has(e.options.id)) chain(e.options['node-name'], ofDropped);
+  const needed = new Set(kept.flatMap((e) => graph.below(e.options['node-name'])));
+  const gone = new Set(dropNodes);
+  for (const e of desired.exports)
+    if (drop.has(e.options.id)) for (const n of graph.below(e.options['node-name'])) gone.add(n);
   return {
     exports: kept,
     nodes: desired.nodes.filter(
-      (n) => !ofDropped.has(n.options['node-name']) || needed.has(n.options['node-name']),
+      (n) => !gone.has(n.options['node-name']) || needed.has(n.options['node-name']),
     ),
   };
 }

@@ -1,7 +1,7 @@
 /**
  * Which manifest content is in force: a file that parses and validates
  * replaces its previous version; one that does not keeps its last good
- * version in force (SPEC §1) and reports its errors; a deleted file drops out.
+ * version in force and reports its errors; a deleted file drops out.
  * Pure: the caller loads files and keeps the returned state for the next pass.
  */
 

@@ -4,7 +4,7 @@
  * plain increments; latency histograms come from the exports' fixed buckets.
  */
 import { Counter, Gauge, Histogram, type MetricValueWithName, Registry } from 'prom-client';
-import type { ExportStats } from '../export/fuse/export.js';
+import type { ExportStats } from '../export/driver.js';
 import { LATENCY_BUCKETS, type LatencyHistogram } from '../export/latency.js';
 
 export interface ExportSample {

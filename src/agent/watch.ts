@@ -2,7 +2,7 @@
  * Watches the manifest directory. Events are only a hint: any change (an
  * editor's atomic save, a Kubernetes ConfigMap's `..data` symlink swap, a git
  * checkout) schedules one rescan of the whole directory after a short
- * debounce, and the rescan compares by content (REFERENCE.md §F).
+ * debounce, and the rescan compares by content (docs/agent.md).
  */
 import { watch } from 'chokidar';
 

@@ -4,9 +4,9 @@
  * (parents first, children last).
  */
 import { BlkError } from '../errors.js';
-import type { OpenContext } from './driver.js';
+import type { OpenContext, ReopenOptions } from './driver.js';
 import { MAX_BACKING_DEPTH } from './limits.js';
-import { type GraphNode, wrapNode } from './node.js';
+import { type GraphNode, reopenTogether, wrapNode } from './node.js';
 import type { NodeOptions } from './options.js';
 import type { PathPolicy } from './path-policy.js';
 import { findDriver } from './registry.js';
@@ -97,6 +97,17 @@ export class BlockGraph {
     this.opened.push(node);
     this.byName.set(nodeName, node);
     return node;
+  }
+
+  /**
+   * Changes one node's mutable options in place (the engine's "reopen node"
+   * step). Only this node: the plan reopens each node it changes, children
+   * before parents when they become writable, parents first otherwise.
+   */
+  async reopenNode(name: string, opts: ReopenOptions): Promise<void> {
+    const node = this.byName.get(name);
+    if (!node) throw new BlkError('IMAGE_INVALID', `no node called '${name}' is open`);
+    await reopenTogether([node], opts);
   }
 
   /**

@@ -1,5 +1,5 @@
 /**
- * QEMU-compatible image locking (REFERENCE.md §B), so QEMU and blkexport never
+ * QEMU-compatible image locking (docs/block-layer.md), so QEMU and blkexport never
  * both write one image. Locks are open-file-description (OFD) read locks on
  * single bytes of the image: byte 100+i = "I hold permission i", byte 200+i =
  * "I refuse others permission i"; permissions 0 consistent read, 1 write,

@@ -3,13 +3,10 @@
  * live here once: range checks, read-only enforcement, and the defaults for
  * callbacks a driver leaves out (nbdkit style).
  */
-import { BlkError } from '../errors.js';
+import { BlkError, Errno } from '../errors.js';
 import type { BlockDriver, ReopenOptions } from './driver.js';
 import type { BlockCapabilities, BlockExtent, BlockNode, HostExtent } from './types.js';
 
-const EROFS = 30;
-const EINVAL = 22;
-const EOPNOTSUPP = 95;
 const ZERO_CHUNK = 1024 * 1024;
 let zeroChunk: Buffer | undefined;
 
@@ -39,27 +36,29 @@ export function wrapNode<S>(
     checkOpen();
     const size = driver.length(state);
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
-      throw new BlkError('OUT_OF_RANGE', `${op}: bad range ${offset}+${length}`, where(), { errno: EINVAL });
+      throw new BlkError('OUT_OF_RANGE', `${op}: bad range ${offset}+${length}`, where(), {
+        errno: Errno.EINVAL,
+      });
     }
     if (offset + length > size) {
       throw new BlkError(
         'OUT_OF_RANGE',
         `${op} of ${length} bytes at ${offset} runs past the end of node '${meta.nodeName}' (${size} bytes)`,
         where(),
-        { errno: EINVAL },
+        { errno: Errno.EINVAL },
       );
     }
   };
   const checkWritable = (op: string) => {
     if (isReadOnly()) {
       throw new BlkError('READ_ONLY', `${op}: node '${meta.nodeName}' is read-only`, where(), {
-        errno: EROFS,
+        errno: Errno.EROFS,
       });
     }
   };
   const unsupported = (op: string) =>
     new BlkError('NOT_SUPPORTED', `${op} is not supported by driver '${driver.name}'`, where(), {
-      errno: EOPNOTSUPP,
+      errno: Errno.EOPNOTSUPP,
     });
 
   const node: GraphNode = {
@@ -121,7 +120,7 @@ export function wrapNode<S>(
       checkOpen();
       checkWritable('truncate');
       if (!Number.isSafeInteger(size) || size < 0) {
-        throw new BlkError('OUT_OF_RANGE', `truncate: bad size ${size}`, where(), { errno: EINVAL });
+        throw new BlkError('OUT_OF_RANGE', `truncate: bad size ${size}`, where(), { errno: Errno.EINVAL });
       }
       if (!driver.truncate) throw unsupported('truncate');
       await driver.truncate(state, size);
@@ -131,7 +130,7 @@ export function wrapNode<S>(
       const size = driver.length(state);
       if (!Number.isSafeInteger(offset) || offset < 0 || offset >= size || length <= 0) {
         throw new BlkError('OUT_OF_RANGE', `block-status at ${offset} is outside the node`, where(), {
-          errno: 6, // ENXIO, what SEEK_DATA/SEEK_HOLE answer past the end
+          errno: Errno.ENXIO, // what SEEK_DATA/SEEK_HOLE answer past the end
         });
       }
       const len = Math.min(length, size - offset);

@@ -12,6 +12,9 @@ import type { BlockNode } from './types.js';
 
 export type ProbedFormat = 'qcow2' | 'raw';
 
+/** Every format a probe can choose for the native block layer. */
+export const PROBED_FORMATS: readonly ProbedFormat[] = ['qcow2', 'raw'];
+
 /** Bytes probing looks at. */
 export const PROBE_BYTES = 512;
 

@@ -60,6 +60,8 @@ export interface ImageInfo {
 export interface ResolvedOptions {
   offset?: number;
   size?: number;
+  /** The partition table the window came from. */
+  scheme?: 'mbr' | 'gpt';
 }
 
 export interface BlockNode {

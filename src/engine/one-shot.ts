@@ -3,17 +3,18 @@
  * partition of it, one FUSE export, no manifest. The image is opened (its fd
  * held) before the mount covers its name, so mounting an image on itself works.
  */
-import { open as fsOpen, realpath, stat, unlink } from 'node:fs/promises';
+import { realpath, unlink } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { openImage } from '../block/open-image.js';
-import { findPartition, type Partition } from '../block/partition.js';
 import { isInsideRoot, makePathPolicy } from '../block/path-policy.js';
 import type { BlockNode } from '../block/types.js';
 import { BlkError } from '../errors.js';
+import { createMountpoint, fuseExportDriver } from '../export/fuse/driver.js';
 import type { AllowOther, FuseExport } from '../export/fuse/export.js';
 import { fsnameFor, mountOwner, readMountTable, topMountAt } from '../export/mount-table.js';
 import { probeFromChild } from '../export/probe.js';
 import { ExportRegistry } from '../export/registry.js';
+import { probedRawError } from './rules.js';
 
 export interface OneShotOptions {
   image: string;
@@ -32,7 +33,8 @@ export interface OneShot {
   image: string;
   mountpoint: string;
   format: string;
-  partition: Partition | undefined;
+  /** The partition exported, with its window in the image. */
+  partition: { index: number; offset: number; size: number; scheme: 'mbr' | 'gpt' } | undefined;
   export: FuseExport;
   /** Bytes presented at the mountpoint. */
   size: number;
@@ -52,18 +54,6 @@ async function assertInsideRoots(path: string, roots: string[], what: string): P
       'PATH_POLICY',
       `${what} '${path}' (${real}) is outside the allowed roots (${roots.join(', ')})`,
     );
-  }
-}
-
-/** Creates an empty regular file for --create-mountpoint; returns true when it created one. */
-async function createMountpoint(path: string): Promise<boolean> {
-  try {
-    await stat(path);
-    return false;
-  } catch {
-    const fh = await fsOpen(path, 'wx', 0o600);
-    await fh.close();
-    return true;
   }
 }
 
@@ -96,32 +86,23 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
     for (const c of cleanups.reverse()) await c().catch(() => undefined);
   };
   try {
-    if (o.writable && o.format === 'auto' && opened.format === 'raw') {
-      throw new BlkError(
-        'EXPORT_INVALID',
-        `refusing to write to '${image}': its format was only probed as raw; give --format raw to confirm ` +
-          '(a guest could have written an image header into it)',
-      );
-    }
+    if (o.writable && o.format === 'auto' && opened.format === 'raw')
+      throw probedRawError(`'${image}'`, '--format raw');
     let node: BlockNode = opened.node;
-    let partition: Partition | undefined;
+    let partition: OneShot['partition'];
     if (o.partition !== undefined) {
-      const base = node;
-      const read = async (off: number, len: number) => {
-        const buf = Buffer.alloc(len);
-        await base.read(off, buf);
-        return buf;
-      };
-      partition = await findPartition(read, base.length(), o.partition, image);
-      // A raw window over the format node; the graph closes it with the image.
+      // The partition filter over the format node; the graph closes it with the image.
       node = await opened.graph.openNode({
-        driver: 'raw',
-        nodeName: `${base.nodeName}-part${partition.index}`,
-        file: base.nodeName,
-        offset: partition.offset,
-        size: partition.size,
+        driver: 'partition',
+        nodeName: `${opened.node.nodeName}-part${o.partition}`,
+        file: opened.node.nodeName,
+        number: o.partition,
         readOnly: !o.writable,
       });
+      const { offset, scheme } = node.resolved?.() ?? {};
+      if (offset === undefined || scheme === undefined)
+        throw new BlkError('INTERNAL', `the partition filter reported no window for '${image}'`);
+      partition = { index: o.partition, offset, size: node.length(), scheme };
     }
 
     const created = o.createMountpoint ? await createMountpoint(mountpoint) : false;
@@ -129,7 +110,7 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
     await assertInsideRoots(mountpoint, roots, 'mountpoint');
 
     const registry = new ExportRegistry();
-    const exp = await registry.addFuse(node, {
+    const exp = await registry.add(fuseExportDriver, node, {
       id: 'exp0',
       mountpoint,
       writable: o.writable,

@@ -66,6 +66,15 @@ export function mountOwner(entry: MountEntry): MountOwner | undefined {
   return { kind: m[1] === 'blkexport-agent' ? 'agent' : 'mount', pid: Number(m[2]) };
 }
 
+/**
+ * The FUSE mount on top of `path`, if any: opening or stat-ing `path` would
+ * reach that mount's server (maybe this very process), not the file under it.
+ */
+export function fuseMountOn(entries: MountEntry[], path: string): MountEntry | undefined {
+  const top = topMountAt(entries, path);
+  return top?.fstype.startsWith('fuse') ? top : undefined;
+}
+
 /** The topmost mount on `mountpoint` (several can be stacked on one path), if any. */
 export function topMountAt(entries: MountEntry[], mountpoint: string): MountEntry | undefined {
   let top: MountEntry | undefined;

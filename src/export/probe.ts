@@ -1,6 +1,6 @@
 /**
  * Checks an export from outside the serving process. Reading one's own FUSE
- * mount from the process that serves it can deadlock (REFERENCE.md §F), so
+ * mount from the process that serves it can deadlock (docs/decisions/0004-process-model.md), so
  * the read happens in a child process with a deadline.
  */
 import { execFile } from 'node:child_process';

@@ -1,50 +1,36 @@
 /**
  * The export core: the checks every export type shares (unique ids, one
- * export per mountpoint, a writable export needs a writable node, the
- * mountpoint exists and is a regular file), and the live set of exports.
- * Messages follow qemu-storage-daemon's wording where it has one.
+ * export per claimed resource, a writable export needs a node that can
+ * write), and the live set of exports of one process. Messages follow
+ * qemu-storage-daemon's wording where it has one.
  */
-import { stat } from 'node:fs/promises';
-import { isAbsolute } from 'node:path';
 import type { BlockNode } from '../block/types.js';
 import { BlkError } from '../errors.js';
-import { FuseExport, type FuseExportOptions } from './fuse/export.js';
+import type { ExportDriver, ExportDriverOptions, LiveExport } from './driver.js';
 
 /** `node` and every node below it. */
 function nodesUnder(node: BlockNode): BlockNode[] {
   return [node, ...node.children.flatMap(nodesUnder)];
 }
 
-/** Checks that `mountpoint` is an absolute path to an existing regular file (QSD's messages). */
-export async function checkMountpoint(mountpoint: string): Promise<void> {
-  if (!isAbsolute(mountpoint)) {
-    throw new BlkError('EXPORT_INVALID', `mountpoint '${mountpoint}' must be an absolute path`);
-  }
-  let st: Awaited<ReturnType<typeof stat>>;
-  try {
-    st = await stat(mountpoint);
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    const why = code === 'ENOENT' ? 'No such file or directory' : (e as Error).message;
-    throw new BlkError('EXPORT_INVALID', `Failed to stat '${mountpoint}': ${why}`);
-  }
-  if (!st.isFile()) throw new BlkError('EXPORT_INVALID', `'${mountpoint}' is not a regular file`);
-}
-
 export class ExportRegistry {
-  private readonly byId = new Map<string, FuseExport>();
-  private readonly byMountpoint = new Map<string, FuseExport>();
-  private readonly pending = new Set<string>();
+  private readonly byId = new Map<string, LiveExport>();
+  /** claim key → export id, for live and starting exports. */
+  private readonly claims = new Map<string, string>();
+  private readonly starting = new Set<string>();
 
-  /** Creates and mounts a FUSE export of `node`. */
-  async addFuse(node: BlockNode, opts: FuseExportOptions): Promise<FuseExport> {
-    if (this.byId.has(opts.id) || this.pending.has(`id:${opts.id}`)) {
+  /** Checks, then starts an export of `node` with `driver`. */
+  async add<O extends ExportDriverOptions, E extends LiveExport<O>>(
+    driver: ExportDriver<O, E>,
+    node: BlockNode,
+    opts: O,
+  ): Promise<E> {
+    if (this.byId.has(opts.id) || this.starting.has(opts.id)) {
       throw new BlkError('EXPORT_EXISTS', `Block export id '${opts.id}' is already in use`);
     }
-    // By string and before any stat: stat-ing our own mount from here could deadlock.
-    if (this.byMountpoint.has(opts.mountpoint) || this.pending.has(`mp:${opts.mountpoint}`)) {
-      throw new BlkError('EXPORT_EXISTS', `There already is a FUSE export on '${opts.mountpoint}'`);
-    }
+    // By key and before any I/O: a FUSE mountpoint is not stat-ed while our own mount may cover it.
+    const claim = driver.claim(opts);
+    if (claim && this.claims.has(claim.key)) throw new BlkError('EXPORT_EXISTS', claim.taken);
     if (opts.writable && node.readOnly) {
       throw new BlkError(
         'EXPORT_INVALID',
@@ -57,24 +43,36 @@ export class ExportRegistry {
         `export '${opts.id}': node '${node.nodeName}' (${node.driver}) cannot be written by this version`,
       );
     }
-    this.pending.add(`id:${opts.id}`);
-    this.pending.add(`mp:${opts.mountpoint}`);
+    this.starting.add(opts.id);
+    if (claim) this.claims.set(claim.key, opts.id);
     try {
-      await checkMountpoint(opts.mountpoint);
-      const exp = await FuseExport.start(node, opts).catch((e: Error) => {
-        throw new BlkError('MOUNT_FAILED', e.message, {}, { cause: e });
-      });
-      this.byId.set(opts.id, exp);
-      this.byMountpoint.set(opts.mountpoint, exp);
+      const exp = await driver.start(node, opts);
+      this.byId.set(opts.id, exp as unknown as LiveExport);
       this.refreshSharing();
       return exp;
+    } catch (e) {
+      if (claim) this.claims.delete(claim.key);
+      throw e;
     } finally {
-      this.pending.delete(`id:${opts.id}`);
-      this.pending.delete(`mp:${opts.mountpoint}`);
+      this.starting.delete(opts.id);
     }
   }
 
-  /** Flushes and unmounts an export; the caller closes the nodes afterwards. */
+  /** Applies mutable options of a live export in place (the driver's reopen), then re-checks sharing. */
+  async reopen<O extends ExportDriverOptions>(id: string, opts: O): Promise<void> {
+    const exp = this.byId.get(id) as LiveExport<O> | undefined;
+    if (!exp) throw new BlkError('EXPORT_INVALID', `no export with id '${id}'`);
+    if (opts.writable && !exp.isWritable && exp.node.readOnly) {
+      throw new BlkError(
+        'EXPORT_INVALID',
+        `export '${id}': cannot make an export of read-only node '${exp.node.nodeName}' writable`,
+      );
+    }
+    await exp.reopen(opts);
+    this.refreshSharing();
+  }
+
+  /** Flushes and stops an export; the caller closes the nodes afterwards. */
   async remove(id: string): Promise<void> {
     const exp = this.byId.get(id);
     if (!exp) throw new BlkError('EXPORT_INVALID', `no export with id '${id}'`);
@@ -82,31 +80,31 @@ export class ExportRegistry {
       await exp.stop();
     } finally {
       this.byId.delete(id);
-      this.byMountpoint.delete(exp.mountpoint);
+      for (const [key, owner] of this.claims) if (owner === id) this.claims.delete(key);
       this.refreshSharing();
     }
   }
 
   /**
-   * Exports that share a node while one of them can write do not use the
-   * binding's read fast path (each would miss the other's invalidations).
-   * Call after adding, removing or reopening an export.
+   * Exports that share a node while one of them can write are told so (the
+   * FUSE export then stops using the binding's read fast path: it would miss
+   * the other's changes). Called after every add, reopen and remove.
    */
-  refreshSharing(): void {
+  private refreshSharing(): void {
     const all = this.list().map((e) => ({ e, nodes: new Set(nodesUnder(e.node)) }));
     for (const a of all) {
       const shared = all.some(
         (b) => b !== a && (a.e.isWritable || b.e.isWritable) && [...a.nodes].some((n) => b.nodes.has(n)),
       );
-      a.e.setFastPath(!shared);
+      a.e.setShared(shared);
     }
   }
 
-  get(id: string): FuseExport | undefined {
+  get(id: string): LiveExport | undefined {
     return this.byId.get(id);
   }
 
-  list(): FuseExport[] {
+  list(): LiveExport[] {
     return [...this.byId.values()];
   }
 }

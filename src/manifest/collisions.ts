@@ -54,35 +54,7 @@ export function checkCollisions(
     const problems: BlkError[] = [];
     for (const doc of f.documents) {
       if (opts.hostname !== undefined && !appliesToHost(doc, opts.hostname)) continue;
-      const collidingIds = new Set<string>();
-      for (const claim of claimsOf(doc)) {
-        if (
-          claim.generatedFor !== undefined &&
-          collidingIds.has(claim.generatedFor.replace(/^shorthand export /, ''))
-        ) {
-          continue;
-        }
-        const key = `${claim.kind}|${claim.value}`;
-        const earlier = [
-          ...(accepted.get(key) ?? []),
-          ...staged.filter((c) => `${c.kind}|${c.value}` === key),
-        ];
-        const other = earlier.find((c) => hostsOverlap(c.doc, doc));
-        if (other) {
-          if (claim.kind === 'export id') collidingIds.add(claim.value);
-          const sameFile = other.source.file === f.file;
-          problems.push(
-            new BlkError(
-              'MANIFEST_COLLISION',
-              `${claim.kind} "${claim.value}" is already used by manifest "${other.doc.name}" at ${where(other.source)}` +
-                (sameFile ? '' : '; this manifest is refused as a whole'),
-              { file: f.file, line: claim.source.line, col: claim.source.col, path: claim.source.path },
-            ),
-          );
-        } else {
-          staged.push(claim);
-        }
-      }
+      problems.push(...documentCollisions(f.file, doc, accepted, staged));
     }
     if (problems.length > 0) {
       problems.sort(
@@ -96,4 +68,41 @@ export function checkCollisions(
     }
     return f;
   });
+}
+
+/** The collisions of one document's claims with accepted ones and those staged from its file; stages the rest. */
+function documentCollisions(
+  file: string,
+  doc: ManifestDocument,
+  accepted: ReadonlyMap<string, Claim[]>,
+  staged: Claim[],
+): BlkError[] {
+  const problems: BlkError[] = [];
+  const collidingIds = new Set<string>();
+  for (const claim of claimsOf(doc)) {
+    // A shorthand export whose id collides already says so; its generated node-names would repeat it.
+    if (
+      claim.generatedFor !== undefined &&
+      collidingIds.has(claim.generatedFor.replace(/^shorthand export /, ''))
+    )
+      continue;
+    const key = `${claim.kind}|${claim.value}`;
+    const earlier = [...(accepted.get(key) ?? []), ...staged.filter((c) => `${c.kind}|${c.value}` === key)];
+    const other = earlier.find((c) => hostsOverlap(c.doc, doc));
+    if (!other) {
+      staged.push(claim);
+      continue;
+    }
+    if (claim.kind === 'export id') collidingIds.add(claim.value);
+    const sameFile = other.source.file === file;
+    problems.push(
+      new BlkError(
+        'MANIFEST_COLLISION',
+        `${claim.kind} "${claim.value}" is already used by manifest "${other.doc.name}" at ${where(other.source)}` +
+          (sameFile ? '' : '; this manifest is refused as a whole'),
+        { file, line: claim.source.line, col: claim.source.col, path: claim.source.path },
+      ),
+    );
+  }
+  return problems;
 }

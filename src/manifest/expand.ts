@@ -28,7 +28,7 @@ export interface DocumentProblem {
 
 /** The blockdev shape the schema admits (driver-specific fields optional). */
 interface RawBlockdev {
-  driver: 'file' | 'raw' | 'qcow2' | QemuOnlyDriver;
+  driver: 'file' | 'raw' | 'qcow2' | 'partition' | QemuOnlyDriver;
   'node-name'?: string;
   filename?: string;
   'read-only'?: boolean;
@@ -38,6 +38,7 @@ interface RawBlockdev {
   backing?: string | RawBlockdev | null;
   offset?: number | string;
   size?: number | string;
+  number?: number;
 }
 
 interface RawExport {
@@ -114,6 +115,7 @@ class Expander {
         });
       }
     }
+    if (b.driver === 'partition') opts.number = b.number!;
     if (b.cache) opts.cache = { direct: b.cache.direct ?? false, 'no-flush': b.cache['no-flush'] ?? false };
     const spec: NodeSpec = { options: opts, source: this.locate(pointer) };
     if (generatedFor !== undefined && b['node-name'] === undefined) spec.generatedFor = generatedFor;
@@ -165,11 +167,10 @@ class Expander {
       this.nodes.push({
         options: {
           'node-name': names.partition,
-          driver: 'raw',
+          driver: 'partition',
           'read-only': readOnly,
           file: names.format,
-          partition: e.partition,
-          unresolved: ['offset', 'size'],
+          number: e.partition,
         },
         source,
         generatedFor: why,

@@ -20,13 +20,13 @@ export type QemuOnlyDriver = 'vmdk' | 'vhdx' | 'vpc' | 'vdi' | 'qed';
 export const QEMU_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vmdk', 'vhdx', 'vpc', 'vdi', 'qed'];
 
 /** `auto`: the format is probed from the image's magic when the node is opened. */
-export type NodeDriver = 'file' | 'raw' | 'qcow2' | QemuOnlyDriver | 'auto';
+export type NodeDriver = 'file' | 'raw' | 'qcow2' | 'partition' | QemuOnlyDriver | 'auto';
 
 /** The engines a manifest can ask for. */
 export type EngineName = 'native' | 'qemu';
 
-/** What an engine may have to resolve when it applies a node (shorthand `format: auto`, `partition:`). */
-export type Unresolved = 'driver' | 'offset' | 'size';
+/** What an engine may have to resolve when it applies a node (shorthand `format: auto`). */
+export type Unresolved = 'driver';
 
 /** QEMU's OnOffAuto (locking, allow-other). */
 export type OnOffAuto = 'auto' | 'on' | 'off';
@@ -35,6 +35,7 @@ export type OnOffAuto = 'auto' | 'on' | 'off';
 export interface NodeOptions {
   'node-name': string;
   driver: NodeDriver;
+  /** true: always read-only; false: read-write while a writable export writes through the node. */
   'read-only': boolean;
   /** file: the host path (absolute). */
   filename?: string;
@@ -49,8 +50,8 @@ export interface NodeOptions {
   offset?: number;
   /** raw: window length in bytes; absent: to the end of the child. */
   size?: number;
-  /** raw over a partition (shorthand `partition:`): offset and size come from the partition table. */
-  partition?: number;
+  /** partition: the partition number (MBR or GPT, Linux numbering); the window comes from the table. */
+  number?: number;
   /** Options the engine fills in when it applies the node ("resolved when applied"). */
   unresolved?: Unresolved[];
 }

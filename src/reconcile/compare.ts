@@ -1,11 +1,8 @@
-/** Option-by-option comparison of nodes and exports, and which changes a reopen can apply in place. */
+/**
+ * Option-by-option comparison of nodes and exports, split by what the
+ * engine's capabilities say a reopen can change in place.
+ */
 import type { Change, ExportOptions, NodeOptions } from './model.js';
-
-/** Node options a reopen may change (QEMU's mutable_opts for our drivers); any other change replaces the node. */
-export const NODE_MUTABLE_OPTIONS: readonly string[] = ['read-only'];
-
-/** Export options a reopen may change with the mount staying in place. */
-export const EXPORT_MUTABLE_OPTIONS: readonly string[] = ['writable', 'growable', 'allow-other'];
 
 /** Export options that only matter while mounting, so changing them alone changes nothing live. */
 export const EXPORT_MOUNT_TIME_OPTIONS: readonly string[] = ['create-mountpoint'];
@@ -27,28 +24,35 @@ function changesOf(from: object, to: object, ignore: readonly string[]): Change[
   return keys.filter((k) => !same(f[k], t[k])).map((k) => ({ option: k, from: f[k], to: t[k] }));
 }
 
-/** Changes between an observed and a desired node, split into in-place (mutable) and replacing ones. */
+/** Changes split into those a reopen applies in place (`mutable`) and those that force a replace. */
+export interface Comparison {
+  mutable: Change[];
+  immutable: Change[];
+}
+
+function split(all: Change[], mutable: readonly string[]): Comparison {
+  return {
+    mutable: all.filter((c) => mutable.includes(c.option)),
+    immutable: all.filter((c) => !mutable.includes(c.option)),
+  };
+}
+
+/** Changes between an observed and a desired node; `mutable` lists the options its driver reopens in place. */
 export function compareNodes(
   observed: NodeOptions,
   desired: NodeOptions,
-): { mutable: Change[]; immutable: Change[] } {
-  const all = changesOf(observed, desired, []);
-  return {
-    mutable: all.filter((c) => NODE_MUTABLE_OPTIONS.includes(c.option)),
-    immutable: all.filter((c) => !NODE_MUTABLE_OPTIONS.includes(c.option)),
-  };
+  mutable: readonly string[],
+): Comparison {
+  return split(changesOf(observed, desired, []), mutable);
 }
 
 /** Changes between an observed and a desired export, split like compareNodes. */
 export function compareExports(
   observed: ExportOptions,
   desired: ExportOptions,
-): { mutable: Change[]; immutable: Change[] } {
-  const all = changesOf(observed, desired, EXPORT_MOUNT_TIME_OPTIONS);
-  return {
-    mutable: all.filter((c) => EXPORT_MUTABLE_OPTIONS.includes(c.option)),
-    immutable: all.filter((c) => !EXPORT_MUTABLE_OPTIONS.includes(c.option)),
-  };
+  mutable: readonly string[],
+): Comparison {
+  return split(changesOf(observed, desired, EXPORT_MOUNT_TIME_OPTIONS), mutable);
 }
 
 /** "filename changed", "filename and offset changed". */

@@ -3,9 +3,9 @@
  * state (what an engine reports), and the plan of steps between them. Options
  * keep QEMU's QAPI spelling (`node-name`, `read-only`, `allow-other`).
  */
-import type { ExportOptions, NodeOptions, SourcePos } from '../manifest/types.js';
+import type { EngineName, ExportOptions, NodeOptions, SourcePos } from '../manifest/types.js';
 
-export type { ExportOptions, NodeOptions, SourcePos };
+export type { EngineName, ExportOptions, NodeOptions, SourcePos };
 
 /** Where a desired node or export was declared. */
 export interface Origin extends SourcePos {
@@ -43,6 +43,10 @@ export interface Desired {
 export interface ObservedNode {
   options: NodeOptions;
   resolved?: { driver?: string; offset?: number; size?: number };
+  /** Set when the node no longer matches what it opened ("image file replaced"): the plan replaces it. */
+  drift?: string;
+  /** The engine that reports it (set where several engines' states are joined). */
+  engine?: EngineName;
 }
 
 /** mounted: in the kernel's mount table and answering; unmounted: missing from it; stale: ENOTCONN. */
@@ -54,6 +58,8 @@ export interface ObservedExport {
   state: ExportState;
   /** Free text for stale/unmounted (shown in the plan). */
   reason?: string;
+  /** The engine that reports it (set where several engines' states are joined). */
+  engine?: EngineName;
 }
 
 /** What the engine has: only nodes and exports that plan steps created. */
@@ -64,6 +70,27 @@ export interface Observed {
 
 /** Nothing open, nothing mounted. */
 export const EMPTY_OBSERVED: Observed = Object.freeze({ nodes: [], exports: [] }) as Observed;
+
+/**
+ * What an engine can change in place, so that the plan (not the engine)
+ * decides between "reopen in place" and "replace": QEMU's mutable_opts,
+ * Terraform's RequiresReplace.
+ */
+export interface EngineCapabilities {
+  readonly engine: EngineName;
+  /** Node options a reopen changes in place, for a node of `driver`. */
+  nodeMutable(driver: string): readonly string[];
+  /** Export options a reopen changes in place, for an export of `type`; others replace the export. */
+  exportMutable(type: string): readonly string[];
+  /** Export options this engine changes by remounting (a replace the plan names as such). */
+  exportRemounted?(type: string): readonly string[];
+  /**
+   * false: a file node cannot be reopened while one of this engine's exports
+   * is mounted over its filename (the engine would open its own mount), so
+   * such exports are replaced around the reopen.
+   */
+  readonly reopenUnderOwnMount: boolean;
+}
 
 /** One option that differs: its name, the observed value, the desired value. */
 export interface Change {
@@ -84,7 +111,7 @@ export interface Replacement {
  * One step of a plan. Engines apply steps in order; add/reopen/repair steps
  * carry the full desired options, remove steps the observed ones.
  */
-export type Step =
+export type Step = { engine: EngineName } & (
   | { action: 'remove-export'; export: ExportOptions; replace?: Replacement }
   | { action: 'remove-node'; node: NodeOptions; replace?: Replacement }
   | { action: 'reopen-export'; export: ExportOptions; changes: Change[]; origin: Origin }
@@ -100,7 +127,8 @@ export type Step =
       reason?: string;
       /** Mutable options that change with the remount. */
       changes: Change[];
-    };
+    }
+);
 
 /** `add-node`, `remove-export`, ... */
 export type StepAction = Step['action'];

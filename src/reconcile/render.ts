@@ -21,10 +21,7 @@ export function describeNode(n: NodeOptions): string {
   if (n.file !== undefined) parts.push(`file=${n.file}`);
   if (n.backing === null) parts.push('backing=none');
   else if (n.backing !== undefined) parts.push(`backing=${n.backing}`);
-  if (n.partition !== undefined) {
-    const what = unresolved.filter((u) => u !== 'driver').join(' and ');
-    parts.push(`partition ${n.partition}${what ? ` (${what} resolved when applied)` : ''}`);
-  }
+  if (n.number !== undefined) parts.push(`number=${n.number} (window read from the partition table)`);
   if (n.offset !== undefined && n.offset !== 0) parts.push(`offset=${formatSize(n.offset)}`);
   if (n.size !== undefined) parts.push(`size=${formatSize(n.size)}`);
   if (n.locking !== undefined && n.locking !== 'auto') parts.push(`locking=${n.locking}`);
@@ -48,8 +45,13 @@ export function describeExport(e: ExportOptions): string {
   return `${parts.join(' ')} (${tail})`;
 }
 
-/** One line for a step, or undefined for the add half of a replacement (shown once, at its removal). */
+/** One line for a step, ending with the engine that carries it out; undefined for the add half of a replacement (shown once, at its removal). */
 export function renderStep(step: Step): string | undefined {
+  const line = stepLine(step);
+  return line === undefined ? undefined : `${line} [${step.engine}]`;
+}
+
+function stepLine(step: Step): string | undefined {
   switch (step.action) {
     case 'remove-export':
       return step.replace

@@ -30,3 +30,23 @@ test('a failed export waits for its retry time; success resets it', () => {
   book.retain(new Set());
   assert.equal(book.get('e'), undefined);
 });
+
+test('a terminal failure waits for a change, not for time; retryNow ends the wait', () => {
+  const book = new ExportBook();
+  book.track('bad', 'm', '/mnt/bad', 'bad-fmt', 0);
+  book.track('slow', 'm', '/mnt/slow', 'slow-fmt', 0);
+  book.failed('bad', 'add-node bad-fmt: corrupt', 1000, { files: ['/img/bad'], fingerprint: 'x' });
+  book.failed('slow', 'locked', 1000);
+  // Hours later the terminal one still waits; the timer only knows the backoff of the other.
+  assert.equal(book.inBackoff('bad', 1000 + 3_600_000), true);
+  assert.equal(book.nextRetry(1000), 2000);
+  assert.deepEqual(
+    book.terminal().map((r) => r.id),
+    ['bad'],
+  );
+  book.ready('slow', 3000);
+  assert.equal(book.nextRetry(3000), undefined, 'no timer for a terminal failure');
+  book.retryNow('bad');
+  assert.equal(book.inBackoff('bad', 3000), false);
+  assert.deepEqual(book.terminal(), []);
+});

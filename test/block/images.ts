@@ -1,5 +1,5 @@
 /**
- * Test images made with the real qemu-img/qemu-io (REFERENCE.md §D), holding
+ * Test images made with the real qemu-img/qemu-io, holding
  * seeded pseudo-random data at scattered offsets that cross cluster and L2
  * table boundaries and touch the first and last cluster.
  */

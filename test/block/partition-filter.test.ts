@@ -134,7 +134,7 @@ describe('partition filter over file → qcow2', () => {
       assert.equal(part.driver, 'partition');
       assert.equal(part.role, 'filter');
       assert.equal(part.length(), p.size);
-      assert.deepEqual(part.resolved?.(), { offset: p.offset, size: p.size });
+      assert.deepEqual(part.resolved?.(), { offset: p.offset, size: p.size, scheme: 'mbr' });
       const got = await readAll(part);
       assert.ok(got.equals(whole.subarray(p.offset, p.offset + p.size)), `partition ${n} bytes differ`);
       // A read that crosses the window's end is refused, not served from the next partition.
@@ -160,7 +160,7 @@ describe('partition filter over file → qcow2', () => {
     t.after(() => graph.close());
     const p = disk.parts.get(2)!;
     assert.equal(p.offset, 6145 * S);
-    assert.deepEqual(node.resolved?.(), { offset: p.offset, size: p.size });
+    assert.deepEqual(node.resolved?.(), { offset: p.offset, size: p.size, scheme: 'gpt' });
     assert.equal(node.filename, disk.qcow2);
     assert.ok((await readAll(node)).equals(whole.subarray(p.offset, p.offset + p.size)));
   });

@@ -1,6 +1,6 @@
 /**
  * The qcow2 read path against QEMU: for every image of the matrix
- * (REFERENCE.md §D), every byte read through the block layer equals
+ * (docs/qcow2.md lists the options), every byte read through the block layer equals
  * `qemu-img convert -O raw`, thousands of random unaligned reads (many at
  * once, through a tiny L2 cache) equal the same ranges, and `info -o json`
  * agrees with `qemu-img info --output=json`.

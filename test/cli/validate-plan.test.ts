@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -97,19 +97,21 @@ test('plan: the examples for hv-01 give the expected plan (exit 2)', () => {
   assert.equal(r.status, 2, r.stderr);
   const lines = r.stdout.split('\n');
   for (const expected of [
-    '+ node prot0 (file) /var/lib/blkexport/images/guest.qcow2',
-    '+ node fmt0 (qcow2) file=prot0',
-    '+ export exp0 (fuse) /var/lib/blkexport/images/guest.qcow2 writable (node fmt0)',
-    '+ node db-root-fmt (format auto, resolved when applied) file=db-root-file read-only',
-    '+ node db-root-part (raw) file=db-root-fmt partition 1 (offset and size resolved when applied) read-only',
-    '+ node disk0-p1 (raw) file=disk0 offset=1M size=1G read-only',
+    '+ node prot0 (file) /var/lib/blkexport/images/guest.qcow2 [native]',
+    '+ node fmt0 (qcow2) file=prot0 [native]',
+    '+ export exp0 (fuse) /var/lib/blkexport/images/guest.qcow2 writable (node fmt0) [native]',
+    '+ node db-root-fmt (format auto, resolved when applied) file=db-root-file read-only [native]',
+    '+ node db-root-part (partition) file=db-root-fmt number=1 (window read from the partition table) read-only [native]',
+    '+ node disk0-p1 (raw) file=disk0 offset=1M size=1G read-only [native]',
+    // A backing node stays read-only under a writable overlay.
+    '+ node base0 (qcow2) file=base0-file backing=none read-only [native]',
     'Plan: 21 to add, 0 to change in place, 0 to replace, 0 to remove, 0 to repair.',
   ]) {
     assert.ok(lines.includes(expected), `missing line: ${expected}\n${r.stdout}`);
   }
   assert.ok(
-    lines.indexOf('+ node prot0 (file) /var/lib/blkexport/images/guest.qcow2') <
-      lines.indexOf('+ node fmt0 (qcow2) file=prot0'),
+    lines.indexOf('+ node prot0 (file) /var/lib/blkexport/images/guest.qcow2 [native]') <
+      lines.indexOf('+ node fmt0 (qcow2) file=prot0 [native]'),
   );
   // The partition manifest is for hv-01 and hv-02 only.
   const other = blkexport('plan', '--manifests', 'manifests/examples', '--host', 'hv-09');
@@ -131,6 +133,7 @@ test('plan -o json: host, observed, manifests, changes, summary, steps', () => {
   }[];
   assert.equal(steps.length, 21);
   assert.deepEqual(steps[0], {
+    engine: 'native',
     action: 'add-node',
     node: {
       'node-name': 'prot0',
@@ -157,75 +160,95 @@ test('plan: --socket with nothing listening says so and plans against nothing mo
   assert.match(r.stdout, /^# host .*; observed: nothing mounted$/m);
 });
 
-test('plan: --socket uses the observed state the agent reports on GET /observed', async (t) => {
-  const dir = tempDir(t);
-  const socket = join(dir, 'agent.sock');
-  const img = '/var/lib/blkexport/images/guest.qcow2';
-  const observed = {
-    nodes: [
-      {
-        options: { 'node-name': 'prot0', driver: 'file', 'read-only': false, filename: img, locking: 'auto' },
-      },
-      { options: { 'node-name': 'fmt0', driver: 'qcow2', 'read-only': false, file: 'prot0' } },
-      {
-        options: {
-          'node-name': 'old0',
-          driver: 'file',
-          'read-only': true,
-          filename: '/srv/old.raw',
-          locking: 'auto',
+for (const engine of ['native', 'qemu'] as const) {
+  test(`plan: --socket uses the observed state the agent reports on GET /observed (default engine ${engine})`, async (t) => {
+    const dir = tempDir(t);
+    const socket = join(dir, 'agent.sock');
+    const img = '/var/lib/blkexport/images/guest.qcow2';
+    // The example without its `engine: native`: the agent's default engine serves it.
+    const manifests = join(dir, 'manifests');
+    mkdirSync(manifests);
+    const example = readFileSync(join(REPO, 'manifests/examples/guest-disks.yaml'), 'utf8');
+    writeFileSync(join(manifests, 'guest-disks.yaml'), example.replace(/^ {2}engine: native\n/m, ''));
+    const observed = {
+      nodes: [
+        {
+          options: {
+            'node-name': 'prot0',
+            driver: 'file',
+            'read-only': false,
+            filename: img,
+            locking: 'auto',
+          },
         },
-      },
-    ],
-    exports: [
-      {
-        state: 'mounted',
-        options: {
-          type: 'fuse',
-          id: 'exp0',
-          'node-name': 'fmt0',
-          mountpoint: img,
-          'create-mountpoint': false,
-          writable: false,
-          growable: false,
-          'allow-other': 'auto',
+        { options: { 'node-name': 'fmt0', driver: 'qcow2', 'read-only': false, file: 'prot0' } },
+        {
+          options: {
+            'node-name': 'old0',
+            driver: 'file',
+            'read-only': true,
+            filename: '/srv/old.raw',
+            locking: 'auto',
+          },
         },
+      ],
+      exports: [
+        {
+          state: 'mounted',
+          options: {
+            type: 'fuse',
+            id: 'exp0',
+            'node-name': 'fmt0',
+            mountpoint: img,
+            'create-mountpoint': false,
+            writable: false,
+            growable: false,
+            'allow-other': 'auto',
+          },
+        },
+      ],
+      defaultEngine: engine,
+    };
+    for (const x of [...observed.nodes, ...observed.exports]) Object.assign(x, { engine });
+    const paths: string[] = [];
+    const server = createServer((req, res) => {
+      paths.push(`${req.method} ${req.url}`);
+      res.setHeader('content-type', 'application/json');
+      res.end(JSON.stringify(observed));
+    });
+    t.after(() => server.close());
+    await new Promise<void>((resolve) => server.listen(socket, resolve));
+    // The server lives in this process, so the CLI must run asynchronously.
+    const child = spawn(
+      process.execPath,
+      ['--import', 'tsx', '-e', ENTRY, 'plan', '--manifests', manifests, '--socket', socket],
+      {
+        cwd: REPO,
       },
-    ],
-  };
-  const paths: string[] = [];
-  const server = createServer((req, res) => {
-    paths.push(`${req.method} ${req.url}`);
-    res.setHeader('content-type', 'application/json');
-    res.end(JSON.stringify(observed));
+    );
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => {
+      stdout += d;
+    });
+    child.stderr.on('data', (d) => {
+      stderr += d;
+    });
+    const status = await new Promise<number | null>((resolve) => child.on('close', resolve));
+    assert.equal(status, 2, stderr);
+    assert.deepEqual(paths, ['GET /observed']);
+    const lines = stdout.split('\n');
+    assert.ok(lines.includes(`- node old0 [${engine}]`), stdout);
+    // The native engine changes writable in place; the qemu engine remounts, and the plan says so.
+    const writable =
+      engine === 'native'
+        ? '~ export exp0 writable: false → true (reopen in place) [native]'
+        : '-/+ export exp0 (replace: writable changed; the qemu engine remounts to change it) [qemu]';
+    assert.ok(lines.includes(writable), stdout);
+    assert.doesNotMatch(stdout, /\+ (node prot0|node fmt0)/);
+    assert.match(stdout, /observed: the agent on .*agent\.sock$/m);
   });
-  t.after(() => server.close());
-  await new Promise<void>((resolve) => server.listen(socket, resolve));
-  // The server lives in this process, so the CLI must run asynchronously.
-  const child = spawn(
-    process.execPath,
-    ['--import', 'tsx', '-e', ENTRY, 'plan', '--manifests', 'manifests/examples', '--socket', socket],
-    {
-      cwd: REPO,
-    },
-  );
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d) => {
-    stdout += d;
-  });
-  child.stderr.on('data', (d) => {
-    stderr += d;
-  });
-  const status = await new Promise<number | null>((resolve) => child.on('close', resolve));
-  assert.equal(status, 2, stderr);
-  assert.deepEqual(paths, ['GET /observed']);
-  const lines = stdout.split('\n');
-  assert.ok(lines.includes('- node old0'), stdout);
-  assert.ok(lines.includes('~ export exp0 writable: false → true (reopen in place)'), stdout);
-  assert.doesNotMatch(stdout, /\+ (node prot0|node fmt0|export exp0)/);
-  assert.match(stdout, /observed: the agent on .*agent\.sock$/m);
-});
+}
 
 test('plan: an empty directory plans no changes (exit 0)', (t) => {
   const dir = tempDir(t);

@@ -4,9 +4,10 @@
  * manifests, real mounts, bytes compared with qemu-img convert.
  */
 import assert from 'node:assert/strict';
-import { readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { readFileSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import {
   convertToRaw,
   mountAt,
@@ -89,7 +90,13 @@ for (const engine of ['native', 'qemu'] as const) {
           (statSync(plain).mode & 0o777) === 0o600
         );
       });
-      assert.match(agent.log(), /applied step="reopen-export" export="plain"/);
+      // The native engine changes writable in place; the qemu engine remounts (the plan said so).
+      assert.match(
+        agent.log(),
+        engine === 'native'
+          ? /applied step="reopen-export" export="plain"/
+          : /applied step="remove-export" export="plain" engine="qemu" replace="writable changed; the qemu engine remounts to change it"/,
+      );
       const w = run('dd', [
         'if=/dev/zero',
         `of=${plain}`,
@@ -176,6 +183,22 @@ for (const engine of ['native', 'qemu'] as const) {
       assert.match(by.get('link')!.reason, /outside the allowed roots/);
       assert.match(by.get('bad')!.reason, /cluster/i);
       assert.ok(readExport(good.qcow2).equals(convertToRaw(good.qcow2, join(d.dir, 'good.out'))));
+
+      // A corrupt image is a terminal failure: not retried when its backoff (1 s) would have
+      // passed, only when the image changes.
+      assert.match(by.get('bad')!.reason, /\(retried when its manifest or image changes\)$/);
+      const attempts = () => agent.log().match(/export failed export="bad"/g)?.length ?? 0;
+      const before = attempts();
+      await sleep(1500);
+      await agent.post('/reconcile');
+      assert.equal(attempts(), before, 'no retry by time');
+      qemuImg('create', '-f', 'qcow2', `${corrupt}.new`, '1M');
+      renameSync(`${corrupt}.new`, corrupt);
+      await agent.post('/reconcile');
+      await until('bad ready once its image is fixed', async () => {
+        const st = await agent.get<Status>('/status');
+        return st.exports.find((e) => e.id === 'bad')?.state === 'ready';
+      });
     });
   });
 }

@@ -88,7 +88,7 @@ test('inline children are named <parent>-file / <parent>-backing and listed befo
   );
 });
 
-test('shorthand expands to file + format nodes; format auto and partition stay unresolved', () => {
+test('shorthand expands to file + format nodes (+ a partition filter); format auto stays unresolved', () => {
   const m = loadManifestText(
     's.yaml',
     manifest(
@@ -139,11 +139,10 @@ test('shorthand expands to file + format nodes; format auto and partition stay u
   });
   assert.deepEqual(byName.get('baz-part')!.options, {
     'node-name': 'baz-part',
-    driver: 'raw',
+    driver: 'partition',
     'read-only': true,
     file: 'baz-fmt',
-    partition: 2,
-    unresolved: ['offset', 'size'],
+    number: 2,
   });
   const [foo, bar, baz] = doc.exports;
   assert.equal(foo!.shorthand, true);
@@ -189,6 +188,40 @@ test('the shorthand and the long form it stands for give the same graph', () => 
   const { image, format, ...rest } = short.documents[0]!.exports[0]!.options;
   assert.deepEqual(rest, long.documents[0]!.exports[0]!.options);
   assert.deepEqual([image, format], ['/srv/foo.qcow2', 'qcow2']);
+});
+
+test('a partition blockdev in long form is the graph the shorthand partition: expands to', () => {
+  const short = loadManifestText(
+    's.yaml',
+    manifest('s', '  exports:\n    - { id: foo, image: /srv/foo.qcow2, format: qcow2, partition: 5 }\n'),
+  );
+  const long = loadManifestText(
+    'l.yaml',
+    manifest(
+      'l',
+      `  blockdevs:
+    - { node-name: foo-file, driver: file, filename: /srv/foo.qcow2, read-only: true }
+    - { node-name: foo-fmt, driver: qcow2, file: foo-file, read-only: true }
+    - { node-name: foo-part, driver: partition, file: foo-fmt, number: 5, read-only: true }
+  exports:
+    - { type: fuse, id: foo, node-name: foo-part, mountpoint: /srv/foo.qcow2 }
+`,
+    ),
+  );
+  assert.equal(long.valid, true, long.problems.map((p) => p.format()).join('\n'));
+  assert.deepEqual(
+    short.documents[0]!.nodes.map((n) => n.options),
+    long.documents[0]!.nodes.map((n) => n.options),
+  );
+  const noNumber = loadManifestText(
+    'n.yaml',
+    manifest(
+      'n',
+      '  blockdevs:\n    - { node-name: p, driver: partition, file: { driver: file, filename: /x } }\n',
+    ),
+  );
+  assert.equal(noNumber.valid, false);
+  assert.match(noNumber.problems[0]!.format(), /number/);
 });
 
 test('all problems of a file at once, across documents, in position order', () => {

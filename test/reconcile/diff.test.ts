@@ -2,9 +2,16 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { loadManifestText } from '../../src/manifest/load.js';
 import { desiredFromManifests } from '../../src/reconcile/desired.js';
-import { diff } from '../../src/reconcile/diff.js';
 import { EMPTY_OBSERVED, type Plan, type Step } from '../../src/reconcile/model.js';
-import { deepFreeze, desiredOf, fileNode, formatNode, fuseExport, observedOf } from './helpers.js';
+import {
+  deepFreeze,
+  desiredOf,
+  plan as diff,
+  fileNode,
+  formatNode,
+  fuseExport,
+  observedOf,
+} from './helpers.js';
 
 /** `add-node prot0`, `remove-export exp0 (replace)`: the order and kind of steps at a glance. */
 function outline(plan: Plan): string[] {
@@ -20,7 +27,7 @@ const prot0 = fileNode('prot0', IMG);
 const fmt0 = formatNode('fmt0', 'qcow2', 'prot0');
 const exp0 = fuseExport('exp0', 'fmt0', IMG);
 
-describe('diff: SPEC §2 table', () => {
+describe('diff: the reconciliation table (docs/agent.md)', () => {
   test('nothing desired, nothing observed: no steps', () => {
     const plan = diff(desiredOf([]), EMPTY_OBSERVED);
     assert.deepEqual(plan.steps, []);
@@ -54,11 +61,7 @@ describe('diff: SPEC §2 table', () => {
   });
 
   test('applied state: no steps (idempotent)', () => {
-    const nodes = [
-      prot0,
-      fmt0,
-      formatNode('part', 'raw', 'fmt0', { partition: 1, unresolved: ['offset', 'size'] }),
-    ];
+    const nodes = [prot0, fmt0, formatNode('part', 'partition', 'fmt0', { number: 1 })];
     const auto = formatNode('a-fmt', 'auto', 'a-file', { unresolved: ['driver'] });
     const all = [...nodes, fileNode('a-file', '/srv/a'), auto];
     const exports = [exp0, fuseExport('a', 'a-fmt', '/srv/a', { image: '/srv/a', format: 'auto' })];
@@ -70,7 +73,7 @@ describe('diff: SPEC §2 table', () => {
     assert.deepEqual(outline(plan), ['remove-export exp0', 'remove-node fmt0', 'remove-node prot0']);
     assert.deepEqual(plan.summary, { add: 0, reopen: 0, replace: 0, remove: 3, repair: 0 });
     // Remove steps carry the observed options, so the engine knows what it closes.
-    assert.deepEqual(plan.steps[0], { action: 'remove-export', export: exp0 });
+    assert.deepEqual(plan.steps[0], { engine: 'native', action: 'remove-export', export: exp0 });
   });
 
   test('removed export only: the nodes stay', () => {
@@ -88,17 +91,19 @@ describe('diff: SPEC §2 table', () => {
         desiredOf([prot0, fmt0], [{ ...exp0, [option]: to }]),
         observedOf([prot0, fmt0], [{ ...exp0, [option]: from }]),
       );
-      assert.deepEqual(outline(plan), ['reopen-export exp0']);
-      const step = plan.steps[0]!;
+      // A writable export needs its nodes writable: they are reopened first, bottom-up.
+      const nodes = option === 'writable' ? ['reopen-node prot0', 'reopen-node fmt0'] : [];
+      assert.deepEqual(outline(plan), [...nodes, 'reopen-export exp0']);
+      const step = plan.steps.at(-1)!;
       assert.equal(step.action, 'reopen-export');
       assert.deepEqual(step.action === 'reopen-export' && step.changes, [{ option, from, to }]);
       assert.deepEqual(step.action === 'reopen-export' && step.export, { ...exp0, [option]: to });
-      assert.deepEqual(plan.summary, { add: 0, reopen: 1, replace: 0, remove: 0, repair: 0 });
+      assert.deepEqual(plan.summary, { add: 0, reopen: 1 + nodes.length, replace: 0, remove: 0, repair: 0 });
     });
   }
 
-  test('node read-only changed: reopen in place', () => {
-    const plan = diff(desiredOf([{ ...prot0, 'read-only': true }]), observedOf([prot0]));
+  test('node read-only changed (its last writer went away): reopen in place', () => {
+    const plan = diff(desiredOf([prot0]), observedOf([prot0], [], 'mounted', { asIs: true }));
     assert.deepEqual(outline(plan), ['reopen-node prot0']);
     const step = plan.steps[0]!;
     assert.deepEqual(step.action === 'reopen-node' && step.changes, [
@@ -221,7 +226,12 @@ describe('diff: SPEC §2 table', () => {
       desiredOf([prot0, fmt0], [{ ...exp0, writable: true, mountpoint: '/srv/raw/foo' }]),
       observedOf([prot0, fmt0], [exp0]),
     );
-    assert.deepEqual(outline(plan), ['remove-export exp0 (replace)', 'add-export exp0 (replace)']);
+    assert.deepEqual(outline(plan), [
+      'remove-export exp0 (replace)',
+      'reopen-node prot0',
+      'reopen-node fmt0',
+      'add-export exp0 (replace)',
+    ]);
     const step = plan.steps[0]!;
     // The reason names what forces the replacement; the changes list everything.
     assert.equal(step.action === 'remove-export' && step.replace?.reason, 'mountpoint changed');
@@ -356,12 +366,14 @@ describe('diff: ordering and cascades', () => {
     assert.deepEqual(outline(plan), [
       'remove-export old',
       'remove-node old0',
+      'reopen-node prot0',
+      'reopen-node fmt0',
       'reopen-export exp0',
       'add-node new0',
       'add-export new',
       'repair-export oth',
     ]);
-    assert.deepEqual(plan.summary, { add: 2, reopen: 1, replace: 0, remove: 2, repair: 1 });
+    assert.deepEqual(plan.summary, { add: 2, reopen: 3, replace: 0, remove: 2, repair: 1 });
   });
 });
 
@@ -432,8 +444,8 @@ spec:
   test('hosts: documents for other hosts are not desired', () => {
     const text = manifest(false).replace('spec:\n', 'spec:\n  hosts: [hv-01]\n');
     const files = [loadManifestText('s.yaml', text)];
-    assert.equal(desiredFromManifests(files, 'hv-01').exports.length, 1);
-    assert.equal(desiredFromManifests(files, 'hv-02').exports.length, 0);
+    assert.equal(desiredFromManifests(files, { hostname: 'hv-01' }).exports.length, 1);
+    assert.equal(desiredFromManifests(files, { hostname: 'hv-02' }).exports.length, 0);
   });
 
   test('invalid manifests contribute nothing', () => {

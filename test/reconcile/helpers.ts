@@ -1,6 +1,19 @@
 /** Builders for desired and observed states in diff tests. */
+
+import { nativeCapabilities } from '../../src/engine/native/capabilities.js';
 import type { ExportOptions, NodeOptions } from '../../src/manifest/types.js';
-import type { Desired, ExportState, Observed } from '../../src/reconcile/model.js';
+import { diff } from '../../src/reconcile/diff.js';
+import type { Desired, EngineCapabilities, ExportState, Observed, Plan } from '../../src/reconcile/model.js';
+import { deriveWritability } from '../../src/reconcile/writability.js';
+
+/** The plan for the native engine (diff under the native engine's capabilities). */
+export function plan(
+  desired: Desired,
+  observed: Observed,
+  caps: EngineCapabilities = nativeCapabilities,
+): Plan {
+  return diff(desired, observed, caps);
+}
 
 /** A file node. */
 export function fileNode(name: string, filename: string, extra: Partial<NodeOptions> = {}): NodeOptions {
@@ -52,14 +65,22 @@ export function desiredOf(nodes: NodeOptions[], exports: ExportOptions[] = []): 
   };
 }
 
-/** What an engine reports after applying `desired`, every export in `state`. */
+/**
+ * What an engine reports after applying these nodes and exports, every export
+ * in `state`: as a plan opens them, nodes are read-only unless one of the
+ * writable exports writes through them (asIs: the nodes exactly as given).
+ */
 export function observedOf(
   nodes: NodeOptions[],
   exports: ExportOptions[] = [],
   state: ExportState = 'mounted',
+  opts: { asIs?: boolean } = {},
 ): Observed {
+  const applied = opts.asIs
+    ? nodes
+    : deriveWritability(desiredOf(nodes, exports)).nodes.map((n) => n.options);
   return {
-    nodes: nodes.map((options) => ({ options: structuredClone(options) })),
+    nodes: applied.map((options) => ({ options: structuredClone(options) })),
     exports: exports.map((options) => ({ options: structuredClone(options), state })),
   };
 }

@@ -1,5 +1,5 @@
 /**
- * Escapes tried and refused (SPEC §5), through the agent and through
+ * Escapes tried and refused (docs/security.md), through the agent and through
  * `blkexport mount`: an image or mountpoint outside the allowed roots, a
  * symlink inside pointing out (image, mountpoint, backing file), a backing
  * file named /etc/shadow, through `..`, as a json: specification, a data file

@@ -13,6 +13,7 @@ import { checkWindow, type WindowState, windowOps } from '../window.js';
 interface PartitionState extends WindowState {
   /** The partition number (Linux numbering). */
   number: number;
+  scheme: 'mbr' | 'gpt';
 }
 
 export const partitionFilter = defineDriver<PartitionState>({
@@ -35,7 +36,15 @@ export const partitionFilter = defineDriver<PartitionState>({
     const p = await findPartition(nodeReader(child), child.length(), number, source);
     // The parser already refuses partitions past the end of the disk; the window must not trust that.
     checkWindow(child, p.offset, p.size, `partition ${number}`);
-    return { child, offset: p.offset, size: p.size, fixed: true, readOnly: ctx.readOnly, number };
+    return {
+      child,
+      offset: p.offset,
+      size: p.size,
+      fixed: true,
+      readOnly: ctx.readOnly,
+      number,
+      scheme: p.scheme,
+    };
   },
   ...windowOps,
 
@@ -45,5 +54,5 @@ export const partitionFilter = defineDriver<PartitionState>({
       file: s.child.filename,
     });
   },
-  resolved: (s) => ({ offset: s.offset, size: s.size }),
+  resolved: (s) => ({ offset: s.offset, size: s.size, scheme: s.scheme }),
 });

@@ -45,7 +45,8 @@ export function codeForQmpError(qmpClass: string, desc: string): BlkErrorCode {
   if (/read-only|Read-only/.test(desc)) return 'READ_ONLY';
   if (/Could not open|No such file|Permission denied/.test(desc)) return 'IO';
   if (/Image is not in|Unsupported|not supported/i.test(desc)) return 'IMAGE_UNSUPPORTED';
-  if (/corrupt|invalid|Invalid/.test(desc)) return 'IMAGE_INVALID';
+  if (/corrupt|invalid|Invalid|Cluster size|L1 table|refcount table|snapshot table|header/i.test(desc))
+    return 'IMAGE_INVALID';
   return 'AGENT';
 }
 

@@ -16,6 +16,8 @@ export interface AppliedNode {
   args: Record<string, unknown>;
   /** Nodes we opened for the backing chain the image names (top-down), removed with this node. */
   hidden?: string[];
+  /** A file node's `dev:ino` when QSD opened it (drift when the path names another file). */
+  fileKey?: string;
 }
 
 /** One export as applied. */

@@ -1,16 +1,18 @@
 /**
- * The FUSE export driver: one BlockNode presented as one raw file, with
- * qemu-storage-daemon's semantics (REFERENCE.md §A) and blkexport's stricter
- * size rule (SPEC §1: size changes need `growable`). It sees one node, never
- * the graph; generic checks (unique ids and mountpoints, writable over a
- * read-only node) live in the export registry.
+ * A live FUSE export: one BlockNode presented as one raw file, with
+ * qemu-storage-daemon's semantics (docs/fuse-export.md lists them) and
+ * blkexport's stricter size rule (size changes need `growable`). It sees one
+ * node, never the graph; generic checks (unique ids and mountpoints, writable
+ * over a read-only node) live in the export core (../registry.ts).
  */
 import { execFile } from 'node:child_process';
 import { constants } from 'node:fs';
-import type { BlockNode, HostExtent } from '../../block/types.js';
-import { BlkError } from '../../errors.js';
+import type { BlockNode } from '../../block/types.js';
+import { BlkError, Errno } from '../../errors.js';
+import type { ExportStats, LiveExport } from '../driver.js';
 import { LatencyHistogram } from '../latency.js';
-import { Errno, type FileAttr, type FileFsMount, type FileFsOps, FuseErrno } from './file-fs.js';
+import { FastPathSync } from './fast-sync.js';
+import { type FileAttr, type FileFsMount, type FileFsOps, FuseErrno } from './file-fs.js';
 import { mountFileFs } from './mount.js';
 
 export type AllowOther = 'auto' | 'on' | 'off';
@@ -26,21 +28,7 @@ export interface FuseExportOptions {
   fsname: string;
 }
 
-/** Counters an export keeps for status and metrics (plain increments: nothing on the hot path allocates). */
-export interface ExportStats {
-  reads: number;
-  readBytes: number;
-  writes: number;
-  writeBytes: number;
-  flushes: number;
-  errors: number;
-  readLatency: LatencyHistogram;
-  writeLatency: LatencyHistogram;
-}
-
 const O_ACCMODE = 3;
-/** The fast path's granule (native-fuse/fuse3_file.c GRANULE_BITS). */
-const GRANULE = 64 * 1024;
 /** lseek whence values the kernel passes on (SEEK_SET/CUR/END never reach us). */
 const SEEK = { DATA: 3, HOLE: 4 } as const;
 /** Block-status calls one lseek may make before answering conservatively. */
@@ -69,23 +57,13 @@ function remount(mountpoint: string, mode: 'rw' | 'ro'): Promise<void> {
   });
 }
 
-/** True when two host mappings are the same pieces. */
-function sameExtents(a: readonly HostExtent[], b: readonly HostExtent[]): boolean {
-  if (a.length !== b.length) return false;
-  return a.every((x, i) => {
-    const y = b[i]!;
-    if (x.length !== y.length) return false;
-    if ('zero' in x || 'zero' in y) return 'zero' in x && 'zero' in y;
-    return x.fd === y.fd && x.host === y.host;
-  });
-}
-
 /** Rounds up to the next multiple of 512, as QSD reports the size. */
 export function roundUpToSector(n: number): number {
   return Math.ceil(n / 512) * 512;
 }
 
-export class FuseExport {
+export class FuseExport implements LiveExport<FuseExportOptions> {
+  readonly type = 'fuse';
   readonly id: string;
   readonly mountpoint: string;
   readonly node: BlockNode;
@@ -106,8 +84,8 @@ export class FuseExport {
   private growable: boolean;
   private allowOther = false;
   private mountAllowsOther = false;
-  /** The binding's fast path is in use (reads teach it; writes keep it exact). Size changes reach it regardless. */
-  private fastOn = true;
+  /** The binding's read fast path, kept exact around every change (a no-op without one). */
+  private fast: FastPathSync;
   private mode: number;
   private uid = process.getuid?.() ?? 0;
   private gid = process.getgid?.() ?? 0;
@@ -123,6 +101,7 @@ export class FuseExport {
     this.writable = opts.writable;
     this.growable = opts.growable;
     this.mode = opts.writable ? 0o600 : 0o400;
+    this.fast = new FastPathSync(node, undefined);
   }
 
   /**
@@ -148,24 +127,30 @@ export class FuseExport {
       exp.mount = await attempt(false);
     }
     exp.allowOther = opts.allowOther === 'on' || (opts.allowOther === 'auto' && exp.mountAllowsOther);
-    exp.mount.fast?.invalidate(0, 0, node.length());
+    exp.fast = new FastPathSync(node, exp.mount.fast);
+    exp.fast.reset();
     return exp;
   }
 
   /**
-   * Turns the binding's read fast path on or off. The export core turns it off
-   * while another export shares a node with this one and either can write:
-   * this export would not see the other's changes to invalidate them.
+   * The export core says whether another export shares a node with this one
+   * while either can write: then the fast path is off, because this export
+   * would not see the other's changes to invalidate them.
    */
-  setFastPath(on: boolean): void {
-    if (this.closed) return;
-    this.fastOn = on;
-    this.mount?.fast?.enable(on);
+  setShared(shared: boolean): void {
+    if (!this.closed) this.fast.enable(!shared);
+  }
+
+  /** Applies writable, growable and allow-other in place. */
+  async reopen(opts: FuseExportOptions): Promise<void> {
+    await this.setWritable(opts.writable);
+    this.setGrowable(opts.growable);
+    this.setAllowOther(opts.allowOther);
   }
 
   /** Counters, including the reads the binding served itself. */
   get stats(): ExportStats {
-    const fast = this.mount?.fast?.stats();
+    const fast = this.fast.stats();
     if (!fast) return this.jsStats;
     return {
       ...this.jsStats,
@@ -221,7 +206,7 @@ export class FuseExport {
   /** Flushes the node (when writable), unmounts lazily; later requests on open descriptors get ENOTCONN. */
   async stop(): Promise<void> {
     if (this.closed) return;
-    this.mount?.fast?.enable(false);
+    this.fast.enable(false);
     if (this.writable) await this.node.flush();
     await this.mount?.unmount();
     this.closed = true;
@@ -233,55 +218,10 @@ export class FuseExport {
 
   private async resize(size: number): Promise<void> {
     const run = this.resizing.then(() =>
-      size > this.node.length() ? this.changing(0, ALL, () => this.node.truncate(size)) : undefined,
+      size > this.node.length() ? this.fast.changing(0, ALL, () => this.node.truncate(size)) : undefined,
     );
     this.resizing = run.catch(() => undefined);
     await run;
-  }
-
-  /** Runs a change of [offset, offset+length) with the binding's fast path told before and after. */
-  private async changing<T>(offset: number, length: number, fn: () => Promise<T>): Promise<T> {
-    const fast = this.mount?.fast;
-    if (!fast) return fn();
-    fast.invalidate(offset, length);
-    try {
-      return await fn();
-    } finally {
-      fast.invalidate(offset, length, this.node.length());
-    }
-  }
-
-  /**
-   * Runs a write. An overwrite in place (a raw file, an allocated qcow2
-   * cluster) leaves the host mapping as it was, and the fast path keeps it;
-   * only a write that moved or allocated something invalidates its range.
-   * Reads overlapping the write may see old or new bytes, as with any
-   * concurrent read; installs computed before a moving write are dropped by
-   * the invalidation's generation.
-   */
-  private async writing(offset: number, length: number, fn: () => Promise<void>): Promise<void> {
-    const fast = this.mount?.fast;
-    const map = this.node.mapHostCached;
-    if (!fast || !map || !this.fastOn) return this.changing(offset, length, fn);
-    const before = map.call(this.node, offset, length);
-    try {
-      await fn();
-    } finally {
-      const after = map.call(this.node, offset, length);
-      if (!before || !after || !sameExtents(before, after))
-        fast.invalidate(offset, length, this.node.length());
-    }
-  }
-
-  /** After a read served here, tells the fast path where the surrounding granules live (from caches only). */
-  private learn(gen: number, position: number, n: number): void {
-    const map = this.node.mapHostCached;
-    if (!map || gen < 0) return;
-    const size = this.node.length();
-    const start = Math.floor(position / GRANULE) * GRANULE;
-    const end = Math.min(Math.ceil((position + n) / GRANULE) * GRANULE, size);
-    const extents = end > start ? map.call(this.node, start, end - start) : null;
-    if (extents) this.mount!.fast!.install(gen, start, extents);
   }
 
   private ops(): FileFsOps {
@@ -314,9 +254,9 @@ export class FuseExport {
         if (position >= size) return 0;
         const n = Math.min(length, size - position);
         const t0 = performance.now();
-        const gen = this.fastOn ? (this.mount?.fast?.gen() ?? -1) : -1;
+        const gen = this.fast.gen();
         await node.read(position, n === buf.length ? buf : buf.subarray(0, n));
-        if (gen >= 0) this.learn(gen, position, n);
+        if (gen >= 0) this.fast.learn(gen, position, n);
         this.jsStats.readLatency.observe((performance.now() - t0) / 1000);
         this.jsStats.reads++;
         this.jsStats.readBytes += n;
@@ -337,7 +277,7 @@ export class FuseExport {
           }
         }
         const t0 = performance.now();
-        await this.writing(position, n, () =>
+        await this.fast.writing(position, n, () =>
           node.write(position, n === buf.length ? buf : buf.subarray(0, n)),
         );
         this.jsStats.writeLatency.observe((performance.now() - t0) / 1000);
@@ -351,7 +291,7 @@ export class FuseExport {
         if (size === node.length()) return;
         // Stricter than QSD on purpose: a stray `truncate -s 0` must not destroy a disk.
         if (!this.growable) throw new FuseErrno(Errno.EPERM, 'size changes need a growable export');
-        const run = this.resizing.then(() => this.changing(0, ALL, () => node.truncate(size)));
+        const run = this.resizing.then(() => this.fast.changing(0, ALL, () => node.truncate(size)));
         this.resizing = run.catch(() => undefined);
         await run;
       },
@@ -389,14 +329,14 @@ export class FuseExport {
           // mode 0 inside the file: the blocks are there already (QSD allows it only at/after EOF).
           if (mode !== 0 && offset < node.length()) {
             const len = Math.min(end, node.length()) - offset;
-            await this.changing(offset, len, () => node.writeZeroes(offset, len, { mayUnmap: false }));
+            await this.fast.changing(offset, len, () => node.writeZeroes(offset, len, { mayUnmap: false }));
           }
           return;
         }
         if (mode === (FALLOC.PUNCH_HOLE | FALLOC.KEEP_SIZE)) {
           const len = Math.min(end, size) - offset;
           if (offset < size)
-            await this.changing(offset, len, () => node.writeZeroes(offset, len, { mayUnmap: true }));
+            await this.fast.changing(offset, len, () => node.writeZeroes(offset, len, { mayUnmap: true }));
           return;
         }
         throw new FuseErrno(Errno.EOPNOTSUPP, `fallocate mode ${mode} is not supported`);

@@ -6,33 +6,12 @@
  */
 import { execFile } from 'node:child_process';
 import type { HostExtent } from '../../block/types.js';
-
-/** Linux errno values we answer with (positive; negated for FUSE). */
-export const Errno = {
-  EPERM: 1,
-  ENOENT: 2,
-  EIO: 5,
-  EBADF: 9,
-  EACCES: 13,
-  EBUSY: 16,
-  EINVAL: 22,
-  EFBIG: 27,
-  ENOSPC: 28,
-  EROFS: 30,
-  ENOSYS: 38,
-  EOPNOTSUPP: 95,
-  ENXIO: 6,
-  ENOTCONN: 107,
-} as const;
+import { BlkError, Errno } from '../../errors.js';
 
 /** An error that answers a FUSE request with a specific errno. */
-export class FuseErrno extends Error {
-  constructor(
-    readonly errno: number,
-    message = `errno ${errno}`,
-  ) {
-    super(message);
-    this.name = 'FuseErrno';
+export class FuseErrno extends BlkError {
+  constructor(errno: number, message = `errno ${errno}`) {
+    super('ERRNO', message, {}, { errno });
   }
 }
 
@@ -81,7 +60,7 @@ export interface MountOptions {
 
 /**
  * Reads served by the binding itself from host extents the export installs
- * (see native-fuse/fuse3_file.c). The export invalidates around every change.
+ * (see native-fuse/fast_map.c). The export invalidates around every change.
  */
 export interface FastPath {
   /** The current generation; an install computed at an older one skips the granules changed since. */
@@ -119,7 +98,8 @@ export function lazyUnmount(mountpoint: string): Promise<void> {
   const [cmd, args] = asRoot ? ['umount', ['-l', mountpoint]] : ['fusermount', ['-uz', mountpoint]];
   return new Promise((resolve, reject) => {
     execFile(cmd, args, (err, _stdout, stderr) => {
-      if (err) reject(new Error(`${cmd} ${args.join(' ')}: ${stderr.trim() || err.message}`));
+      if (err)
+        reject(new BlkError('MOUNT_FAILED', `${cmd} ${args.join(' ')}: ${stderr.trim() || err.message}`));
       else resolve();
     });
   });

@@ -6,19 +6,13 @@
  *
  * fuse-native's own mount refuses a non-directory mountpoint and cannot pass
  * `nonempty`; we call its native binding the way its `_open` does, with our
- * own option string (REFERENCE.md §F). Per-op timeouts are off: a late answer
+ * own option string (docs/decisions/0001-own-libfuse3-binding.md). Per-op timeouts are off: a late answer
  * to a timed-out read would write into memory libfuse already freed.
  */
 import { createRequire } from 'node:module';
 import { dirname } from 'node:path';
-import {
-  Errno,
-  type FileFsMount,
-  type FileFsOps,
-  lazyUnmount,
-  type MountOptions,
-  toErrno,
-} from './file-fs.js';
+import { BlkError, Errno } from '../../errors.js';
+import { type FileFsMount, type FileFsOps, lazyUnmount, type MountOptions, toErrno } from './file-fs.js';
 
 const require = createRequire(import.meta.url);
 
@@ -68,7 +62,7 @@ function optionString(o: MountOptions): string {
   ];
   if (o.readOnly) opts.push('ro');
   if (o.allowOther) opts.push('allow_other');
-  for (const x of opts) if (/[, ]/.test(x)) throw new Error(`invalid FUSE option '${x}'`);
+  for (const x of opts) if (/[, ]/.test(x)) throw new BlkError('USAGE', `invalid FUSE option '${x}'`);
   return `-o${opts.join(',')}`;
 }
 
@@ -206,7 +200,12 @@ export function mountFileFsFuseNative(
       );
     } catch (e) {
       fuse._openCallback = null;
-      reject(new Error(`FUSE mount on '${mountpoint}' failed (${(e as Error).message}; options ${opts})`));
+      reject(
+        new BlkError(
+          'MOUNT_FAILED',
+          `FUSE mount on '${mountpoint}' failed (${(e as Error).message}; options ${opts})`,
+        ),
+      );
     }
   });
 }

@@ -7,8 +7,8 @@
  */
 import { createRequire } from 'node:module';
 import type { HostExtent } from '../../block/types.js';
+import { BlkError, Errno } from '../../errors.js';
 import {
-  Errno,
   type FastPath,
   type FileFsMount,
   type FileFsOps,
@@ -89,7 +89,8 @@ export function loadFuse3(): Fuse3Addon | null {
       const a = createRequire(import.meta.url)(ADDON_PATH) as Partial<Fuse3Addon>;
       const missing = OP_NAMES.filter((n) => !Number.isInteger(a.ops?.[n]));
       if (missing.length > 0)
-        throw new Error(
+        throw new BlkError(
+          'INTERNAL',
           `${ADDON_PATH} has no op code for ${missing.join(', ')} (rebuild it: npm run build:native)`,
         );
       addon = a as Fuse3Addon;
@@ -124,7 +125,7 @@ function optionString(o: MountOptions): string {
   const opts = [`fsname=${o.fsname}`, `subtype=${o.subtype}`, 'default_permissions'];
   if (o.readOnly) opts.push('ro');
   if (o.allowOther) opts.push('allow_other');
-  for (const x of opts) if (/[, ]/.test(x)) throw new Error(`invalid FUSE option '${x}'`);
+  for (const x of opts) if (/[, ]/.test(x)) throw new BlkError('USAGE', `invalid FUSE option '${x}'`);
   return opts.join(',');
 }
 
@@ -135,7 +136,8 @@ export function mountFileFsFuse3(
   options: MountOptions,
 ): Promise<FileFsMount> {
   const a = loadFuse3();
-  if (!a) return Promise.reject(new Error(`the libfuse 3 binding is not built: ${loadError}`));
+  if (!a)
+    return Promise.reject(new BlkError('MOUNT_FAILED', `the libfuse 3 binding is not built: ${loadError}`));
   const OP = a.ops; // checked when the addon loaded; dispatch() compares against it
   let ended: () => void = () => undefined;
   const endedP = new Promise<void>((resolve) => {
@@ -235,7 +237,9 @@ export function mountFileFsFuse3(
   try {
     handle = a.mount(mountpoint, optionString(options), dispatch);
   } catch (e) {
-    return Promise.reject(new Error(`FUSE mount on '${mountpoint}' failed (${(e as Error).message})`));
+    return Promise.reject(
+      new BlkError('MOUNT_FAILED', `FUSE mount on '${mountpoint}' failed (${(e as Error).message})`),
+    );
   }
   let unmounted = false;
   const h = handle;

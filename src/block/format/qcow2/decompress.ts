@@ -5,6 +5,7 @@
  */
 import { constants, inflateRaw } from 'node:zlib';
 import { Decompress } from 'fzstd';
+import { BlkError } from '../../../errors.js';
 import type { CompressionType } from './header.js';
 
 /** Decompresses `input` into a fresh buffer of exactly `clusterSize` bytes; throws Error on bad data. */
@@ -24,7 +25,9 @@ function inflateCluster(input: Buffer, clusterSize: number): Promise<Buffer> {
       (err, out) => {
         if (err) return reject(err);
         if (out.length !== clusterSize) {
-          return reject(new Error(`deflate data gave ${out.length} bytes instead of ${clusterSize}`));
+          return reject(
+            new BlkError('IMAGE_CORRUPT', `deflate data gave ${out.length} bytes instead of ${clusterSize}`),
+          );
         }
         resolve(out);
       },
@@ -36,8 +39,9 @@ const ZSTD_MAGIC = 0xfd2fb528;
 const ZSTD_MAX_WINDOW = 8 * 1024 * 1024;
 
 /** Length of the zstd frame at the start of `buf` (the rest is sector padding or another cluster's data). */
+// biome-ignore lint/complexity/noExcessiveCognitiveComplexity: on-disk format code: the checks and steps follow the format's structure in order, one place; splitting would scatter them
 export function zstdFrameLength(buf: Buffer, clusterSize: number): number {
-  const bad = (why: string) => new Error(`zstd frame: ${why}`);
+  const bad = (why: string) => new BlkError('IMAGE_CORRUPT', `zstd frame: ${why}`);
   if (buf.length < 6 || buf.readUInt32LE(0) !== ZSTD_MAGIC) throw bad('bad magic');
   const fhd = buf[4]!;
   const fcsFlag = fhd >> 6;
@@ -86,11 +90,12 @@ function unzstdCluster(input: Buffer, clusterSize: number): Buffer {
   let total = 0;
   const d = new Decompress((chunk) => {
     if (total + chunk.length > clusterSize)
-      throw new Error('zstd data decompresses to more than one cluster');
+      throw new BlkError('IMAGE_CORRUPT', 'zstd data decompresses to more than one cluster');
     out.set(chunk, total);
     total += chunk.length;
   });
   d.push(frame, true);
-  if (total !== clusterSize) throw new Error(`zstd data gave ${total} bytes instead of ${clusterSize}`);
+  if (total !== clusterSize)
+    throw new BlkError('IMAGE_CORRUPT', `zstd data gave ${total} bytes instead of ${clusterSize}`);
   return out;
 }

@@ -134,7 +134,7 @@ async function openQcow2(ctx: OpenContext): Promise<Qcow2State> {
       readAt(file, off, cs),
     ),
     compressedCache: new TableCache(Math.max(COMPRESSED_CACHE_BYTES, 2 * cs), () =>
-      Promise.reject(new Error('compressed clusters are loaded with their descriptor')),
+      Promise.reject(new BlkError('INTERNAL', 'compressed clusters are loaded with their descriptor')),
     ),
     refcounts: new Refcounts(header, refTable, file, fileLength, path),
     snapshots,

@@ -30,6 +30,7 @@ export interface Qcow2Extensions {
 const FEATURE_TYPES = ['incompatible', 'compatible', 'autoclear'] as const;
 
 /** Parses the extension area and the backing file name from `head` (cluster 0, clipped to the file). */
+// biome-ignore lint/complexity/noExcessiveCognitiveComplexity: on-disk format code: the checks and steps follow the format's structure in order, one place; splitting would scatter them
 export function parseExtensions(head: Buffer, h: Qcow2Header, file: string): Qcow2Extensions {
   const invalid = (field: string, msg: string) => new BlkError('IMAGE_INVALID', msg, { file, field });
   const out: Qcow2Extensions = {

@@ -138,6 +138,7 @@ function mapInTable(
   return tableEnd;
 }
 
+// biome-ignore lint/complexity/noExcessiveCognitiveComplexity: on-disk format code: the checks and steps follow the format's structure in order, one place; splitting would scatter them
 function decodeEntry(
   s: Qcow2State,
   table: Buffer,

@@ -4,7 +4,7 @@
  * Writers change refcount blocks, the refcount table, L2 tables and the L1
  * table in memory only (dirty, pinned in their caches); a flush, an eviction
  * bound or a close writes them back. The invariant kept at every instant is
- * "on-disk refcounts ≥ on-disk references" (REFERENCE.md §C), so a crash can
+ * "on-disk refcounts ≥ on-disk references" (docs/qcow2.md), so a crash can
  * only leak clusters:
  *
  *   0. snapshot every dirty table at one instant (exclusive lock): the
@@ -114,6 +114,7 @@ async function writeAll(s: Qcow2State, list: [number, Buffer][]): Promise<void> 
   for (const x of r) if (x.status === 'rejected') throw x.reason;
 }
 
+// biome-ignore lint/complexity/noExcessiveCognitiveComplexity: on-disk format code: the checks and steps follow the format's structure in order, one place; splitting would scatter them
 async function writeBackOnce(s: Qcow2State): Promise<void> {
   const w = s.w!;
   const refs = s.refcounts;

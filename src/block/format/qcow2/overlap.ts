@@ -5,11 +5,9 @@
  * like QEMU's overlap check, so a corrupt L2 entry can never make a guest
  * write land on metadata; a hit marks the image corrupt.
  */
-import { BlkError } from '../../../errors.js';
+import { BlkError, Errno } from '../../../errors.js';
 import { markCorrupt } from './header-write.js';
 import type { Qcow2State } from './state.js';
-
-const EIO = 5;
 
 /** Throws IMAGE_CORRUPT (and marks the image corrupt) when [host, host+len) touches a metadata cluster. */
 export function checkNoOverlap(s: Qcow2State, host: number, len: number): void {
@@ -24,7 +22,7 @@ export function checkNoOverlap(s: Qcow2State, host: number, len: number): void {
         'IMAGE_CORRUPT',
         `a data write at host offset ${host} (+${len}) would overwrite metadata in cluster ${c}: image marked corrupt`,
         { file: s.path, field: 'l2_entry' },
-        { errno: EIO },
+        { errno: Errno.EIO },
       );
     }
   }

@@ -8,13 +8,11 @@
  * depends on them. Freeing is deferred: a decrement is queued and applied
  * only after the references to the cluster are gone on disk.
  */
-import { BlkError } from '../../../errors.js';
+import { BlkError, Errno } from '../../../errors.js';
 import type { BlockNode } from '../../types.js';
 import { MAX_REFCOUNT_TABLE_BYTES, type Qcow2Header } from './header.js';
 
 const TWO32 = 2 ** 32;
-const EIO = 5;
-const ENOSPC = 28;
 
 /** What the allocator needs from its owner: growing the file and learning about new metadata. */
 export interface RefcountHooks {
@@ -281,7 +279,7 @@ export class Refcounts {
         'IMAGE_TOO_LARGE',
         'the refcount table would exceed 8 MiB',
         { file: this.path, field: 'refcount_table_clusters' },
-        { errno: ENOSPC },
+        { errno: Errno.ENOSPC },
       );
     }
     const start = Math.ceil(this.hostEnd / this.cs);
@@ -310,7 +308,12 @@ export class Refcounts {
   }
 
   private corrupt(msg: string): BlkError {
-    return new BlkError('IMAGE_CORRUPT', msg, { file: this.path, field: 'refcount_table' }, { errno: EIO });
+    return new BlkError(
+      'IMAGE_CORRUPT',
+      msg,
+      { file: this.path, field: 'refcount_table' },
+      { errno: Errno.EIO },
+    );
   }
 
   /** The file this reader reads refcount blocks from. */

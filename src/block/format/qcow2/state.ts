@@ -1,5 +1,5 @@
 /** The opened state of a qcow2 node, shared by the files that implement its concerns. */
-import { BlkError } from '../../../errors.js';
+import { BlkError, Errno } from '../../../errors.js';
 import type { BlockNode } from '../../types.js';
 import type { Qcow2Bitmap } from './bitmaps.js';
 import type { Qcow2Extensions } from './extensions.js';
@@ -63,10 +63,8 @@ export interface WriteState {
   dirtyBytes: number;
 }
 
-const EIO = 5;
-
-/** An IMAGE_CORRUPT error (answered as EIO) for a bad table entry found at run time; marks the image corrupt. */
+/** An IMAGE_CORRUPT error (answered as Errno.EIO) for a bad table entry found at run time; marks the image corrupt. */
 export function corruption(s: Qcow2State, field: string, msg: string): BlkError {
   s.corrupt = true;
-  return new BlkError('IMAGE_CORRUPT', msg, { file: s.path, field }, { errno: EIO });
+  return new BlkError('IMAGE_CORRUPT', msg, { file: s.path, field }, { errno: Errno.EIO });
 }

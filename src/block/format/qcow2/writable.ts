@@ -4,7 +4,7 @@
  * collect the metadata clusters for overlap protection, hook the allocator
  * to the file, and repair a dirty lazy-refcount image before the first write.
  */
-import { BlkError } from '../../../errors.js';
+import { BlkError, Errno } from '../../../errors.js';
 import {
   AUTOCLEAR_BITMAPS,
   COMPAT_LAZY_REFCOUNTS,
@@ -17,7 +17,6 @@ import { rebuildRefcounts } from './rebuild.js';
 import { RwLock } from './rwlock.js';
 import type { Qcow2State, WriteState } from './state.js';
 
-const EROFS = 30;
 const TWO32 = 2 ** 32;
 /** The file grows in steps of at least this much (one ftruncate per step, not per cluster). */
 const GROW_STEP = 8 * 1024 * 1024;
@@ -72,7 +71,7 @@ export function refuseWriting(s: Qcow2State): BlkError | undefined {
       'IMAGE_CORRUPT',
       'the image is marked corrupt: it is never written again (repair it with `qemu-img check -r all`)',
       { file: s.path, field: 'incompatible_features' },
-      { errno: EROFS },
+      { errno: Errno.EROFS },
     );
   }
   if (s.externalData) {
@@ -80,13 +79,14 @@ export function refuseWriting(s: Qcow2State): BlkError | undefined {
       'NOT_SUPPORTED',
       'writing qcow2 images with an external data file is not supported yet',
       { file: s.path, field: 'data_file' },
-      { errno: EROFS },
+      { errno: Errno.EROFS },
     );
   }
   return undefined;
 }
 
 /** Prepares the write state (once); the file child must already be writable. */
+// biome-ignore lint/complexity/noExcessiveCognitiveComplexity: on-disk format code: the checks and steps follow the format's structure in order, one place; splitting would scatter them
 export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
   if (s.w) return s.w;
   const refused = refuseWriting(s);
@@ -135,7 +135,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
           'IMAGE_CORRUPT',
           `metadata cluster ${c} has refcount ${rc}: the refcounts cannot be trusted, the image is not written (repair it with \`blkexport check -r all\`)`,
           { file: s.path, field: 'refcount_table' },
-          { errno: EROFS },
+          { errno: Errno.EROFS },
         );
       }
     }
