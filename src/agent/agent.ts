@@ -12,9 +12,8 @@
 
 import type { Engine } from '../engine/engine.js';
 import { describeError } from '../errors.js';
-import { listManifestFiles } from '../manifest/directory.js';
 import { NodeGraph } from '../manifest/graph.js';
-import type { EngineName, ManifestFile } from '../manifest/types.js';
+import type { EngineName } from '../manifest/types.js';
 import { desiredFromManifests } from '../reconcile/desired.js';
 import { type EnginePlanInput, planEngines } from '../reconcile/host-plan.js';
 import type { Desired, Observed } from '../reconcile/model.js';
@@ -23,13 +22,8 @@ import { ExportBook, type ExportRecord } from './export-status.js';
 import { fingerprint } from './fingerprint.js';
 import { DEFAULT_MAX_EXPORTS, exportsOverCap, IoErrorWatch, withoutExports } from './limits.js';
 import type { Logger } from './log.js';
-import { ManifestCache } from './manifest-cache.js';
-import {
-  EMPTY_MANIFEST_STATE,
-  type ManifestState,
-  type ManifestStatus,
-  resolveManifests,
-} from './manifest-state.js';
+import { ManifestsInForce } from './manifest-cache.js';
+import type { ManifestStatus } from './manifest-state.js';
 import { refusedByRoots } from './paths.js';
 
 export interface AgentConfig {
@@ -73,11 +67,8 @@ export interface AgentObserved extends Observed {
 }
 
 export class Agent {
-  private manifestState: ManifestState = EMPTY_MANIFEST_STATE;
-  private manifestStatus: ManifestStatus[] = [];
+  private readonly manifests: ManifestsInForce;
   private readonly book = new ExportBook();
-  private readonly manifestCache = new ManifestCache();
-  private previousInForce = new Map<string, ManifestFile>();
   private readonly ioErrors = new IoErrorWatch();
   private passes = 0;
   private lastPass: string | null = null;
@@ -94,7 +85,9 @@ export class Agent {
     private readonly config: AgentConfig,
     readonly engines: readonly Engine[],
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.manifests = new ManifestsInForce(config.manifests, config.hostname, log);
+  }
 
   private get defaultEngine(): EngineName {
     return this.config.defaultEngine ?? 'native';
@@ -143,7 +136,7 @@ export class Agent {
         passes: this.passes,
         lastPass: this.lastPass,
       },
-      manifests: this.manifestStatus,
+      manifests: this.manifests.status,
       exports: this.book.list().map((r) => {
         // A live export that keeps answering EIO is failed in status; it stays mounted for its good ranges.
         const io = this.ioErrors.observe(r.id, live.get(r.id)?.stats?.errors, Date.now());
@@ -182,7 +175,9 @@ export class Agent {
     let failed = 0;
     try {
       // load
-      const inForce = this.loadInForce();
+      const { inForce, changedExports } = this.manifests.load();
+      // A manifest whose content in force changed gets its exports tried now, not after their backoff.
+      for (const id of changedExports) this.book.retryNow(id);
       const all = desiredFromManifests(inForce, { hostname: this.config.hostname });
       this.trackExports(all, now);
       await this.retryChangedImages();
@@ -234,42 +229,6 @@ export class Agent {
     const result = { steps: applied, failed, durationMs: performance.now() - t0 };
     this.onPass?.(result, ok);
     return result;
-  }
-
-  /** The manifest files in force after reading the directory (a directory that cannot be read keeps the state). */
-  private loadInForce(): ManifestFile[] {
-    let fresh: ManifestFile[] | undefined;
-    try {
-      fresh = this.manifestCache.load(listManifestFiles(this.config.manifests));
-    } catch (e) {
-      this.log.error('cannot read the manifest directory; keeping the state in force', {
-        dir: this.config.manifests,
-        error: describeError(e),
-      });
-    }
-    if (fresh) {
-      const mp = resolveManifests(fresh, this.manifestState, this.config.hostname);
-      this.manifestState = mp.next;
-      for (const s of mp.status) {
-        const before = this.manifestStatus.find((x) => x.file === s.file);
-        if (s.valid || JSON.stringify(before?.errors) === JSON.stringify(s.errors)) continue;
-        for (const e of s.errors) {
-          this.log.error(`${e.file}${e.line !== null ? `:${e.line}:${e.col}` : ''}: ${e.message}`, {
-            manifest: s.file,
-            lastGoodInForce: s.lastGoodInForce,
-          });
-        }
-      }
-      this.manifestStatus = mp.status;
-    }
-    const inForce = [...this.manifestState.lastGood.values()];
-    // A manifest whose content in force changed gets its exports tried now, not after their backoff.
-    for (const f of inForce) {
-      if (this.previousInForce.get(f.file) === f) continue;
-      for (const d of f.documents) for (const e of d.exports) this.book.retryNow(e.options.id);
-    }
-    this.previousInForce = new Map(inForce.map((f) => [f.file, f]));
-    return inForce;
   }
 
   private trackExports(all: Desired, now: number): void {

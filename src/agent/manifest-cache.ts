@@ -1,13 +1,23 @@
 /**
- * Reads manifest files and parses only those whose text changed since the
+ * The manifests a pass starts from. ManifestCache reads manifest files and
+ * parses only those whose text changed since the
  * last pass: a pass re-reads every file (level-triggered), and YAML parsing
  * and schema validation of unchanged files were most of a pass's time with
  * 200 exports. An unchanged file is handed back as the same object, which
  * the last-good bookkeeping recognizes cheaply.
  */
 import { readFileSync } from 'node:fs';
+import { describeError } from '../errors.js';
+import { listManifestFiles } from '../manifest/directory.js';
 import { loadManifestFile, loadManifestText } from '../manifest/load.js';
 import type { ManifestFile } from '../manifest/types.js';
+import type { Logger } from './log.js';
+import {
+  EMPTY_MANIFEST_STATE,
+  type ManifestState,
+  type ManifestStatus,
+  resolveManifests,
+} from './manifest-state.js';
 
 export class ManifestCache {
   private readonly byFile = new Map<string, { text: string; parsed: ManifestFile }>();
@@ -30,5 +40,63 @@ export class ManifestCache {
       this.byFile.set(file, { text, parsed });
       return parsed;
     });
+  }
+}
+
+/**
+ * The manifests in force across passes: reads the directory each pass (only
+ * changed files parsed), keeps the last good version of invalid files, logs
+ * new errors once, and reports which files' content in force changed.
+ */
+export class ManifestsInForce {
+  private readonly cache = new ManifestCache();
+  private state: ManifestState = EMPTY_MANIFEST_STATE;
+  private previous = new Map<string, ManifestFile>();
+  /** Each file's status after the last load (for GET /status). */
+  status: ManifestStatus[] = [];
+
+  constructor(
+    private readonly dir: string,
+    private readonly hostname: string,
+    private readonly log: Logger,
+  ) {}
+
+  /**
+   * The files in force now (a directory that cannot be read keeps the previous
+   * state), and the ids of exports whose file's content in force changed.
+   */
+  load(): { inForce: ManifestFile[]; changedExports: string[] } {
+    let fresh: ManifestFile[] | undefined;
+    try {
+      fresh = this.cache.load(listManifestFiles(this.dir));
+    } catch (e) {
+      this.log.error('cannot read the manifest directory; keeping the state in force', {
+        dir: this.dir,
+        error: describeError(e),
+      });
+    }
+    if (fresh) {
+      const mp = resolveManifests(fresh, this.state, this.hostname);
+      this.state = mp.next;
+      for (const s of mp.status) this.logNewErrors(s);
+      this.status = mp.status;
+    }
+    const inForce = [...this.state.lastGood.values()];
+    const changedExports = inForce
+      .filter((f) => this.previous.get(f.file) !== f)
+      .flatMap((f) => f.documents.flatMap((d) => d.exports.map((e) => e.options.id)));
+    this.previous = new Map(inForce.map((f) => [f.file, f]));
+    return { inForce, changedExports };
+  }
+
+  private logNewErrors(s: ManifestStatus): void {
+    const before = this.status.find((x) => x.file === s.file);
+    if (s.valid || JSON.stringify(before?.errors) === JSON.stringify(s.errors)) return;
+    for (const e of s.errors) {
+      this.log.error(`${e.file}${e.line !== null ? `:${e.line}:${e.col}` : ''}: ${e.message}`, {
+        manifest: s.file,
+        lastGoodInForce: s.lastGoodInForce,
+      });
+    }
   }
 }

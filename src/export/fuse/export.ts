@@ -5,15 +5,15 @@
  * node, never the graph; generic checks (unique ids and mountpoints, writable
  * over a read-only node) live in the export core (../registry.ts).
  */
-import { execFile } from 'node:child_process';
 import { constants } from 'node:fs';
 import type { BlockNode } from '../../block/types.js';
 import { BlkError, Errno } from '../../errors.js';
 import type { ExportStats, LiveExport } from '../driver.js';
 import { LatencyHistogram } from '../latency.js';
 import { FastPathSync } from './fast-sync.js';
-import { type FileAttr, type FileFsMount, type FileFsOps, FuseErrno } from './file-fs.js';
+import { type FileAttr, type FileFsMount, type FileFsOps, FuseErrno, remount } from './file-fs.js';
 import { mountFileFs } from './mount.js';
+import { roundUpToSector, seekDataOrHole } from './seek.js';
 
 export type AllowOther = 'auto' | 'on' | 'off';
 
@@ -29,10 +29,6 @@ export interface FuseExportOptions {
 }
 
 const O_ACCMODE = 3;
-/** lseek whence values the kernel passes on (SEEK_SET/CUR/END never reach us). */
-const SEEK = { DATA: 3, HOLE: 4 } as const;
-/** Block-status calls one lseek may make before answering conservatively. */
-const MAX_SEEK_STEPS = 100_000;
 /** A length that covers any export: invalidates everything. */
 const ALL = Number.MAX_SAFE_INTEGER;
 /** fallocate(2) mode bits. */
@@ -40,27 +36,6 @@ const FALLOC = { KEEP_SIZE: 0x01, PUNCH_HOLE: 0x02, ZERO_RANGE: 0x10 } as const;
 
 /** Largest request libfuse 2 hands us; also what we ask for with max_read/max_write. */
 const MAX_REQUEST = 128 * 1024;
-
-/** Remounts a FUSE mount read-write or read-only (-i: no mount.fuse helper for our subtype). */
-function remount(mountpoint: string, mode: 'rw' | 'ro'): Promise<void> {
-  return new Promise((resolve, reject) => {
-    execFile('mount', ['-i', '-o', `remount,${mode}`, mountpoint], (err, _out, stderr) => {
-      if (err)
-        reject(
-          new BlkError(
-            'MOUNT_FAILED',
-            `remount ${mode} of '${mountpoint}' failed: ${stderr.trim() || err.message}`,
-          ),
-        );
-      else resolve();
-    });
-  });
-}
-
-/** Rounds up to the next multiple of 512, as QSD reports the size. */
-export function roundUpToSector(n: number): number {
-  return Math.ceil(n / 512) * 512;
-}
 
 export class FuseExport implements LiveExport<FuseExportOptions> {
   readonly type = 'fuse';
@@ -341,25 +316,9 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
         }
         throw new FuseErrno(Errno.EOPNOTSUPP, `fallocate mode ${mode} is not supported`);
       },
-      seek: async (offset, whence) => {
+      seek: (offset, whence) => {
         this.check();
-        const size = node.length();
-        if (whence !== SEEK.DATA && whence !== SEEK.HOLE) throw new FuseErrno(Errno.EINVAL);
-        // Past the node's end: the rounding tail (up to 512) is a hole, beyond it nothing.
-        if (offset >= size) {
-          if (whence === SEEK.HOLE && offset < roundUpToSector(size)) return offset;
-          throw new FuseErrno(Errno.ENXIO);
-        }
-        let pos = offset;
-        for (let i = 0; pos < size && i < MAX_SEEK_STEPS; i++) {
-          const ext = await node.blockStatus(pos, size - pos);
-          const hole = ext.zero || !ext.data;
-          if (hole === (whence === SEEK.HOLE)) return pos;
-          pos = ext.offset + ext.length;
-        }
-        if (pos < size) return whence === SEEK.DATA ? pos : size; // too fragmented to walk: claim data
-        if (whence === SEEK.DATA) throw new FuseErrno(Errno.ENXIO);
-        return size;
+        return seekDataOrHole(node, offset, whence);
       },
       utimens: () => {
         throw new FuseErrno(Errno.EOPNOTSUPP, 'timestamps cannot be set');

@@ -104,3 +104,19 @@ export function lazyUnmount(mountpoint: string): Promise<void> {
     });
   });
 }
+
+/** Remounts a FUSE mount read-write or read-only (-i: no mount.fuse helper for our subtype). */
+export function remount(mountpoint: string, mode: 'rw' | 'ro'): Promise<void> {
+  return new Promise((resolve, reject) => {
+    execFile('mount', ['-i', '-o', `remount,${mode}`, mountpoint], (err, _out, stderr) => {
+      if (err)
+        reject(
+          new BlkError(
+            'MOUNT_FAILED',
+            `remount ${mode} of '${mountpoint}' failed: ${stderr.trim() || err.message}`,
+          ),
+        );
+      else resolve();
+    });
+  });
+}

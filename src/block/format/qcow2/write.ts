@@ -11,6 +11,9 @@
  * copy-on-write), the data is written, and only then do the L2 entries point
  * at it. The old clusters' refcounts are dropped later, after the new entries
  * are on disk (metadata-cache.ts).
+ *
+ * Longer than our other files on purpose: the allocating write, copy-on-write
+ * and the order that keeps the image crash-safe read best as one piece.
  */
 import { BlkError, Errno } from '../../../errors.js';
 import {
