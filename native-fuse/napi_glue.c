@@ -9,6 +9,7 @@
 #include "blk_fs.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -131,43 +132,59 @@ static napi_value js_mount(napi_env env, napi_callback_info info) {
     napi_throw_error(env, "ENOMEM", "out of memory");
     return NULL;
   }
+  /* One way out for every failure below: undo what was done, in reverse. */
+  const char *code = NULL, *msg = NULL;
+  int mounted = 0;
   char *fuse_argv[] = {"blkexport", "-o", opts, NULL};
   struct fuse_args args = FUSE_ARGS_INIT(3, fuse_argv);
   fs->se = fuse_session_new(&args, &blk_ll_ops, sizeof(blk_ll_ops), fs);
   if (!fs->se) {
-    free(fs);
-    napi_throw_error(env, "EINVAL", "fuse_session_new failed (bad options?)");
-    return NULL;
+    code = "EINVAL";
+    msg = "fuse_session_new failed (bad options?)";
+    goto fail;
   }
   if (fuse_session_mount(fs->se, mnt) != 0) {
-    fuse_session_destroy(fs->se);
-    free(fs);
-    napi_throw_error(env, "EMOUNT", "fuse_session_mount failed");
-    return NULL;
+    code = "EMOUNT";
+    msg = "fuse_session_mount failed";
+    goto fail;
   }
+  mounted = 1;
   fs->mountpoint = strdup(mnt);
   napi_value name;
   napi_create_string_utf8(env, "blkexport-fuse3", NAPI_AUTO_LENGTH, &name);
   if (napi_create_threadsafe_function(env, argv[2], NULL, name, 0, 1, NULL, NULL, fs, call_js, &fs->tsfn) != napi_ok) {
-    fuse_session_unmount(fs->se);
-    fuse_session_destroy(fs->se);
-    free(fs->mountpoint);
-    free(fs);
-    napi_throw_error(env, NULL, "napi_create_threadsafe_function failed");
-    return NULL;
+    msg = "napi_create_threadsafe_function failed";
+    goto fail;
   }
-  if (pthread_create(&fs->thread, NULL, blk_loop_thread, fs) != 0) {
+  /*
+   * The loop thread and the worker threads libfuse starts from it take no
+   * signals: Node's handlers (libuv's, SIGCHLD among them) take a process-wide
+   * lock, and libfuse cancels its workers (pthread_cancel) when a session ends.
+   * A worker cancelled inside a handler would keep that lock forever, and the
+   * next child process or signal watcher of the agent would wait for it.
+   */
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old);
+  int started = pthread_create(&fs->thread, NULL, blk_loop_thread, fs);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (started != 0) {
     napi_release_threadsafe_function(fs->tsfn, napi_tsfn_abort);
-    fuse_session_unmount(fs->se);
-    fuse_session_destroy(fs->se);
-    free(fs->mountpoint);
-    free(fs);
-    napi_throw_error(env, NULL, "pthread_create failed");
-    return NULL;
+    msg = "pthread_create failed";
+    goto fail;
   }
   napi_value handle;
   NAPI_CALL(env, napi_create_external(env, fs, NULL, NULL, &handle));
   return handle;
+
+fail:
+  if (mounted) fuse_session_unmount(fs->se);
+  if (fs->se) fuse_session_destroy(fs->se);
+  free(fs->mountpoint);
+  fast_destroy(&fs->fast);
+  free(fs);
+  napi_throw_error(env, code, msg);
+  return NULL;
 }
 
 /* Reads `n` arguments into argv (missing ones are undefined); the first is a request, claimed for one answer. */

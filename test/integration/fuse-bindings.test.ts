@@ -4,7 +4,7 @@
  * always see the latest acknowledged writes, truncates and hole punches.
  */
 import assert from 'node:assert/strict';
-import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { describe, test } from 'node:test';
 import { cleanupMountsUnder } from '../helpers/mounts.js';
@@ -87,6 +87,32 @@ for (const binding of ['fuse3', 'fuse-native'] as const) {
     });
 
     if (binding === 'fuse3') {
+      test('the binding threads that read /dev/fuse take no signals (a cancelled one would keep libuv signal lock)', (t) => {
+        if (!needTools(t, 'qemu-img', '/dev/fuse')) return;
+        const dir = tempDir(t, 'blkexport-test-', cleanupMountsUnder);
+        const img = join(dir, 'disk.qcow2');
+        qemuImg('create', '-q', '-f', 'qcow2', img, '4M');
+        const pidfile = join(dir, 'pid');
+        assert.equal(blk(env, 'mount', img, '--daemonize', '--pidfile', pidfile).status, 0);
+        const pid = readFileSync(pidfile, 'utf8').trim();
+        const fuseThreads = readdirSync(`/proc/${pid}/task`).filter(
+          (tid) => readFileSync(`/proc/${pid}/task/${tid}/wchan`, 'utf8').trim() === 'fuse_dev_do_read',
+        );
+        assert.ok(fuseThreads.length > 0, 'threads waiting on /dev/fuse');
+        const SIGCHLD = 17n;
+        const SIGTERM = 15n;
+        for (const tid of fuseThreads) {
+          const status = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+          const blocked = BigInt(`0x${/^SigBlk:\s+([0-9a-f]+)$/m.exec(status)![1]}`);
+          for (const sig of [SIGCHLD, SIGTERM])
+            assert.ok(
+              blocked & (1n << (sig - 1n)),
+              `thread ${tid} blocks signal ${sig} (SigBlk ${blocked.toString(16)})`,
+            );
+        }
+        assert.equal(blk(env, 'umount', img).status, 0);
+      });
+
       test('lseek SEEK_DATA / SEEK_HOLE follow the block status; ENXIO past the end', (t) => {
         if (!needTools(t, 'qemu-img', 'qemu-io', '/dev/fuse', 'python3')) return;
         const dir = tempDir(t, 'blkexport-test-', cleanupMountsUnder);
