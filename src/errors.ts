@@ -22,6 +22,8 @@ export type BlkErrorCode =
   | 'BACKING_POLICY'
   | 'BACKING_CHAIN'
   | 'IO'
+  // the live state does not allow a step now (a node already open, a child not open): retried
+  | 'STATE'
   // exports and mounts
   | 'EXPORT_EXISTS'
   | 'EXPORT_INVALID'

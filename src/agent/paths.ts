@@ -7,6 +7,7 @@
 import { realpath } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { isInsideRoot } from '../block/path-policy.js';
+import { fuseMountOn, readMountTable } from '../export/mount-table.js';
 import { NodeGraph } from '../manifest/graph.js';
 import type { Desired } from '../reconcile/model.js';
 
@@ -21,6 +22,12 @@ async function resolveReal(path: string): Promise<string> {
       return path;
     }
   }
+}
+
+/** Why a canonical `path` (one the mount table names) is refused, or undefined inside one of `roots`. */
+function outsideRootsAsIs(path: string, roots: readonly string[]): string | undefined {
+  if (roots.some((r) => isInsideRoot(path, r))) return undefined;
+  return `${path} is outside the allowed roots (${roots.join(', ') || 'none'})`;
 }
 
 /** Why `path` is refused, or undefined when it lies inside one of `roots` (real paths). */
@@ -49,8 +56,17 @@ export async function refusedByRoots(desired: Desired, roots: readonly string[] 
   const paths = new Set<string>();
   for (const n of desired.nodes) if (n.options.filename !== undefined) paths.add(n.options.filename);
   for (const e of desired.exports) paths.add(e.options.mountpoint);
+  // A path a FUSE mount covers is never resolved here: realpath would ask the mount's server (for
+  // our own mounts, this process: many at once fill libuv's pool with requests that wait on the
+  // pool themselves). The mount table holds it canonical already, so the string is checked as is.
+  const table = await readMountTable();
   const verdicts = new Map(
-    await Promise.all([...paths].map(async (p) => [p, await outsideRoots(p, roots)] as const)),
+    await Promise.all(
+      [...paths].map(
+        async (p) =>
+          [p, fuseMountOn(table, p) ? outsideRootsAsIs(p, roots) : await outsideRoots(p, roots)] as const,
+      ),
+    ),
   );
   const badNodes = new Map<string, string>();
   for (const n of desired.nodes) {

@@ -49,7 +49,7 @@ export class BlockGraph {
   private async resolveChild(ref: string | NodeOptions, parentRO: boolean, chain: Chain): Promise<BlockNode> {
     if (typeof ref === 'string') {
       const n = this.byName.get(ref);
-      if (!n) throw new BlkError('IMAGE_INVALID', `no node called '${ref}' is open`);
+      if (!n) throw new BlkError('STATE', `no node called '${ref}' is open`);
       return n;
     }
     return this.open({ readOnly: parentRO, ...ref }, chain);
@@ -59,8 +59,7 @@ export class BlockGraph {
     if (this.closed) throw new BlkError('INTERNAL', 'the block graph is closed');
     const driver = findDriver(opts.driver);
     const nodeName = opts.nodeName ?? this.generatedName(opts.driver);
-    if (this.byName.has(nodeName))
-      throw new BlkError('IMAGE_INVALID', `node-name '${nodeName}' is already in use`);
+    if (this.byName.has(nodeName)) throw new BlkError('STATE', `node-name '${nodeName}' is already in use`);
     const readOnly = opts.readOnly ?? false;
 
     let file: BlockNode | undefined;
@@ -106,7 +105,7 @@ export class BlockGraph {
    */
   async reopenNode(name: string, opts: ReopenOptions): Promise<void> {
     const node = this.byName.get(name);
-    if (!node) throw new BlkError('IMAGE_INVALID', `no node called '${name}' is open`);
+    if (!node) throw new BlkError('STATE', `no node called '${name}' is open`);
     await reopenTogether([node], opts);
   }
 
@@ -117,9 +116,9 @@ export class BlockGraph {
    */
   async closeNode(name: string): Promise<void> {
     const node = this.byName.get(name);
-    if (!node) throw new BlkError('IMAGE_INVALID', `no node called '${name}' is open`);
+    if (!node) throw new BlkError('STATE', `no node called '${name}' is open`);
     const user = this.opened.find((n) => n !== node && n.children.includes(node));
-    if (user) throw new BlkError('IMAGE_INVALID', `node '${name}' is still used by node '${user.nodeName}'`);
+    if (user) throw new BlkError('STATE', `node '${name}' is still used by node '${user.nodeName}'`);
     const children = [...node.children];
     this.opened.splice(this.opened.indexOf(node), 1);
     this.byName.delete(name);

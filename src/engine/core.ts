@@ -204,7 +204,7 @@ export class StepEngine implements Engine {
 
   private async addNode(n: NodeOptions): Promise<void> {
     const name = n['node-name'];
-    if (this.node(name)) throw new BlkError('IMAGE_INVALID', `node '${name}' is already open`);
+    if (this.node(name)) throw new BlkError('STATE', `node '${name}' is already open`);
     const covering =
       n.driver === 'file' && n.filename !== undefined
         ? fuseMountOn(await readMountTable(), n.filename)
@@ -219,12 +219,12 @@ export class StepEngine implements Engine {
   private async reopenNode(n: NodeOptions): Promise<void> {
     const name = n['node-name'];
     const live = this.node(name);
-    if (!live) throw new BlkError('IMAGE_INVALID', `node '${name}' is not open`);
+    if (!live) throw new BlkError('STATE', `node '${name}' is not open`);
     if (!n['read-only'] && n.driver === 'auto' && live.resolved?.driver === 'raw') throw probedRaw(name);
     if (n['read-only']) {
       const writer = this.writersThrough(name)[0];
       if (writer !== undefined)
-        throw new BlkError('EXPORT_INVALID', `node '${name}' is used by writable export '${writer}'`);
+        throw new BlkError('STATE', `node '${name}' is used by writable export '${writer}'`);
     }
     await this.driver.reopenNode(n);
   }
@@ -253,7 +253,7 @@ export class StepEngine implements Engine {
 
   private async addExport(e: ExportOptions): Promise<void> {
     if (!this.node(e['node-name']))
-      throw new BlkError('EXPORT_INVALID', `export '${e.id}': node '${e['node-name']}' is not open`);
+      throw new BlkError('STATE', `export '${e.id}': node '${e['node-name']}' is not open`);
     if (this.exportRecord(e.id))
       throw new BlkError('EXPORT_EXISTS', `Block export id '${e.id}' is already in use`);
     if (e.writable) this.checkWritable(e);
@@ -275,7 +275,7 @@ export class StepEngine implements Engine {
 
   private async reopenExport(e: ExportOptions): Promise<void> {
     const live = this.exportRecord(e.id);
-    if (!live) throw new BlkError('EXPORT_INVALID', `export '${e.id}' is not live`);
+    if (!live) throw new BlkError('STATE', `export '${e.id}' is not live`);
     if (!this.driver.reopenExport)
       throw new BlkError(
         'INTERNAL',

@@ -61,7 +61,7 @@ export class ExportRegistry {
   /** Applies mutable options of a live export in place (the driver's reopen), then re-checks sharing. */
   async reopen<O extends ExportDriverOptions>(id: string, opts: O): Promise<void> {
     const exp = this.byId.get(id) as LiveExport<O> | undefined;
-    if (!exp) throw new BlkError('EXPORT_INVALID', `no export with id '${id}'`);
+    if (!exp) throw new BlkError('STATE', `no export with id '${id}'`);
     if (opts.writable && !exp.isWritable && exp.node.readOnly) {
       throw new BlkError(
         'EXPORT_INVALID',
@@ -75,7 +75,7 @@ export class ExportRegistry {
   /** Flushes and stops an export; the caller closes the nodes afterwards. */
   async remove(id: string): Promise<void> {
     const exp = this.byId.get(id);
-    if (!exp) throw new BlkError('EXPORT_INVALID', `no export with id '${id}'`);
+    if (!exp) throw new BlkError('STATE', `no export with id '${id}'`);
     try {
       await exp.stop();
     } finally {

@@ -4,7 +4,7 @@
  * allocation). Reopen swaps the fd through /proc/self/fd so it keeps reaching
  * the same file even when a FUSE mount now covers its name.
  */
-import { closeSync, constants, openSync, readlinkSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, readlinkSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { BlkError } from '../../errors.js';
 import { defineDriver, type OpenContext } from '../driver.js';
@@ -160,9 +160,10 @@ export const fileProtocol = defineDriver<FileState>({
       throw ioError(s, `truncate to ${size}`, e);
     }
   },
+  // Synchronous on purpose: a FUSE getattr of our own export asks for this, and it must not need a
+  // libuv pool thread (the pool may be full of requests waiting on that very getattr).
   async allocatedSize(s) {
-    const st = await fstatAsync(s.fd);
-    return st.blocks * 512;
+    return fstatSync(s.fd).blocks * 512;
   },
   capabilities: () => ({ discard: false }),
 });

@@ -25,7 +25,7 @@ export async function resolveNode(
   const base = { nodeName: name, readOnly: n['read-only'] };
   const file = (): string => {
     const c = n.file === undefined ? undefined : lookup(n.file);
-    if (!c) throw new BlkError('IMAGE_INVALID', `node '${name}': file '${n.file}' is not open`);
+    if (!c) throw new BlkError('STATE', `node '${name}': file '${n.file}' is not open`);
     return n.file!;
   };
   switch (n.driver) {

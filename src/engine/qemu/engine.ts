@@ -94,7 +94,7 @@ class QemuDriver implements EngineDriver {
       return {};
     }
     const child = n.file === undefined ? undefined : this.applied(n.file);
-    if (!child) throw new BlkError('IMAGE_INVALID', `node '${name}': file '${n.file}' is not open`);
+    if (!child) throw new BlkError('STATE', `node '${name}': file '${n.file}' is not open`);
     if (n.driver === 'partition') return this.partitionOf(n, child);
     const path = child.options.driver === 'file' ? child.options.filename : undefined;
     let driver: string = n.driver;
