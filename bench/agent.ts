@@ -170,7 +170,10 @@ export async function measureAgent(opts: AgentBenchOptions): Promise<AgentOutcom
     // Poll every 5 ms (waitUntil's 50 ms would be a large part of the figure).
     while (!((await isMounted(editMnt)) && (await readableFromChild(editMnt)))) {
       if (performance.now() - start > 10_000)
-        throw new BlkError('AGENT', `edit ${i} not readable within 10 s; the agent said: ${stderr.slice(-1500)}`);
+        throw new BlkError(
+          'AGENT',
+          `edit ${i} not readable within 10 s; the agent said: ${stderr.slice(-1500)}`,
+        );
       await sleep(5);
     }
     lat.push(performance.now() - start);
