@@ -1,41 +1,66 @@
 /*
- * blkexport's own FUSE binding on libfuse 3 (low-level API): a filesystem
- * whose root node is one regular file, mounted on a regular file. This header
- * holds what its parts share: the op codes, the request record and the
- * per-mount state.
+ * blkexport's own FUSE binding: a filesystem whose root node is one regular
+ * file, mounted on a regular file, served by our own request loop on the FUSE
+ * kernel protocol (<linux/fuse.h>). This header holds what its parts share:
+ * the op codes, the request record, the negotiated INIT and the per-mount state.
  *
- * Why: fuse-native links libfuse 2.9, which speaks FUSE protocol 7.19 — every
- * request is at most 128 KiB and there is no asynchronous direct I/O, so
- * queued reads arrive one at a time. libfuse 3 negotiates 1 MiB requests and
- * async DIO, and its low-level API lets a request be answered later, from
- * any thread.
+ * Why our own loop: a FUSE connection lives as long as any descriptor of its
+ * /dev/fuse session is open, so a successor process holding a dup can go on
+ * serving it. But the kernel sends INIT once, to the first server, and libfuse
+ * (3.14) cannot serve a connection whose INIT it did not answer, nor ask the
+ * kernel to requeue what a dead server had read (FUSE_NOTIFY_RESEND). And
+ * why not fuse-native: libfuse 2.9 speaks protocol 7.19 (128 KiB requests, no
+ * asynchronous direct I/O).
  *
- * How: libfuse worker threads turn each request into a small heap record and
- * queue it to the JavaScript thread (a threadsafe function) without waiting;
- * JavaScript does the block-layer work and answers through reply_*, which
- * send the reply and free the record. A read's buffer is allocated on the
- * libfuse side and lent to JavaScript as an external Buffer until the reply;
- * a write's data is copied out of libfuse's per-thread receive buffer (which
- * the thread reuses as soon as the handler returns).
+ * How:
+ *   - mount: libfuse mounts and nothing else (fuse_session_new +
+ *     fuse_session_mount: option parsing, mount(2) as root, fusermount3
+ *     otherwise); we keep a dup of the session's /dev/fuse descriptor and
+ *     destroy the session at once. adopt: a descriptor another process kept.
+ *   - Worker threads (fuse_loop.c) all read that one descriptor (no clone_fd:
+ *     a cloned descriptor's unanswered requests are aborted when it closes, a
+ *     shared one's stay for a successor), each into its own buffer of
+ *     max_write (or max_pages pages) + 4 KiB, and block every signal. They
+ *     answer INIT, lookup, statfs, release, unlink, destroy and fast-path
+ *     reads themselves (fuse3_ops.c, fast_map.c) and turn the rest into a
+ *     small heap record queued to the JavaScript thread (a threadsafe
+ *     function) without waiting; forget and interrupt get no answer.
+ *   - JavaScript does the block-layer work and answers through reply_*
+ *     (napi_requests.c), which write fuse_out_header + payload with writev and
+ *     free the record. A read's buffer is allocated here and lent to
+ *     JavaScript as an external Buffer until the reply; a write's data is
+ *     copied out of the worker's buffer, which the worker reuses at once.
+ *   - connection() gives a new dup of the descriptor and the INIT that was
+ *     negotiated; a successor's adopt() takes both, writes FUSE_NOTIFY_RESEND
+ *     (the kernel requeues every request the dead server had read but not
+ *     answered, marked FUSE_UNIQUE_RESEND) and serves without INIT.
+ *   - The loop ends when reading /dev/fuse says the connection is gone
+ *     (ENODEV: unmounted, or aborted); the last worker out queues OP_ENDED.
  *
  * The parts:
- *   fuse3_ops.c   libfuse's side: the low-level ops, the session loop thread,
- *                 queueing requests to JavaScript
- *   fast_map.c    the read fast path: reads served in libfuse's threads from
- *                 an extent map, without JavaScript (fast_map.h)
- *   napi_glue.c   JavaScript's side: mount, dispatching queued requests, the
- *                 reply and fast-path functions, the module's exports
+ *   fuse_abi.h       the protocol: <linux/fuse.h>, constants it lacks, what INIT answers
+ *   fuse_loop.c      the worker threads, sending replies, the resend notification
+ *   fuse3_ops.c      one request: INIT, the ops, queueing to JavaScript
+ *   fast_map.c       the read fast path: reads served in the workers from an
+ *                    extent map, without JavaScript (fast_map.h)
+ *   fuse_mount.c     mounting through libfuse (its only use)
+ *   napi_glue.c      JavaScript's side: mount, unref, the fast path, the module's exports
+ *   napi_handover.c  connection() and adopt(): the descriptor and the INIT, out and back in
+ *   napi_requests.c  JavaScript's side of a request: dispatch(op, req, ...) and the replies
  */
 #ifndef BLKEXPORT_BLK_FS_H
 #define BLKEXPORT_BLK_FS_H
 
 #include "fast_map.h"
+#include "fuse_abi.h"
+#include "fuse_mount.h"
 
-#include <fuse_lowlevel.h>
 #include <node_api.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
-#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/uio.h>
 
 /*
  * The op codes: the first argument of JavaScript's dispatch(op, req, ...).
@@ -53,37 +78,71 @@
   X(FSYNC, 7)      \
   X(FALLOCATE, 8)  \
   X(LSEEK, 9)      \
-  X(ENDED, 100) /* not a request: the session loop has ended */
+  X(ENDED, 100) /* not a request: the loop has ended */
 
 #define BLK_OP_ENUM(name, code) OP_##name = code,
 enum { BLK_OPS(BLK_OP_ENUM) };
 #undef BLK_OP_ENUM
 
+typedef struct blk_fs blk_fs;
+
+/* A request queued to JavaScript: answered exactly once by a reply_* function, then freed. */
 typedef struct {
-  fuse_req_t req;
+  blk_fs *fs;
+  uint64_t unique; /* echoed in the reply (FUSE_UNIQUE_RESEND included) */
   int op;
   uint64_t off;
   size_t size;
   char *buf;
-  int flags;       /* open flags, fallocate mode, setattr to_set */
-  struct stat attr; /* setattr */
+  int flags;                     /* open flags, fallocate mode, lseek whence, setattr valid */
+  uint32_t mode, uid, gid;       /* setattr */
+  uint64_t attr_size;            /* setattr */
   int answered;
 } blk_req;
 
+/* What INIT negotiated: enough for a successor to serve what the kernel agreed to. */
 typedef struct {
-  struct fuse_session *se;
+  uint32_t major, minor;       /* the protocol the connection speaks (the minor we answered) */
+  uint32_t kernel_minor;       /* what the kernel offered */
+  uint64_t kernel_flags;       /* flags | flags2 << 32, offered */
+  uint64_t flags;              /* flags | flags2 << 32, answered */
+  uint32_t max_write, max_readahead, time_gran;
+  uint16_t max_pages, max_background, congestion_threshold;
+  int resend; /* the kernel offered FUSE_HAS_RESEND */
+} blk_init;
+
+struct blk_fs {
+  int fd; /* the /dev/fuse descriptor; closed when the loop has ended */
+  size_t bufsize; /* each worker's read buffer */
+  blk_init init;  /* under lock */
+  atomic_int got_init;
+  atomic_uint minor; /* init.minor, read by the workers without the lock */
   fast_map fast;
   napi_threadsafe_function tsfn;
-  pthread_t thread;
-  char *mountpoint;
-  int loop_result;
-  int ended; /* the loop finished; the session is destroyed (fs itself stays allocated: JS may hold it) */
+  /* The worker pool, under lock. */
+  pthread_mutex_t lock;
+  int nthreads, idle, max_threads, max_idle;
+  int stopping, loop_errno;
+  /* The JavaScript thread's own. */
+  int ended; /* the loop finished and fd is closed (fs itself stays allocated: JS may hold it) */
   int unrefd;
-} blk_fs;
+};
 
-/* fuse3_ops.c: the session's ops (userdata: the blk_fs), and the thread that runs
- * its loop, queues OP_ENDED when it ends and releases the threadsafe function. */
-extern const struct fuse_lowlevel_ops blk_ll_ops;
-void *blk_loop_thread(void *fs);
+/* fuse_loop.c */
+blk_fs *blk_fs_new(void); /* defaults from the environment; NULL when out of memory */
+int blk_start(blk_fs *fs); /* starts the idle workers (all signals blocked); 0 or an errno */
+void blk_fs_ended(blk_fs *fs); /* on the JS thread, after OP_ENDED: closes fd, frees the fast map */
+int blk_send(blk_fs *fs, uint64_t unique, int error, struct iovec *iov, int n); /* iov[0] is ours */
+int blk_notify_resend(int fd); /* 0 or an errno (EINVAL: the kernel has no FUSE_NOTIFY_RESEND) */
+
+/* fuse3_ops.c */
+void blk_handle(blk_fs *fs, char *buf, size_t n); /* one request read into buf (the worker's) */
+void blk_reply_err(blk_req *r, int err);
+void blk_reply_attr(blk_req *r, uint32_t mode, uint32_t uid, uint32_t gid, uint64_t size, uint64_t blocks,
+                    double timeout);
+void blk_reply_open(blk_req *r, int direct_io, int keep_cache);
+void blk_reply_data(blk_req *r, size_t n);
+void blk_reply_write(blk_req *r, size_t n);
+void blk_reply_lseek(blk_req *r, uint64_t off);
 
 #endif

@@ -1,8 +1,8 @@
 /*
  * The read fast path. JavaScript installs what the block layer's caches know
  * about where guest bytes live (host fd + offset, or zeroes) per 64 KiB
- * granule; a read whose granules are all known is served here, in the libfuse
- * worker thread, with preads: no trip to JavaScript. Every write, truncate or
+ * granule; a read whose granules are all known is served here, in the worker
+ * thread that read the request, with preads: no trip to JavaScript. Every write, truncate or
  * fallocate goes through JavaScript, which invalidates the range before and
  * after it (a generation counter drops installs computed meanwhile). Host fds
  * are dup()ed on first use and kept until the mount ends, so a node reopening
@@ -24,6 +24,9 @@
 #define SLOT_EMPTY (-2)
 #define SLOT_TOMB (-3)
 #define SLOT_ZERO (-1)
+/* Until JavaScript gives a size (fastInvalidate), every read goes to JavaScript: a successor's workers
+ * serve requeued reads before its JavaScript has said anything. */
+#define FSIZE_UNKNOWN UINT64_MAX
 
 struct map_entry {
   uint64_t key;
@@ -52,6 +55,7 @@ int fast_init(fast_map *m) {
   if (!m->table) return -1;
   fast_clear(m);
   m->enabled = 1;
+  m->fsize = FSIZE_UNKNOWN;
   return 0;
 }
 
@@ -140,7 +144,7 @@ void fast_destroy(fast_map *m) {
   pthread_rwlock_destroy(&m->lock);
 }
 
-/* ---- libfuse worker threads' side: serving a read ------------------------------ */
+/* ---- the worker threads' side: serving a read ----------------------------------- */
 
 typedef struct {
   int32_t slot;
@@ -149,8 +153,8 @@ typedef struct {
   size_t at;
 } seg;
 
-/* Serves a read from the fast map; returns 0 when it answered, -1 to let JavaScript serve it. */
-int fast_read(fast_map *m, fuse_req_t req, size_t size, uint64_t off) {
+/* Reads from the fast map into out (which holds size bytes): the byte count, or -1 to let JavaScript serve it. */
+ssize_t fast_read(fast_map *m, char *out, size_t size, uint64_t off) {
   seg segs[32];
   int nseg = 0;
   size_t n = 0;
@@ -160,9 +164,12 @@ int fast_read(fast_map *m, fuse_req_t req, size_t size, uint64_t off) {
     pthread_rwlock_unlock(&m->lock);
     return -1;
   }
+  if (m->fsize == FSIZE_UNKNOWN) { /* no size from JavaScript yet: nothing bounds a read */
+    pthread_rwlock_unlock(&m->lock);
+    return -1;
+  }
   if (off >= m->fsize) {
     pthread_rwlock_unlock(&m->lock);
-    fuse_reply_buf(req, NULL, 0);
     return 0;
   }
   n = size;
@@ -188,8 +195,7 @@ int fast_read(fast_map *m, fuse_req_t req, size_t size, uint64_t off) {
   for (int i = 0; i < nseg; i++) fds[i] = segs[i].slot >= 0 ? m->fds[segs[i].slot] : -1;
   pthread_rwlock_unlock(&m->lock);
 
-  char *buf = malloc(n ? n : 1);
-  if (!buf) return -1;
+  char *buf = out;
   for (int i = 0; i < nseg; i++) {
     if (segs[i].slot == SLOT_ZERO) {
       memset(buf + segs[i].at, 0, segs[i].len);
@@ -199,10 +205,7 @@ int fast_read(fast_map *m, fuse_req_t req, size_t size, uint64_t off) {
     while (done < segs[i].len) {
       ssize_t r = pread(fds[i], buf + segs[i].at + done, segs[i].len - done, (off_t)(segs[i].host + done));
       if (r < 0 && errno == EINTR) continue;
-      if (r < 0) {
-        free(buf);
-        return -1; /* let JavaScript serve it (and report the error) */
-      }
+      if (r < 0) return -1; /* let JavaScript serve it (and report the error) */
       if (r == 0) { /* past the end of the host file: zeroes, as the file driver reads them */
         memset(buf + segs[i].at + done, 0, segs[i].len - done);
         break;
@@ -210,11 +213,9 @@ int fast_read(fast_map *m, fuse_req_t req, size_t size, uint64_t off) {
       done += (size_t)r;
     }
   }
-  fuse_reply_buf(req, buf, n);
-  free(buf);
   atomic_fetch_add(&m->reads, 1);
   atomic_fetch_add(&m->bytes, n);
-  return 0;
+  return (ssize_t)n;
 }
 
 /* ---- the JavaScript thread's side: generation, invalidation, installs ---------- */

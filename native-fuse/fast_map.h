@@ -1,24 +1,25 @@
 /*
  * The read fast path's extent map: what the block layer's caches know about
  * where guest bytes live, per 64 KiB granule, so a read can be answered in the
- * libfuse worker thread with preads instead of a trip to JavaScript.
+ * worker thread that read the request, with preads instead of a trip to
+ * JavaScript.
  *
  * Kept apart from the rest of the binding because it is the one part with its
- * own locking (a rwlock taken by libfuse threads and by the JavaScript thread)
+ * own locking (a rwlock taken by the worker threads and by the JavaScript thread)
  * and its own invariants (the generation counter and invalidation ring); the
  * N-API functions in napi_glue.c only unpack their arguments and call these.
  *
- * Feature macros (_GNU_SOURCE, FUSE_USE_VERSION, _FILE_OFFSET_BITS) come from
- * binding.gyp's cflags, so that they precede every system header.
+ * Feature macros (_GNU_SOURCE, _FILE_OFFSET_BITS, and FUSE_USE_VERSION for
+ * fuse_mount.c) come from binding.gyp's cflags, so that they precede every
+ * system header.
  */
 #ifndef BLKEXPORT_FAST_MAP_H
 #define BLKEXPORT_FAST_MAP_H
 
-#ifndef FUSE_USE_VERSION
+#if !defined(FUSE_USE_VERSION) || !defined(_GNU_SOURCE)
 #error "build through binding.gyp: it sets FUSE_USE_VERSION and _GNU_SOURCE"
 #endif
 
-#include <fuse_lowlevel.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -57,11 +58,12 @@ typedef struct {
 
 /* 0, or -1 when out of memory. The map starts enabled and empty. */
 int fast_init(fast_map *m);
-/* Closes the dup()ed host fds and frees the table; only once no libfuse thread is left. */
+/* Closes the dup()ed host fds and frees the table; only once no worker thread is left. */
 void fast_destroy(fast_map *m);
 
-/* Serves a read from the map; returns 0 when it answered `req`, -1 to let JavaScript serve it. */
-int fast_read(fast_map *m, fuse_req_t req, size_t size, uint64_t off);
+/* Reads [off, off+size) into out from the map: the byte count (short at the size bound, 0 past it),
+ * or -1 to let JavaScript serve the read. */
+ssize_t fast_read(fast_map *m, char *out, size_t size, uint64_t off);
 
 /* The JavaScript thread's calls; each takes the lock itself. Numbers arrive as
  * JavaScript doubles and are converted here. */
