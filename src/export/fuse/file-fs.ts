@@ -74,6 +74,32 @@ export interface FastPath {
   stats(): { reads: number; bytes: number };
 }
 
+/**
+ * What the kernel and the server agreed at FUSE INIT (fuse_init_in/out in
+ * <linux/fuse.h>): a successor serving the same connection needs it, since
+ * the kernel sends INIT only once. Plain numbers, so it travels as JSON.
+ */
+export interface FuseInit {
+  /** The protocol the connection speaks: 7, and the minor the server answered. */
+  major: number;
+  minor: number;
+  /** What the kernel offered: its minor, its flags (low 32 bits) and flags2 (high 32 bits). */
+  kernelMinor: number;
+  kernelFlags: number;
+  kernelFlags2: number;
+  /** What the server answered: flags and flags2 (FUSE_ASYNC_READ, FUSE_MAX_PAGES, ...). */
+  flags: number;
+  flags2: number;
+  maxWrite: number;
+  maxReadahead: number;
+  maxPages: number;
+  maxBackground: number;
+  congestionThreshold: number;
+  timeGran: number;
+  /** The kernel offered FUSE_HAS_RESEND (Linux 6.9+): a successor can have the dead server's requests resent. */
+  resend: boolean;
+}
+
 /** A mounted single-file filesystem. */
 export interface FileFsMount {
   readonly mountpoint: string;
@@ -83,6 +109,13 @@ export interface FileFsMount {
   ended?: Promise<void>;
   /** The native read fast path (libfuse 3 binding only). */
   fast?: FastPath;
+  /**
+   * The connection, for a successor to serve (libfuse 3 binding only): a new
+   * dup of the /dev/fuse descriptor, which the caller owns and closes, and the
+   * negotiated INIT. Throws (code STATE) until the kernel's INIT is answered
+   * and after the connection has ended.
+   */
+  connection?(): { fd: number; init: FuseInit };
 }
 
 /** The negative errno a thrown value answers with (EIO unless it carries one). */

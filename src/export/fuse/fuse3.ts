@@ -1,9 +1,11 @@
 /**
- * Our own FUSE binding on libfuse 3 (native-fuse/, its parts listed in
- * blk_fs.h): 1 MiB requests, asynchronous direct I/O, fallocate, and requests
- * answered from JavaScript whenever they are done, never holding a libfuse
- * thread. The addon is built at install from Debian's libfuse3-dev; without
- * it, mount.ts falls back to fuse-native.
+ * Our own FUSE binding (native-fuse/, its parts listed in blk_fs.h): its own
+ * request loop on the kernel protocol, libfuse 3 for mounting only. 1 MiB
+ * requests, asynchronous direct I/O, fallocate, requests answered from
+ * JavaScript whenever they are done, never holding a thread; and a connection
+ * can be handed to a successor process (connection() / adoptFileFsFuse3). The
+ * addon is built at install from Debian's libfuse3-dev; without it, mount.ts
+ * falls back to fuse-native.
  */
 import { createRequire } from 'node:module';
 import type { HostExtent } from '../../block/types.js';
@@ -12,6 +14,7 @@ import {
   type FastPath,
   type FileFsMount,
   type FileFsOps,
+  type FuseInit,
   lazyUnmount,
   type MountOptions,
   toErrno,
@@ -37,23 +40,25 @@ type OpName = (typeof OP_NAMES)[number];
 type OpCodes = Readonly<Record<OpName, number>>;
 
 type ReqHandle = object;
+/** dispatch(op, req, a, b, c, d, e, buf): one request from the binding (see napi_requests.c for the arguments). */
+type Dispatch = (
+  op: number,
+  req: ReqHandle,
+  a: number,
+  b: number,
+  c: number,
+  d: number,
+  e: number,
+  buf?: Buffer,
+) => void;
 interface Fuse3Addon {
   /** The op codes, frozen: { GETATTR: 1, ... }. */
   readonly ops: OpCodes;
-  mount(
-    mountpoint: string,
-    options: string,
-    dispatch: (
-      op: number,
-      req: ReqHandle,
-      a: number,
-      b: number,
-      c: number,
-      d: number,
-      e: number,
-      buf?: Buffer,
-    ) => void,
-  ): object;
+  mount(mountpoint: string, options: string, dispatch: Dispatch): object;
+  /** Serves a connection another process negotiated; takes fd over when it returns. */
+  adopt(fd: number, init: FuseInit, dispatch: Dispatch, options: { resend: boolean }): object;
+  /** A new dup of the /dev/fuse descriptor (the caller's) and the negotiated INIT. */
+  connection(handle: object): { fd: number; init: FuseInit };
   replyErr(req: ReqHandle, errno: number): void;
   replyAttr(
     req: ReqHandle,
@@ -138,6 +143,60 @@ export function mountFileFsFuse3(
   const a = loadFuse3();
   if (!a)
     return Promise.reject(new BlkError('MOUNT_FAILED', `the libfuse 3 binding is not built: ${loadError}`));
+  return serve(a, mountpoint, ops, (dispatch) => {
+    try {
+      return a.mount(mountpoint, optionString(options), dispatch);
+    } catch (e) {
+      throw new BlkError('MOUNT_FAILED', `FUSE mount on '${mountpoint}' failed (${(e as Error).message})`);
+    }
+  });
+}
+
+export interface AdoptOptions {
+  /** Where the connection is mounted (for unmount()). */
+  mountpoint: string;
+  /**
+   * Ask the kernel first to resend every request the previous server read but
+   * never answered (FUSE_NOTIFY_RESEND; needs init.resend). Only once that
+   * server is gone: what it still reads afterwards is lost.
+   */
+  resend: boolean;
+}
+
+/**
+ * Serves `ops` on a connection another process mounted and negotiated: `fd` is
+ * a /dev/fuse descriptor that process kept (a `connection()` dup), `init` what
+ * its `connection()` said. Takes `fd` over once it resolves; when it rejects,
+ * `fd` is still the caller's. No INIT comes: the kernel sent it to the first server.
+ */
+export function adoptFileFsFuse3(
+  fd: number,
+  init: FuseInit,
+  ops: FileFsOps,
+  options: AdoptOptions,
+): Promise<FileFsMount> {
+  const a = loadFuse3();
+  if (!a)
+    return Promise.reject(new BlkError('MOUNT_FAILED', `the libfuse 3 binding is not built: ${loadError}`));
+  return serve(a, options.mountpoint, ops, (dispatch) => {
+    try {
+      return a.adopt(fd, init, dispatch, { resend: options.resend });
+    } catch (e) {
+      throw new BlkError(
+        'MOUNT_FAILED',
+        `adopting the FUSE connection of '${options.mountpoint}' (fd ${fd}) failed (${(e as Error).message})`,
+      );
+    }
+  });
+}
+
+/** Starts serving `ops` (start() mounts or adopts, with our dispatch) and wraps the handle as a FileFsMount. */
+function serve(
+  a: Fuse3Addon,
+  mountpoint: string,
+  ops: FileFsOps,
+  start: (dispatch: Dispatch) => object,
+): Promise<FileFsMount> {
   const OP = a.ops; // checked when the addon loaded; dispatch() compares against it
   let ended: () => void = () => undefined;
   const endedP = new Promise<void>((resolve) => {
@@ -167,16 +226,7 @@ export function mountFileFsFuse3(
     if (toSet & SET.SIZE) await ops.truncate(size);
   };
 
-  const dispatch = (
-    op: number,
-    req: ReqHandle,
-    x: number,
-    y: number,
-    z: number,
-    w: number,
-    v: number,
-    buf?: Buffer,
-  ) => {
+  const dispatch: Dispatch = (op, req, x, y, z, w, v, buf) => {
     try {
       switch (op) {
         case OP.READ:
@@ -233,16 +283,13 @@ export function mountFileFsFuse3(
     }
   };
 
-  let handle: object;
+  let h: object;
   try {
-    handle = a.mount(mountpoint, optionString(options), dispatch);
+    h = start(dispatch);
   } catch (e) {
-    return Promise.reject(
-      new BlkError('MOUNT_FAILED', `FUSE mount on '${mountpoint}' failed (${(e as Error).message})`),
-    );
+    return Promise.reject(e);
   }
   let unmounted = false;
-  const h = handle;
   const fast: FastPath = {
     gen: () => a.fastGen(h),
     install(gen, offset, extents: readonly HostExtent[]) {
@@ -265,12 +312,22 @@ export function mountFileFsFuse3(
     mountpoint,
     ended: endedP,
     fast,
+    connection() {
+      try {
+        return a.connection(h);
+      } catch (e) {
+        throw new BlkError(
+          'STATE',
+          `no FUSE connection to hand over on '${mountpoint}': ${(e as Error).message}`,
+        );
+      }
+    },
     async unmount() {
       if (unmounted) return;
       await lazyUnmount(mountpoint);
       unmounted = true;
       // Descriptors still open keep the connection (and our loop) alive; do not keep the process alive for them.
-      a.unref(handle);
+      a.unref(h);
     },
   });
 }
