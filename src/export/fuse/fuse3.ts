@@ -98,6 +98,13 @@ export function loadFuse3(): Fuse3Addon | null {
           'INTERNAL',
           `${ADDON_PATH} has no op code for ${missing.join(', ')} (rebuild it: npm run build:native)`,
         );
+      // A build from before the binding had its own loop lacks these.
+      const lacking = (['adopt', 'connection'] as const).filter((f) => typeof a[f] !== 'function');
+      if (lacking.length > 0)
+        throw new BlkError(
+          'INTERNAL',
+          `${ADDON_PATH} has no ${lacking.join(', ')} (rebuild it: npm run build:native)`,
+        );
       addon = a as Fuse3Addon;
     } catch (e) {
       addon = null;
