@@ -8,10 +8,11 @@
  * the references (leaks, or everything) and fixes COPIED, through the
  * ordered write-back. The same repair rebuilds a dirty lazy-refcount image.
  */
+
+import { writeBack } from './commit.js';
 import { readL1Entry, readL2Entry, writeL1Entry, writeL2Entry } from './entries.js';
 import { INCOMPAT_CORRUPT } from './header.js';
 import { writeIncompatible } from './header-write.js';
-import { writeBack } from './metadata-cache.js';
 import type { Qcow2State } from './state.js';
 import { markL2Dirty } from './write.js';
 

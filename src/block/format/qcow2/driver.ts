@@ -14,6 +14,7 @@ import { confinement, resolveImplicitFile } from '../../path-policy.js';
 import type { BlockExtent, BlockNode, ImageInfo } from '../../types.js';
 import { openBacking } from './backing.js';
 import { readBitmaps } from './bitmaps.js';
+import { writeBack } from './commit.js';
 import { parseExtensions } from './extensions.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW,
@@ -30,7 +31,6 @@ import { markCorrupt, setDirtyBit } from './header-write.js';
 import { registerQcow2Node } from './inspect.js';
 import { mapHostCached } from './map-host.js';
 import { COMPRESSED, DATA, type MappedExtent, mapRange, UNALLOCATED, ZERO } from './mapping.js';
-import { writeBack } from './metadata-cache.js';
 import { readGuest } from './read.js';
 import { Refcounts } from './refcount.js';
 import { resizeImage } from './resize.js';
@@ -38,7 +38,7 @@ import { readSnapshots } from './snapshots.js';
 import type { Qcow2State, WriteState } from './state.js';
 import { TableCache } from './table-cache.js';
 import { prepareWritable, refuseWriting } from './writable.js';
-import { writeGuest } from './write.js';
+import { exclusiveQuiet, writeGuest } from './write.js';
 import { discardGuest, writeZeroesGuest } from './zero.js';
 
 /** Decompressed clusters kept (bytes), at least two clusters. */
@@ -253,6 +253,13 @@ async function modifying(s: Qcow2State, fn: () => Promise<void>): Promise<void> 
 /** Writes everything back and, with lazy refcounts, clears the dirty bit: the image is clean on disk. */
 async function settle(s: Qcow2State): Promise<void> {
   if (!s.w || s.readOnly) return;
+  // Clusters counted ahead for allocation are given back: a clean image has no leaks.
+  await exclusiveQuiet(s);
+  try {
+    await s.refcounts.releasePool();
+  } finally {
+    s.w.lock.releaseExclusive();
+  }
   await writeBack(s);
   if ((s.header.incompatible & INCOMPAT_DIRTY) !== 0n && !s.corrupt) await setDirtyBit(s, false);
 }

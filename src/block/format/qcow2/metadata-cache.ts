@@ -1,229 +1,211 @@
 /**
- * Metadata write-back with dependency ordering.
+ * The ordered metadata write-back (commit.ts queues it: commits before a
+ * write resolves, flushes). Writers change refcount blocks, the refcount
+ * table, L2 tables and the L1 table in memory (dirty, pinned in their
+ * caches); a write-back puts them in the file. A commit pwrites every change
+ * with the syncs the order below needs, no final sync and no refcount
+ * decrements; a flush then syncs, applies the queued decrements and syncs.
  *
- * Writers change refcount blocks, the refcount table, L2 tables and the L1
- * table in memory only (dirty, pinned in their caches); a flush, an eviction
- * bound or a close writes them back. The invariant kept at every instant is
- * "on-disk refcounts ≥ on-disk references" (docs/qcow2.md), so a crash can
- * only leak clusters:
+ * The invariant kept at every instant for what can reach the disk is "on-disk
+ * refcounts ≥ on-disk references" (docs/qcow2.md), so a crash can only leak
+ * clusters. The kernel may write back any pwritten page at any moment, so a
+ * write that depends on an earlier one is issued only after a sync covers
+ * that earlier one:
  *
- *   0. snapshot every dirty table at one instant (exclusive lock): the
- *      snapshot is consistent because in memory a cluster is counted before
- *      any entry points at it, and a dropped reference only queues its
+ *   0. snapshot the dirty pages at one instant, with no other writer half-way
+ *      through a change (a flush also waits for readers: it takes
+ *      decrements): consistent, because in memory a cluster is counted
+ *      before any entry points at it and a dropped reference only queues its
  *      decrement;
- *   1. refcount blocks (increments; new blocks) → sync;
- *   2. refcount table entries naming new blocks (or a whole moved table, then
- *      the header switch) → sync;
- *   3. L2 tables (new ones before the L1 entries naming them) → sync;
- *   4. L1 entries (or a whole moved L1, then the header switch) and the
- *      virtual size → sync;
- *   5. only now apply the queued decrements and write those blocks → sync.
+ *   1. refcount blocks (increments; new blocks), the dirty pages only;
+ *   2. refcount table entries naming new blocks (sync first), or a whole
+ *      moved table (sync, table, sync, header switch);
+ *   3. L2 tables, the dirty pages only, after a sync when a cluster handed
+ *      out so far is not durably counted yet (AllocationPool needed/durable)
+ *      or when data an entry must not precede (copy-on-write, fill, a reused
+ *      cluster, backing data: write.ts writeData) is not synced yet;
+ *   4. L1 entries naming new tables, after a sync covering those tables when
+ *      they are copies or in reused clusters (a fresh cluster reads as an
+ *      empty table), or a whole moved L1 (sync, header switch); the size;
+ *   5. flush only: sync; then the queued decrements and the blocks they
+ *      changed → sync.
  *
- * Data writes are never synced on their own: the first sync of a flush makes
- * every data write that completed before it durable, before any entry that
- * points at new data reaches the disk. A phase with nothing to write costs
- * no sync. With lazy refcounts the dirty bit (set and synced before the
- * first table write) stands in for the ordering, and only the last sync runs.
+ * Allocation hands out clusters counted ahead (pool.ts), so a commit usually
+ * writes counted-ahead refcount pages without waiting and starts a sync in
+ * the background; a commit on a fresh image is then L2 (and L1) pwrites and
+ * no sync. A phase with nothing to write costs nothing. With lazy refcounts
+ * the dirty bit (set and synced before the first table write) stands in for
+ * the refcount ordering: a commit writes only L2 and L1 (refcount blocks
+ * wait for the flush).
  */
+import { BlkError, Errno } from '../../../errors.js';
+import { requeue, type Snapshot, takeBlocks, takeSnapshot } from './dirty-pages.js';
 import { INCOMPAT_DIRTY } from './header.js';
 import { setDirtyBit, writeL1Header, writeRefcountTableHeader, writeSizeHeader } from './header-write.js';
 import type { Qcow2State } from './state.js';
-
-interface Snapshot {
-  blocks: [number, Buffer][];
-  entries: [number, Buffer][];
-  table: { offset: number; clusters: number; buf: Buffer } | undefined;
-  l2: [number, Buffer][];
-  l1: [number, Buffer][];
-  l1Moved: { offset: number; size: number; buf: Buffer } | undefined;
-  size: number | undefined;
-  frees: number[];
-}
-
-/** Writes every dirty table back in dependency order and syncs (a flush). */
-export async function writeBack(s: Qcow2State): Promise<void> {
-  const w = s.w;
-  if (!w) {
-    await s.file.flush();
-    return;
-  }
-  const prev = w.chain;
-  let release!: () => void;
-  w.chain = new Promise((r) => {
-    release = r;
-  });
-  try {
-    await prev;
-    await writeBackOnce(s);
-  } finally {
-    release();
-  }
-}
-
-function takeBlocks(s: Qcow2State): [number, Buffer][] {
-  const refs = s.refcounts;
-  const out: [number, Buffer][] = [];
-  for (const ti of refs.dirtyBlocks) out.push([refs.blockOffset(ti), Buffer.from(refs.blocks.get(ti)!)]);
-  refs.dirtyBlocks.clear();
-  return out;
-}
-
-function snapshot(s: Qcow2State): Snapshot {
-  const w = s.w!;
-  const refs = s.refcounts;
-  const h = s.header;
-  const blocks = takeBlocks(s);
-  let table: Snapshot['table'];
-  const entries: [number, Buffer][] = [];
-  if (refs.tableOffset !== refs.diskTable.offset) {
-    table = { offset: refs.tableOffset, clusters: refs.tableClusters, buf: Buffer.from(refs.table) };
-  } else {
-    for (const ti of refs.dirtyEntries)
-      entries.push([ti, Buffer.from(refs.table.subarray(ti * 8, ti * 8 + 8))]);
-  }
-  refs.dirtyEntries.clear();
-  const l2: [number, Buffer][] = [];
-  for (const off of w.dirtyL2) {
-    const t = s.l2Cache.peek(off);
-    if (t !== undefined) l2.push([off, Buffer.from(t)]);
-  }
-  w.dirtyL2.clear();
-  w.dirtyBytes = 0;
-  let l1Moved: Snapshot['l1Moved'];
-  const l1: [number, Buffer][] = [];
-  if (h.l1TableOffset !== w.diskL1.offset || h.l1Size !== w.diskL1.size) {
-    l1Moved = { offset: h.l1TableOffset, size: h.l1Size, buf: Buffer.from(s.l1.subarray(0, h.l1Size * 8)) };
-  } else {
-    // Whole 512-byte sectors of the L1 table, each written once.
-    const sectors = new Set<number>();
-    for (const i of w.dirtyL1) sectors.add(Math.floor(i / 64));
-    for (const sec of sectors) {
-      const from = sec * 512;
-      const to = Math.min(from + 512, h.l1Size * 8);
-      l1.push([h.l1TableOffset + from, Buffer.from(s.l1.subarray(from, to))]);
-    }
-  }
-  w.dirtyL1.clear();
-  const frees = refs.deferred;
-  refs.deferred = [];
-  return { blocks, entries, table, l2, l1, l1Moved, size: h.size !== w.diskSize ? h.size : undefined, frees };
-}
 
 async function writeAll(s: Qcow2State, list: [number, Buffer][]): Promise<void> {
   const r = await Promise.allSettled(list.map(([off, buf]) => s.file.write(off, buf)));
   for (const x of r) if (x.status === 'rejected') throw x.reason;
 }
 
-// biome-ignore lint/complexity/noExcessiveCognitiveComplexity: on-disk format code: the checks and steps follow the format's structure in order, one place; splitting would scatter them
-async function writeBackOnce(s: Qcow2State): Promise<void> {
+/** One write-back: a flush (`full`) or a commit. */
+export async function writeBackOnce(s: Qcow2State, full: boolean): Promise<void> {
   const w = s.w!;
-  const refs = s.refcounts;
-  const h = s.header;
-  await w.lock.exclusive();
+  if (!full && s.corrupt) {
+    // Nothing more goes into an image found corrupt; the writes waiting here fail.
+    throw new BlkError(
+      'IMAGE_CORRUPT',
+      'the image was found corrupt: its metadata is not written again',
+      { file: s.path, field: 'incompatible_features' },
+      { errno: Errno.EIO },
+    );
+  }
+  if (full && w.background !== undefined) await w.background;
+  // A flush takes decrements: no reader may still use a mapping they drop (rwlock.ts).
+  await (full ? w.lock.exclusive() : w.lock.writersOnly());
   let snap: Snapshot;
   try {
-    snap = snapshot(s);
+    snap = takeSnapshot(s, full);
   } finally {
     w.lock.releaseExclusive();
   }
-  const tablesToWrite = snap.l2.length + snap.l1.length > 0 || snap.l1Moved !== undefined;
-  if (w.lazy && tablesToWrite && (h.incompatible & INCOMPAT_DIRTY) === 0n) await setDirtyBit(s, true);
-  // With lazy refcounts the dirty bit covers every ordering: one sync at the end.
-  const order = w.lazy ? async () => {} : () => s.file.flush();
-  let unsynced = false;
-  const phase = async (work: () => Promise<void>) => {
-    if (unsynced) await order();
-    await work();
-    unsynced = true;
-  };
   try {
-    if (snap.blocks.length > 0) await phase(() => writeAll(s, snap.blocks));
-    if (snap.entries.length > 0) {
-      await phase(() =>
-        writeAll(
-          s,
-          snap.entries.map(([ti, b]) => [refs.diskTable.offset + ti * 8, b]),
-        ),
-      );
-    }
-    if (snap.table) {
-      const t = snap.table;
-      await phase(() => s.file.write(t.offset, t.buf));
-      await s.file.flush();
-      await writeRefcountTableHeader(s, t.offset, t.clusters);
-      refs.diskTable = { offset: t.offset, clusters: t.clusters };
-      for (const m of s.metadata) {
-        if (m[0] === 'refcount table') {
-          m[1] = t.offset;
-          m[2] = t.offset + t.clusters * h.clusterSize;
-        }
-      }
-      unsynced = false;
-    }
-    if (snap.l2.length > 0) await phase(() => writeAll(s, snap.l2));
-    if (snap.l1Moved) {
-      const m = snap.l1Moved;
-      await phase(() => s.file.write(m.offset, m.buf));
-      await s.file.flush();
-      await writeL1Header(s, m.offset, m.size);
-      w.diskL1 = { offset: m.offset, size: m.size };
-      const l1Area = s.metadata.find((x) => x[0] === 'L1 table');
-      const l1End = m.offset + Math.ceil((m.size * 8) / h.clusterSize) * h.clusterSize;
-      if (l1Area) {
-        l1Area[1] = m.offset;
-        l1Area[2] = l1End;
-      } else {
-        s.metadata.push(['L1 table', m.offset, l1End]);
-      }
-      unsynced = false;
-    } else if (snap.l1.length > 0) {
-      await phase(() => writeAll(s, snap.l1));
-    }
-    if (snap.size !== undefined) {
-      if (unsynced) await s.file.flush();
-      await writeSizeHeader(s, snap.size);
-      w.diskSize = snap.size;
-      unsynced = false;
-    }
-    await s.file.flush();
-    unsynced = false;
+    await writeSnapshot(s, snap);
   } catch (e) {
-    // Nothing was lost in memory except the dirty marks: put them back so a later flush retries.
+    // Nothing was lost in memory except the dirty marks: put them back so a later write-back retries.
     requeue(s, snap);
     throw e;
   } finally {
-    for (const [off] of snap.l2) if (!w.dirtyL2.has(off)) s.l2Cache.unpin(off);
+    w.writingL2 = new Map();
+    w.writingL1 = new Set();
+    for (const off of snap.l2Entries.keys()) if (!w.dirtyL2.has(off)) s.l2Cache.unpin(off);
   }
-
-  // Every reference that was dropped is gone on disk now: lower the refcounts.
-  if (snap.frees.length > 0) {
-    const cs = h.clusterSize;
-    for (const c of snap.frees) {
-      const v = await refs.adjust(c, -1);
-      if (v === 0) {
-        w.meta.delete(c);
-        s.l2Cache.drop(c * cs);
-      }
-    }
-    await writeAll(s, takeBlocks(s));
-    await s.file.flush();
+  if (snap.frees.length > 0) await applyFrees(s, snap.frees);
+  // Counted-ahead refcounts written but not synced: sync them in the background, nobody waits.
+  if (!full && !w.lazy && !s.refcounts.pool.isDurable(w.refsSnapshot) && w.background === undefined) {
+    w.background = sync(s)
+      .catch(() => undefined)
+      .finally(() => {
+        w.background = undefined;
+      });
   }
 }
 
-function requeue(s: Qcow2State, snap: Snapshot): void {
+/** Syncs the file; everything written before the call is then covered. */
+async function sync(s: Qcow2State): Promise<void> {
+  const w = s.w!;
+  const g = w.gen;
+  const n = w.refsSnapshot;
+  await s.file.flush();
+  if (g > w.synced) w.synced = g;
+  s.refcounts.pool.synced(n);
+}
+
+/** Writes a snapshot in dependency order (the phases in the comment at the top). */
+// biome-ignore lint/complexity/noExcessiveCognitiveComplexity: on-disk format code: the checks and steps follow the format's structure in order, one place; splitting would scatter them
+async function writeSnapshot(s: Qcow2State, snap: Snapshot): Promise<void> {
   const w = s.w!;
   const refs = s.refcounts;
-  for (const [off] of snap.blocks) {
-    for (let ti = 0; ti < refs.entries; ti++) if (refs.blockOffset(ti) === off) refs.dirtyBlocks.add(ti);
+  const h = s.header;
+  const tablesToWrite = snap.l2.length + snap.l1.length > 0 || snap.l1Moved !== undefined;
+  if (w.lazy && tablesToWrite && (h.incompatible & INCOMPAT_DIRTY) === 0n) await setDirtyBit(s, true);
+  const refsUnsynced = () => !w.lazy && w.refsAt > w.synced;
+  // Entries may name a cluster only once its refcount is durable (counted-ahead clusters usually are).
+  const countsNeeded = () => !w.lazy && refs.pool.behind;
+
+  // 1-2. Refcounts.
+  if (snap.blocks.length > 0) {
+    await writeAll(s, snap.blocks);
+    w.refsAt = ++w.gen;
+    w.refsSnapshot = snap.blocksN;
   }
-  for (const [ti] of snap.entries) refs.dirtyEntries.add(ti);
-  for (const [off] of snap.l2) {
-    w.dirtyL2.add(off);
-    s.l2Cache.pin(off);
+  if (snap.entries.length > 0) {
+    // A table entry may name a new block: the block goes first.
+    if (refsUnsynced()) await sync(s);
+    await writeAll(
+      s,
+      snap.entries.map(([ti, b]) => [refs.diskTable.offset + ti * 8, b]),
+    );
+    w.refsAt = ++w.gen;
   }
-  for (const [off] of snap.l1) {
-    const first = (off - s.header.l1TableOffset) / 8;
-    for (let i = first; i < first + 64 && i < s.header.l1Size; i++) w.dirtyL1.add(i);
+  if (snap.table) {
+    const t = snap.table;
+    if (refsUnsynced()) await sync(s);
+    await s.file.write(t.offset, t.buf);
+    w.refsAt = ++w.gen;
+    await sync(s);
+    await writeRefcountTableHeader(s, t.offset, t.clusters);
+    refs.diskTable = { offset: t.offset, clusters: t.clusters };
+    for (const m of s.metadata) {
+      if (m[0] === 'refcount table') {
+        m[1] = t.offset;
+        m[2] = t.offset + t.clusters * h.clusterSize;
+      }
+    }
   }
-  refs.deferred.push(...snap.frees);
+
+  // 3. L2 tables: no entry before its cluster's refcount and the data it needs first.
+  if (snap.l2.length > 0) {
+    if (countsNeeded() || snap.dataAt > w.synced) await sync(s);
+    await writeAll(s, snap.l2);
+    if (snap.ordered.length > 0) w.l2At = ++w.gen;
+    else ++w.gen;
+  }
+
+  // 4. L1: no entry before the table it names.
+  const tablesUnsynced = () => w.l2At > w.synced || countsNeeded();
+  if (snap.l1Moved) {
+    const m = snap.l1Moved;
+    if (tablesUnsynced()) await sync(s);
+    await s.file.write(m.offset, m.buf);
+    await sync(s);
+    await writeL1Header(s, m.offset, m.size);
+    w.diskL1 = { offset: m.offset, size: m.size };
+    const l1Area = s.metadata.find((x) => x[0] === 'L1 table');
+    const l1End = m.offset + Math.ceil((m.size * 8) / h.clusterSize) * h.clusterSize;
+    if (l1Area) {
+      l1Area[1] = m.offset;
+      l1Area[2] = l1End;
+    } else {
+      s.metadata.push(['L1 table', m.offset, l1End]);
+    }
+  } else if (snap.l1.length > 0) {
+    if (tablesUnsynced()) await sync(s);
+    await writeAll(s, snap.l1);
+    ++w.gen;
+  }
+  if (snap.size !== undefined) {
+    if (w.gen > w.synced) await sync(s);
+    await writeSizeHeader(s, snap.size);
+    w.diskSize = snap.size;
+  }
+
+  // 5. A flush makes it all durable.
+  if (snap.full) await sync(s);
+}
+
+/** Every reference to these clusters is gone on disk (synced): lower their refcounts, write and sync. */
+async function applyFrees(s: Qcow2State, frees: number[]): Promise<void> {
+  const w = s.w!;
+  const refs = s.refcounts;
+  const cs = s.header.clusterSize;
+  for (const c of frees) {
+    const v = await refs.adjust(c, -1);
+    if (v === 0) {
+      w.meta.delete(c);
+      s.l2Cache.drop(c * cs);
+    }
+  }
+  const taken: [number, Set<number>][] = [];
+  const blocks = takeBlocks(s, taken);
+  try {
+    await writeAll(s, blocks.writes);
+    w.refsAt = ++w.gen;
+    w.refsSnapshot = blocks.n;
+    await sync(s);
+  } catch (e) {
+    for (const [ti, pages] of taken) for (const p of pages) refs.markDirty(ti, p);
+    throw e;
+  }
 }

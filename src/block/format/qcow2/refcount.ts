@@ -5,15 +5,18 @@
  * (a 2 GiB stretch of the image per 64 KiB block at 16 bits), so allocation
  * can scan them; writers change them in memory and mark them dirty, and the
  * metadata write-back (metadata-cache.ts) writes them before anything that
- * depends on them. Freeing is deferred: a decrement is queued and applied
- * only after the references to the cluster are gone on disk.
+ * depends on them. Allocation hands out clusters counted ahead in batches
+ * (pool.ts), so their refcounts are usually durable before a write needs
+ * them. Freeing is deferred: a decrement is queued and applied only after
+ * the references to the cluster are gone on disk.
  */
 import { BlkError, Errno } from '../../../errors.js';
 import type { BlockNode } from '../../types.js';
 import { MAX_REFCOUNT_TABLE_BYTES, type Qcow2Header } from './header.js';
+import { AllocationPool, type ClusterRun } from './pool.js';
+import { TABLE_PAGE } from './state.js';
 
 const TWO32 = 2 ** 32;
-
 /** What the allocator needs from its owner: growing the file and learning about new metadata. */
 export interface RefcountHooks {
   /** Makes the file at least `end` bytes long. */
@@ -24,14 +27,7 @@ export interface RefcountHooks {
   isMetadata(cluster: number): boolean;
 }
 
-/** A run of free clusters handed out by allocate(). */
-export interface ClusterRun {
-  /** First cluster index. */
-  start: number;
-  count: number;
-  /** The clusters were never used before: they read as zeroes on disk (the file was only extended). */
-  fresh: boolean;
-}
+export type { ClusterRun };
 
 export class Refcounts {
   readonly bits: number;
@@ -47,7 +43,10 @@ export class Refcounts {
   /** Loaded refcount blocks by table index. */
   readonly blocks = new Map<number, Buffer>();
   private readonly loading = new Map<number, Promise<Buffer>>();
-  readonly dirtyBlocks = new Set<number>();
+  /** Blocks changed in memory: table index → dirty pages (`page` bytes each). */
+  readonly dirtyBlocks = new Map<number, Set<number>>();
+  /** Blocks are written back in pages of this size. */
+  readonly page: number;
   readonly dirtyEntries = new Set<number>();
   /** Decrements waiting until no reference on disk needs the cluster (cluster indices, repeated per reference). */
   deferred: number[] = [];
@@ -60,6 +59,8 @@ export class Refcounts {
   /** Clusters from here on were never handed out: the file holds zeroes there (it only grows by ftruncate). */
   private zeroFrom: number;
   hooks: RefcountHooks | undefined;
+  /** Clusters counted ahead for allocation (pool.ts). */
+  readonly pool: AllocationPool;
 
   constructor(
     h: Qcow2Header,
@@ -72,12 +73,14 @@ export class Refcounts {
     this.bits = 2 ** h.refcountOrder;
     this.perBlock = (h.clusterSize * 8) / this.bits;
     this.max = this.bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** this.bits - 1;
+    this.page = Math.min(TABLE_PAGE, this.cs);
     this.table = table;
     this.tableOffset = h.refcountTableOffset;
     this.tableClusters = h.refcountTableClusters;
     this.diskTable = { offset: this.tableOffset, clusters: this.tableClusters };
     this.hostEnd = Math.ceil(fileLength / this.cs) * this.cs;
     this.zeroFrom = this.hostEnd;
+    this.pool = new AllocationPool(h, (n) => this.count(n));
   }
 
   /** Tells the reader the file grew (blocks may now lie further out); the space handed out stays where it is. */
@@ -196,9 +199,19 @@ export class Refcounts {
       throw this.corrupt(`refcount of cluster ${c} would become ${v} (refcount_bits ${this.bits})`);
     }
     this.write(b, i, v);
-    this.dirtyBlocks.add(ti);
+    this.markDirty(ti, Math.floor((i * this.bits) / 8 / this.page));
     if (v === 0 && c < this.freeHint) this.freeHint = c;
     return v;
+  }
+
+  /** Marks page `page` of block `ti` dirty. */
+  markDirty(ti: number, page: number): void {
+    let pages = this.dirtyBlocks.get(ti);
+    if (pages === undefined) {
+      pages = new Set();
+      this.dirtyBlocks.set(ti, pages);
+    }
+    pages.add(page);
   }
 
   /** Finds the first run of free clusters (up to n long) at or after freeHint. */
@@ -226,8 +239,37 @@ export class Refcounts {
     }
   }
 
-  /** Hands out up to n contiguous free clusters with refcount 1 (in memory); the file is grown to hold them. */
-  async allocate(n: number): Promise<ClusterRun> {
+  /**
+   * Hands out up to n contiguous clusters with refcount 1 (in memory); the
+   * file is grown to hold them. They come from the pool (pool.ts), so that
+   * an allocating write usually needs no refcount write and no sync of its
+   * own; `pooled` false counts exactly these clusters now (the L1 table of a
+   * resize).
+   */
+  allocate(n: number, pooled = true): Promise<ClusterRun> {
+    return pooled ? this.pool.take(n) : this.pool.exact(n);
+  }
+
+  /**
+   * Gives the pool back (clean close, reopen read-only): the refcounts drop at
+   * once, as nothing points at these clusters; a run at the end of the used
+   * space shortens it, so the file can be truncated.
+   */
+  async releasePool(): Promise<void> {
+    const runs = this.pool.drain();
+    runs.sort((a, b) => b.start - a.start);
+    for (const r of runs) {
+      for (let i = 0; i < r.count; i++) await this.adjust(r.start + i, -1);
+      const end = (r.start + r.count) * this.cs;
+      if (end === this.hostEnd) {
+        this.hostEnd = r.start * this.cs;
+        if (r.fresh && this.zeroFrom === end) this.zeroFrom = this.hostEnd;
+      }
+    }
+  }
+
+  /** Counts up to n contiguous free clusters (refcount 1 in memory), growing the file to hold them. */
+  private async count(n: number): Promise<ClusterRun> {
     const hint = this.freeHint;
     const run = await this.findFree(n);
     for (let i = 0; i < run.count; i++) this.reserved.add(run.start + i);
@@ -261,7 +303,8 @@ export class Refcounts {
       const b = Buffer.alloc(this.cs);
       this.blocks.set(ti, b);
       this.setEntry(ti, c * this.cs);
-      this.dirtyBlocks.add(ti);
+      // A new block is written whole: the cluster's old bytes are not refcounts.
+      for (let p = 0; p < this.cs / this.page; p++) this.markDirty(ti, p);
       this.hooks?.metadata(c);
       await this.adjust(c, 1);
       return b;

@@ -7,8 +7,8 @@
  * last cluster zeroed, so growing again shows zeroes.
  */
 import { BlkError, Errno } from '../../../errors.js';
+import { writeBack } from './commit.js';
 import { MAX_L1_BYTES } from './header.js';
-import { writeBack } from './metadata-cache.js';
 import type { Qcow2State } from './state.js';
 import { checkNotCorrupt, exclusiveQuiet } from './write.js';
 import { zeroLocked } from './zero.js';
@@ -48,13 +48,13 @@ export async function resizeImage(s: Qcow2State, size: number): Promise<void> {
       }
       if (need > h.l1Size) {
         const clusters = Math.ceil((need * 8) / cs);
-        const run = await s.refcounts.allocate(clusters);
+        const run = await s.refcounts.allocate(clusters, false);
         let start = run.start;
         if (run.count < clusters) {
           // Not contiguous here: give the run back (after the switch, like any free) and take space at the end.
           for (let i = 0; i < run.count; i++) s.refcounts.deferred.push(run.start + i);
           s.refcounts.freeHint = Math.ceil(s.refcounts.hostEnd / cs);
-          const again = await s.refcounts.allocate(clusters);
+          const again = await s.refcounts.allocate(clusters, false);
           start = again.start;
         }
         for (let i = 0; i < clusters; i++) w.meta.add(start + i);

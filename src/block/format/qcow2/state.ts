@@ -45,23 +45,52 @@ export interface WriteState {
   lock: RwLock;
   /** Host clusters holding metadata (overlap protection). */
   meta: Set<number>;
-  /** L2 tables changed in memory (offsets), pinned in the cache until written. */
-  dirtyL2: Set<number>;
+  /** L2 tables changed in memory, pinned in the cache until written. */
+  dirtyL2: DirtyEntries;
   /** L1 entries changed in memory. */
   dirtyL1: Set<number>;
+  /** What the running write-back is writing (taken out of dirtyL2/dirtyL1): not in the file yet either. */
+  writingL2: DirtyEntries;
+  writingL1: Set<number>;
+  /** New L2 tables whose content must be durable before the L1 entry naming them is written (copied, or in a reused cluster). */
+  orderedL2: Set<number>;
   /** The L1 table as the header on disk names it; differs after a resize moved it. */
   diskL1: { offset: number; size: number };
   /** The virtual size on disk. */
   diskSize: number;
-  /** Write-backs run one after the other. */
-  chain: Promise<void>;
+  /** The write-back running or last run (write-backs run one after the other). */
+  running: Promise<void>;
+  /** The write-back waiting for the running one: later requests join it (group commit). */
+  queued: { full: boolean; promise: Promise<void> } | undefined;
   /** Lazy refcounts: ordering is kept by the dirty bit instead of syncs. */
   lazy: boolean;
   /** Guest clusters an allocating write is filling right now (others touching them wait). */
   inflight: Map<number, Promise<void>>;
-  /** Bytes of dirty tables in memory (a write-back starts above a bound). */
-  dirtyBytes: number;
+  /**
+   * Ordering bookkeeping against the page cache: `gen` counts writes to the
+   * file; `synced` is the last gen a completed sync covers; `refsAt` is the
+   * gen of the last refcount write, `dataAt` of the last data write whose
+   * new entries must not reach the disk before it (copy-on-write or fill
+   * bytes, or a reused cluster: see writeData), `l2At` of the last write of
+   * a table in `orderedL2`. A later phase needs a sync first when what it
+   * depends on was written after `synced`.
+   */
+  gen: number;
+  synced: number;
+  refsAt: number;
+  dataAt: number;
+  l2At: number;
+  /** The block snapshot (AllocationPool.takeSnapshot) the last refcount block write wrote. */
+  refsSnapshot: number;
+  /** A sync started without waiting (to make counted-ahead refcounts durable). */
+  background: Promise<void> | undefined;
 }
+
+/** Changed L2 tables: table offset → the changed entry indexes, or null for the whole table (new or copied). */
+export type DirtyEntries = Map<number, Set<number> | null>;
+
+/** L2 tables and refcount blocks are written back in pieces of this size (at most one cluster). */
+export const TABLE_PAGE = 4096;
 
 /** An IMAGE_CORRUPT error (answered as Errno.EIO) for a bad table entry found at run time; marks the image corrupt. */
 export function corruption(s: Qcow2State, field: string, msg: string): BlkError {

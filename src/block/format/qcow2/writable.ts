@@ -144,15 +144,27 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
   const w: WriteState = {
     lock: new RwLock(),
     meta,
-    dirtyL2: new Set(),
+    dirtyL2: new Map(),
     dirtyL1: new Set(),
+    writingL2: new Map(),
+    writingL1: new Set(),
+    orderedL2: new Set(),
     diskL1: { offset: h.l1TableOffset, size: h.l1Size },
     diskSize: h.size,
-    chain: Promise.resolve(),
+    running: Promise.resolve(),
+    queued: undefined,
     lazy: (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
-    dirtyBytes: 0,
     inflight: new Map(),
+    gen: 0,
+    synced: 0,
+    refsAt: 0,
+    dataAt: 0,
+    l2At: 0,
+    refsSnapshot: 0,
+    background: undefined,
   };
+  // With lazy refcounts the dirty bit stands in for ordering refcounts before references.
+  refs.pool.ordered = !w.lazy;
   refs.hooks = {
     grow: async (end) => {
       if (end <= s.file.length()) return;

@@ -10,12 +10,14 @@
  * currently reads there (backing file, zeroes, compressed or shared data:
  * copy-on-write), the data is written, and only then do the L2 entries point
  * at it. The old clusters' refcounts are dropped later, after the new entries
- * are on disk (metadata-cache.ts).
+ * are on disk (metadata-cache.ts). A write resolves only once every entry
+ * mapping it is in the file too (a commit, shared by concurrent writers).
  *
  * Longer than our other files on purpose: the allocating write, copy-on-write
  * and the order that keeps the image crash-safe read best as one piece.
  */
 import { BlkError, Errno } from '../../../errors.js';
+import { needCommit } from './commit.js';
 import {
   ALL_SUBCLUSTERS,
   type L2Entry,
@@ -26,18 +28,10 @@ import {
   writeL2Entry,
 } from './entries.js';
 import { l2TableOffset } from './mapping.js';
-import { writeBack } from './metadata-cache.js';
 import { checkNoOverlap } from './overlap.js';
 import { readGuest } from './read.js';
 import type { Qcow2State } from './state.js';
 
-/** Dirty tables above this many bytes start a write-back (bounds memory between guest flushes). */
-const DIRTY_LIMIT = 32 * 1024 * 1024;
-
-/** The dirty bound of a node: its L2 cache size (dirty tables are pinned there), at most DIRTY_LIMIT. */
-function dirtyLimit(s: Qcow2State): number {
-  return Math.min(DIRTY_LIMIT, Math.max(s.l2Cache.maxBytes, 2 * s.header.clusterSize));
-}
 /** Host-contiguous pieces are merged into one pwrite up to this size. */
 const MERGE_LIMIT = 4 * 1024 * 1024;
 
@@ -74,7 +68,11 @@ export function checkNotCorrupt(s: Qcow2State): void {
   }
 }
 
-/** Writes `buf` at guest `offset`. */
+/**
+ * Writes `buf` at guest `offset`. It resolves only once the data and every
+ * entry mapping it are in the file (pwritten; a commit, shared with
+ * concurrent writers, when metadata changed or is still on its way).
+ */
 export async function writeGuest(s: Qcow2State, offset: number, buf: Buffer): Promise<void> {
   checkNotCorrupt(s);
   const w = s.w!;
@@ -85,10 +83,15 @@ export async function writeGuest(s: Qcow2State, offset: number, buf: Buffer): Pr
     } finally {
       w.lock.releaseShared();
     }
-    if (done) return;
+    if (done) {
+      const pending = needCommit(s, offset, buf.length);
+      if (pending !== undefined) await pending;
+      return;
+    }
   }
   await writeUnlocked(s, offset, buf);
-  if (w.dirtyBytes > dirtyLimit(s)) await writeBack(s);
+  const pending = needCommit(s, offset, buf.length);
+  if (pending !== undefined) await pending;
 }
 
 /**
@@ -226,19 +229,29 @@ export async function l2ForWrite(s: Qcow2State, l1i: number): Promise<Buffer> {
   const table = old ? Buffer.from(old) : Buffer.alloc(cs);
   s.l2Cache.put(newOff, table);
   markL2Dirty(s, newOff);
+  // A zero cluster on disk reads as an empty table: only a copy, or a table in a reused
+  // cluster, must be durable before the L1 entry names it.
+  if (off !== 0 || !run.fresh) w.orderedL2.add(newOff);
   writeL1Entry(s, l1i, newOff, true);
   // A shared table keeps its other references (snapshots); this one goes once the new L1 entry is on disk.
   if (off !== 0) s.refcounts.deferred.push(off / cs);
   return table;
 }
 
-/** Marks an L2 table dirty (pinned in the cache until written back). */
-export function markL2Dirty(s: Qcow2State, off: number): void {
+/**
+ * Marks the L2 table at `off` dirty (pinned in the cache until written back):
+ * entry `idx`, or the whole table (a new or copied one).
+ */
+export function markL2Dirty(s: Qcow2State, off: number, idx?: number): void {
   const w = s.w!;
-  if (w.dirtyL2.has(off)) return;
-  w.dirtyL2.add(off);
-  s.l2Cache.pin(off);
-  w.dirtyBytes += s.header.clusterSize;
+  const now = w.dirtyL2.get(off);
+  if (now === undefined) {
+    s.l2Cache.pin(off);
+    w.dirtyL2.set(off, idx === undefined ? null : new Set([idx]));
+  } else if (now !== null) {
+    if (idx === undefined) w.dirtyL2.set(off, null);
+    else now.add(idx);
+  }
 }
 
 /** Queues the refcount drop of the host clusters an entry used (after the entry is replaced on disk). */
@@ -341,6 +354,7 @@ async function writeData(s: Qcow2State, t: TablePlan, offset: number, buf: Buffe
   const cs = s.header.clusterSize;
   const pieces: [number, Buffer][] = [];
   let maxEnd = 0;
+  let ordered = false;
   for (const p of t.plans) {
     const guest = p.gc * cs;
     let data: Buffer;
@@ -364,6 +378,13 @@ async function writeData(s: Qcow2State, t: TablePlan, offset: number, buf: Buffe
       data = data.subarray(lo, hi);
       host += lo;
     }
+    // The new entry must not reach the disk before this data (a sync between them,
+    // metadata-cache.ts) unless the cluster was never used, gets only the guest's new bytes
+    // and the range read as zeroes before: then, after a power loss, it reads as the old
+    // bytes (zeroes) or the new ones. A copy-on-write, a fill, a reused cluster or backing
+    // data would show bytes that are neither.
+    const own = p.fresh && host === p.target + p.ws && data.length === p.we - p.ws;
+    if (p.mode !== DIRECT && !(own && readZeroBefore(s, p))) ordered = true;
     maxEnd = Math.max(maxEnd, host + data.length);
     const last = pieces[pieces.length - 1];
     if (last && last[0] + last[1].length === host && last[1].length + data.length <= MERGE_LIMIT) {
@@ -380,6 +401,23 @@ async function writeData(s: Qcow2State, t: TablePlan, offset: number, buf: Buffe
   for (const [host, data] of pieces) checkNoOverlap(s, host, data.length);
   if (maxEnd > s.file.length()) await s.refcounts.hooks!.grow(maxEnd);
   await settleAll(pieces.map(([host, data]) => s.file.write(host, data)));
+  if (ordered) {
+    const w = s.w!;
+    w.dataAt = ++w.gen;
+  }
+}
+
+/** Whether the guest read zeroes in the plan's range [a, b) before the write (unallocated without backing, or zero). */
+function readZeroBefore(s: Qcow2State, p: Plan): boolean {
+  const e = p.e;
+  if (e.compressed || e.host !== 0) return false;
+  if (s.backing === null) return true;
+  if (s.header.extendedL2) {
+    const sub = s.header.subclusterSize;
+    const bits = subclusterBits(Math.floor(p.a / sub), Math.floor((p.b - 1) / sub));
+    return (e.zeroMask & bits) === bits;
+  }
+  return e.zero;
 }
 
 /** Points the entries at the written data and queues the old clusters' refcount drops (synchronous once the table is at hand). */
@@ -413,6 +451,6 @@ async function commitEntries(s: Qcow2State, t: TablePlan): Promise<void> {
       writeL2Entry(s, table, p.idx, p.target, true, false);
     }
     if (p.mode === MOVE) freeEntryClusters(s, e);
+    markL2Dirty(s, off, p.idx);
   }
-  markL2Dirty(s, off);
 }

@@ -6,6 +6,8 @@
  * zero flag: without a backing file an unallocated cluster reads as zeroes;
  * with one, zeroes are written as data (what QEMU does too).
  */
+
+import { needCommit } from './commit.js';
 import { ALL_SUBCLUSTERS, readL1Entry, readL2Entry, writeL2Entry } from './entries.js';
 import type { Qcow2State } from './state.js';
 import {
@@ -53,7 +55,7 @@ async function rewriteClusters(
       continue;
     }
     const table = await l2ForWrite(s, l1i);
-    let changed = false;
+    const off = readL1Entry(s, l1i).off;
     for (; gc <= tableLast; gc++) {
       const idx = gc - l1i * h.l2Entries;
       const e = readL2Entry(s, table, idx, gc);
@@ -84,13 +86,15 @@ async function rewriteClusters(
         writeL2Entry(s, table, idx, 0, false, zero);
         freeEntryClusters(s, e);
       }
-      changed = true;
+      markL2Dirty(s, off, idx);
     }
-    if (changed) markL2Dirty(s, readL1Entry(s, l1i).off);
   }
 }
 
-/** Makes [offset, offset+length) read as zeroes; whole clusters become zero clusters (unmapped when allowed). */
+/**
+ * Makes [offset, offset+length) read as zeroes; whole clusters become zero
+ * clusters (unmapped when allowed). Resolves once the new entries are in the file.
+ */
 export async function writeZeroesGuest(
   s: Qcow2State,
   offset: number,
@@ -105,6 +109,8 @@ export async function writeZeroesGuest(
   } finally {
     w.lock.releaseExclusive();
   }
+  const pending = needCommit(s, offset, length);
+  if (pending !== undefined) await pending;
 }
 
 /** writeZeroesGuest with the exclusive lock already held. */
@@ -127,7 +133,10 @@ export async function zeroLocked(
   if (end > (lastFull + 1) * cs) await writeZeroData(s, (lastFull + 1) * cs, end - (lastFull + 1) * cs);
 }
 
-/** Drops the whole clusters inside [offset, offset+length) (a hint: partial clusters are left alone). */
+/**
+ * Drops the whole clusters inside [offset, offset+length) (a hint: partial
+ * clusters are left alone). Resolves once the new entries are in the file.
+ */
 export async function discardGuest(s: Qcow2State, offset: number, length: number): Promise<void> {
   checkNotCorrupt(s);
   const cs = s.header.clusterSize;
@@ -141,4 +150,6 @@ export async function discardGuest(s: Qcow2State, offset: number, length: number
   } finally {
     w.lock.releaseExclusive();
   }
+  const pending = needCommit(s, first * cs, (last - first + 1) * cs);
+  if (pending !== undefined) await pending;
 }
