@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "blkexport_native",
-      "sources": ["blkexport_native.c"],
+      "sources": ["blkexport_native.c", "fd_holder.c"],
       "cflags": ["-Wall", "-Wextra", "-O2"]
     }
   ]

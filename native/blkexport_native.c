@@ -4,12 +4,20 @@
  *   ofdTestLock(fd, start, len, type) -> l_type of the conflicting lock
  *                                        (F_UNLCK when none) or -errno   fcntl(F_OFD_GETLK)
  *   peerCredentials(fd)               -> { pid, uid, gid }  getsockopt(SO_PEERCRED), throws on error
+ *   holderServe(path, idleSeconds)    -> runs the fd holder (fd_holder.c) until it ends; throws on setup failure
+ *   holderRequest(path, op, name, mountpoint, meta, fds)
+ *                                     -> { ok, text, name, mountpoint, meta, fds }: one request to a holder
+ *   closeFd(fd)                       -> 0 or -errno
  *   F_RDLCK, F_WRLCK, F_UNLCK         -> the platform's values
  * Errors are returned as -errno (never thrown) for the lock calls so the caller
  * can tell "unsupported" (EINVAL) from "conflict" (EAGAIN) and build its own message.
  */
 #define _GNU_SOURCE
+#include "fd_holder.h"
+
 #include <errno.h>
+#include <stdlib.h>
+#include <unistd.h>
 #include <fcntl.h>
 #include <node_api.h>
 #include <stdio.h>
@@ -97,6 +105,139 @@ static napi_value peer_credentials(napi_env env, napi_callback_info info) {
   return obj;
 }
 
+static char *get_string(napi_env env, napi_value v) {
+  size_t len = 0;
+  if (napi_get_value_string_utf8(env, v, NULL, 0, &len) != napi_ok) return NULL;
+  char *s = malloc(len + 1);
+  if (s && napi_get_value_string_utf8(env, v, s, len + 1, &len) != napi_ok) {
+    free(s);
+    return NULL;
+  }
+  return s;
+}
+
+/* holderServe(path, idleSeconds) -> served: blocks this thread until the holder ends; false when another serves path. */
+static napi_value holder_serve_js(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  size_t argc = 2;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  char *path = argc >= 1 ? get_string(env, argv[0]) : NULL;
+  int64_t idle = 30;
+  if (argc >= 2) napi_get_value_int64(env, argv[1], &idle);
+  if (!path) {
+    napi_throw_type_error(env, NULL, "holderServe(path, idleSeconds)");
+    return NULL;
+  }
+  char err[512] = "";
+  int r = holder_serve(path, (int)idle, err, sizeof err);
+  free(path);
+  if (r < 0) {
+    napi_throw_error(env, "EHOLDER", err);
+    return NULL;
+  }
+  napi_value served;
+  CHECK(napi_get_boolean(env, r == 0, &served));
+  return served;
+}
+
+/* holderRequest(path, op, name, mountpoint, meta: Buffer, fds: number[]) -> { ok, text, name, mountpoint, meta, fds } */
+static napi_value holder_request_js(napi_env env, napi_callback_info info) {
+  napi_value argv[6], out, arr, v;
+  size_t argc = 6;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 6) {
+    napi_throw_type_error(env, NULL, "holderRequest(path, op, name, mountpoint, meta, fds)");
+    return NULL;
+  }
+  char *path = get_string(env, argv[0]), *op = get_string(env, argv[1]);
+  char *name = get_string(env, argv[2]), *mp = get_string(env, argv[3]);
+  void *meta = NULL;
+  size_t meta_len = 0;
+  uint32_t nfds = 0;
+  int fds[HOLDER_MAX_FDS];
+  napi_get_buffer_info(env, argv[4], &meta, &meta_len);
+  napi_get_array_length(env, argv[5], &nfds);
+  char err[512] = "";
+  char *msg = NULL, *in = NULL;
+  int sock = -1;
+  if (!path || !op || !name || !mp || nfds > HOLDER_MAX_FDS) {
+    snprintf(err, sizeof err, "bad arguments");
+    goto fail;
+  }
+  for (uint32_t i = 0; i < nfds; i++) {
+    int32_t fd = -1;
+    napi_get_element(env, argv[5], i, &v);
+    napi_get_value_int32(env, v, &fd);
+    fds[i] = fd;
+  }
+  size_t len = strlen(op) + 1 + strlen(name) + 1 + strlen(mp) + 1 + meta_len;
+  msg = malloc(len);
+  in = malloc(HOLDER_MAX_MSG);
+  if (!msg || !in || len > HOLDER_MAX_MSG) {
+    snprintf(err, sizeof err, "request too large");
+    goto fail;
+  }
+  size_t at = 0;
+  memcpy(msg + at, op, strlen(op) + 1), at += strlen(op) + 1;
+  memcpy(msg + at, name, strlen(name) + 1), at += strlen(name) + 1;
+  memcpy(msg + at, mp, strlen(mp) + 1), at += strlen(mp) + 1;
+  if (meta_len) memcpy(msg + at, meta, meta_len);
+  sock = holder_connect(path, err, sizeof err);
+  if (sock < 0) goto fail;
+  if (holder_send(sock, msg, len, fds, (int)nfds) != 0) {
+    snprintf(err, sizeof err, "send to %s: %s", path, strerror(errno));
+    goto fail;
+  }
+  int rfds[HOLDER_MAX_FDS], rn = 0;
+  ssize_t n = holder_recv(sock, in, HOLDER_MAX_MSG, rfds, &rn);
+  if (n <= 0) {
+    snprintf(err, sizeof err, "no answer from %s: %s", path, n == 0 ? "closed" : strerror(errno));
+    goto fail;
+  }
+  CHECK(napi_create_object(env, &out));
+  /* The answer: "OK..." or "ERR ..." up to the first NUL; after OK\0 may come NAME\0MOUNTPOINT\0META. */
+  size_t tlen = strnlen(in, (size_t)n);
+  CHECK(napi_get_boolean(env, strncmp(in, "OK", 2) == 0, &v));
+  CHECK(napi_set_named_property(env, out, "ok", v));
+  CHECK(napi_create_string_utf8(env, in, tlen, &v));
+  CHECK(napi_set_named_property(env, out, "text", v));
+  if (tlen + 1 < (size_t)n) {
+    char *p = in + tlen + 1, *end = in + n;
+    char *z1 = memchr(p, '\0', (size_t)(end - p));
+    char *z2 = z1 ? memchr(z1 + 1, '\0', (size_t)(end - z1 - 1)) : NULL;
+    if (z1 && z2) {
+      CHECK(napi_create_string_utf8(env, p, (size_t)(z1 - p), &v));
+      CHECK(napi_set_named_property(env, out, "name", v));
+      CHECK(napi_create_string_utf8(env, z1 + 1, (size_t)(z2 - z1 - 1), &v));
+      CHECK(napi_set_named_property(env, out, "mountpoint", v));
+      CHECK(napi_create_buffer_copy(env, (size_t)(end - z2 - 1), z2 + 1, NULL, &v));
+      CHECK(napi_set_named_property(env, out, "meta", v));
+    }
+  }
+  CHECK(napi_create_array_with_length(env, (size_t)rn, &arr));
+  for (int i = 0; i < rn; i++) {
+    CHECK(napi_create_int32(env, rfds[i], &v));
+    CHECK(napi_set_element(env, arr, (uint32_t)i, v));
+  }
+  CHECK(napi_set_named_property(env, out, "fds", arr));
+  close(sock);
+  free(msg), free(in), free(path), free(op), free(name), free(mp);
+  return out;
+
+fail:
+  if (sock >= 0) close(sock);
+  free(msg), free(in), free(path), free(op), free(name), free(mp);
+  napi_throw_error(env, "EHOLDER", err);
+  return NULL;
+}
+
+/* closeFd(fd) -> 0 or -errno: for descriptors that arrived from a holder. */
+static napi_value close_fd_js(napi_env env, napi_callback_info info) {
+  int64_t a[1];
+  if (get_args(env, info, 1, a) != 0) return NULL;
+  return make_int(env, close((int)a[0]) == 0 ? 0 : -errno);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   struct {
     const char *name;
@@ -105,6 +246,9 @@ static napi_value init(napi_env env, napi_value exports) {
       {"ofdSetLock", ofd_set_lock},
       {"ofdTestLock", ofd_test_lock},
       {"peerCredentials", peer_credentials},
+      {"holderServe", holder_serve_js},
+      {"holderRequest", holder_request_js},
+      {"closeFd", close_fd_js},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

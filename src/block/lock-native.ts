@@ -1,7 +1,8 @@
 /**
  * Loads blkexport's N-API helper (native/, built by `npm run build:native`):
- * the Linux calls Node lacks — OFD byte-range locks and SO_PEERCRED. Loaded
- * lazily, once; a missing build is reported as a BlkError naming the fix.
+ * the Linux calls Node lacks — OFD byte-range locks, SO_PEERCRED, and the fd
+ * holder that keeps FUSE connections across agent restarts (SCM_RIGHTS).
+ * Loaded lazily, once; a missing build is reported as a BlkError naming the fix.
  */
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -15,6 +16,20 @@ export interface NativeHelper {
   ofdTestLock(fd: number, start: number, len: number, type: number): number;
   /** getsockopt(SO_PEERCRED) on a connected Unix socket; throws on failure. */
   peerCredentials(fd: number): { pid: number; uid: number; gid: number };
+  /** Runs the fd holder on the Unix socket `path` until it ends (blocks the calling thread). */
+  /** Serves until the holder ends; false at once when another holder already serves `path`. */
+  holderServe(path: string, idleSeconds: number): boolean;
+  /** One request to the fd holder on `path`; descriptors in the answer are now the caller's. Throws when it cannot talk to it. */
+  holderRequest(
+    path: string,
+    op: 'PUT' | 'DROP' | 'LIST' | 'GET' | 'PING' | 'QUIT',
+    name: string,
+    mountpoint: string,
+    meta: Buffer,
+    fds: number[],
+  ): { ok: boolean; text: string; name?: string; mountpoint?: string; meta?: Buffer; fds: number[] };
+  /** close(2): 0 or -errno. */
+  closeFd(fd: number): number;
   readonly F_RDLCK: number;
   readonly F_WRLCK: number;
   readonly F_UNLCK: number;

@@ -20,6 +20,7 @@ const COMMANDS = [
   'status',
   'create',
   'check',
+  'fdstore',
 ] as const;
 
 async function loadCommand(name: string): Promise<Command | undefined> {
