@@ -86,6 +86,8 @@ enum { BLK_OPS(BLK_OP_ENUM) };
 
 typedef struct blk_fs blk_fs;
 
+#define BLK_SPARE_BUFFERS 16
+
 /* A request queued to JavaScript: answered exactly once by a reply_* function, then freed. */
 typedef struct {
   blk_fs *fs;
@@ -123,6 +125,9 @@ struct blk_fs {
   pthread_mutex_t lock;
   int nthreads, idle, max_threads, max_idle;
   int stopping, loop_errno;
+  /* Read buffers of workers that left, kept resident for the next ones (see buf_get in fuse_loop.c). */
+  char *spare[BLK_SPARE_BUFFERS];
+  int nspare;
   /* The JavaScript thread's own. */
   int ended; /* the loop finished and fd is closed (fs itself stays allocated: JS may hold it) */
   int unrefd;

@@ -27,6 +27,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 static int env_int(const char *name, int dflt, int lo, int hi) {
@@ -154,9 +155,39 @@ static int read_request(blk_fs *fs, char *buf, size_t *n) {
   }
 }
 
+/*
+ * A worker's read buffer, resident before the first read: the kernel copies a
+ * request into it by pinning its pages, and when a page is not there yet it
+ * must fault it in, which fails while the process is being killed (SIGKILL of
+ * the agent). The kernel then ends that request with EIO instead of leaving it
+ * for a successor's FUSE_NOTIFY_RESEND. So the pages are populated (and locked
+ * where allowed) up front, and a leaving worker's buffer is kept for the next.
+ */
+static char *buf_get(blk_fs *fs) {
+  char *b = NULL;
+  pthread_mutex_lock(&fs->lock);
+  if (fs->nspare > 0) b = fs->spare[--fs->nspare];
+  pthread_mutex_unlock(&fs->lock);
+  if (b) return b;
+  b = mmap(NULL, fs->bufsize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+  if (b == MAP_FAILED) return NULL;
+  (void)mlock(b, fs->bufsize); /* best effort: without CAP_IPC_LOCK it may exceed RLIMIT_MEMLOCK */
+  return b;
+}
+
+static void buf_put(blk_fs *fs, char *b) {
+  pthread_mutex_lock(&fs->lock);
+  if (fs->nspare < BLK_SPARE_BUFFERS) {
+    fs->spare[fs->nspare++] = b;
+    b = NULL;
+  }
+  pthread_mutex_unlock(&fs->lock);
+  if (b) munmap(b, fs->bufsize);
+}
+
 static void *worker(void *arg) {
   blk_fs *fs = arg;
-  char *buf = malloc(fs->bufsize);
+  char *buf = buf_get(fs);
   if (!buf) {
     leave(fs, ENOMEM);
     return NULL;
@@ -165,7 +196,7 @@ static void *worker(void *arg) {
     size_t n = 0;
     int err = read_request(fs, buf, &n);
     if (err) {
-      free(buf);
+      buf_put(fs, buf);
       leave(fs, err);
       return NULL;
     }
@@ -177,9 +208,13 @@ static void *worker(void *arg) {
 
     pthread_mutex_lock(&fs->lock);
     if (fs->idle >= fs->max_idle) { /* enough others wait: leave (one at least, max_idle >= 1) */
+      if (fs->nspare < BLK_SPARE_BUFFERS) { /* before leaving the count: the last worker's end frees spares */
+        fs->spare[fs->nspare++] = buf;
+        buf = NULL;
+      }
       fs->nthreads--;
       pthread_mutex_unlock(&fs->lock);
-      free(buf);
+      if (buf) munmap(buf, fs->bufsize);
       return NULL;
     }
     fs->idle++;
@@ -189,6 +224,8 @@ static void *worker(void *arg) {
 
 void blk_fs_ended(blk_fs *fs) {
   fs->ended = 1;
+  /* Every worker has left (the last one queued OP_ENDED): their buffers are all spare. */
+  while (fs->nspare > 0) munmap(fs->spare[--fs->nspare], fs->bufsize);
   if (fs->fd >= 0) close(fs->fd);
   fs->fd = -1;
   fast_destroy(&fs->fast);
