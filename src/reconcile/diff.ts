@@ -13,6 +13,7 @@
  *   5. reopen-export   the others, once their nodes allow it
  *   6. add-node        bottom-up: children before parents
  *   7. add-export      on complete graphs
+ *   7. adopt-export    serve a connection a previous agent left held, once its nodes are open
  *   8. repair-export   remount stale or vanished mounts, with the desired options
  * A replaced node is removed and added again, and so is everything above it
  * in the observed graph (parent nodes, exports on any of them).
@@ -59,6 +60,7 @@ interface ExportChanges {
   replaced: Map<string, Replacement>;
   reopened: Map<string, Change[]>;
   repaired: Step[];
+  adopted: Step[];
 }
 
 /** The plan that takes one engine's `observed` state to `desired`, within what `caps` allow in place. */
@@ -123,7 +125,7 @@ function exportReplaceReason(x: Inputs, type: string, immutable: Change[]): stri
 
 /** Desired exports that exist: replaced, repaired or reopened in place. */
 function exportChanges(x: Inputs, nodes: NodeChanges): ExportChanges {
-  const out: ExportChanges = { replaced: new Map(), reopened: new Map(), repaired: [] };
+  const out: ExportChanges = { replaced: new Map(), reopened: new Map(), repaired: [], adopted: [] };
   const underReopen = reopenedFiles(x, nodes);
   for (const [id, d] of x.wantExports) {
     const o = x.haveExports.get(id);
@@ -144,6 +146,16 @@ function exportChanges(x: Inputs, nodes: NodeChanges): ExportChanges {
         reason: `file node ${reopenedFile} under its mountpoint is reopened (the ${x.caps.engine} engine cannot while mounted)`,
         changes: mutable,
       });
+    } else if (o.state === 'held') {
+      const step: Step = {
+        engine: x.caps.engine,
+        action: 'adopt-export',
+        export: d.options,
+        origin: d.origin,
+        changes: mutable,
+      };
+      if (o.reason !== undefined) step.reason = o.reason;
+      out.adopted.push(step);
     } else if (o.state !== 'mounted') {
       const step: Step = {
         engine: x.caps.engine,
@@ -170,11 +182,16 @@ interface Collected {
 
 /** The steps in the order the header comment gives, with the summary. */
 function orderSteps(x: Inputs, nodes: NodeChanges, exps: ExportChanges): Plan {
-  const out: Collected = { steps: [], summary: { add: 0, reopen: 0, replace: 0, remove: 0, repair: 0 } };
+  const out: Collected = {
+    steps: [],
+    summary: { add: 0, reopen: 0, replace: 0, remove: 0, repair: 0, adopt: 0 },
+  };
   removals(x, nodes, exps, out);
   const desiredBottomUp = new NodeGraph(x.desired.nodes.map((n) => n.options)).bottomUp();
   reopens(x, nodes, exps, desiredBottomUp, out);
   additions(x, nodes, exps, desiredBottomUp, out);
+  out.steps.push(...exps.adopted);
+  out.summary.adopt += exps.adopted.length;
   out.steps.push(...exps.repaired);
   out.summary.repair += exps.repaired.length;
   return out;

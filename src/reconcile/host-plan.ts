@@ -27,7 +27,7 @@ export function isRemoval(step: Step): boolean {
  */
 export function planEngines(inputs: readonly EnginePlanInput[]): Plan {
   const plans = inputs.map((i) => diff(i.desired, i.observed, i.caps));
-  const summary: PlanSummary = { add: 0, reopen: 0, replace: 0, remove: 0, repair: 0 };
+  const summary: PlanSummary = { add: 0, reopen: 0, replace: 0, remove: 0, repair: 0, adopt: 0 };
   for (const p of plans)
     for (const k of Object.keys(summary) as (keyof PlanSummary)[]) summary[k] += p.summary[k];
   return {

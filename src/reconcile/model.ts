@@ -49,8 +49,12 @@ export interface ObservedNode {
   engine?: EngineName;
 }
 
-/** mounted: in the kernel's mount table and answering; unmounted: missing from it; stale: ENOTCONN. */
-export type ExportState = 'mounted' | 'unmounted' | 'stale';
+/**
+ * mounted: in the kernel's mount table and served; unmounted: missing from it;
+ * stale: ENOTCONN; held: mounted, its connection kept for this engine by the
+ * fd holder while no process serves it (a previous agent's): clients wait.
+ */
+export type ExportState = 'mounted' | 'unmounted' | 'stale' | 'held';
 
 /** An export as an engine reports it: the options of its add/reopen step, and its state. */
 export interface ObservedExport {
@@ -119,6 +123,15 @@ export type Step = { engine: EngineName } & (
   | { action: 'add-node'; node: NodeOptions; origin: Origin; replace?: Replacement }
   | { action: 'add-export'; export: ExportOptions; origin: Origin; replace?: Replacement }
   | {
+      action: 'adopt-export';
+      /** The desired options (mutable ones that differ from the held export's are applied on adoption). */
+      export: ExportOptions;
+      origin: Origin;
+      changes: Change[];
+      /** What was observed of the held connection ("held since T, mounted by pid N"). */
+      reason?: string;
+    }
+  | {
       action: 'repair-export';
       export: ExportOptions;
       origin: Origin;
@@ -140,6 +153,7 @@ export interface PlanSummary {
   replace: number;
   remove: number;
   repair: number;
+  adopt: number;
 }
 
 /** An ordered list of steps; empty when the observed state already matches. */

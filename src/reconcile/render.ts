@@ -69,6 +69,10 @@ function stepLine(step: Step): string | undefined {
       return step.replace ? undefined : `+ node ${describeNode(step.node)}`;
     case 'add-export':
       return step.replace ? undefined : `+ export ${describeExport(step.export)}`;
+    case 'adopt-export': {
+      const extra = step.changes.length > 0 ? `; ${changeList(step.changes)}` : '';
+      return `> export ${step.export.id} ${step.export.mountpoint} (adopt: ${step.reason ?? 'a kept connection'}${extra})`;
+    }
     case 'repair-export': {
       const why = step.state === 'stale' ? 'stale mount' : 'missing from the mount table';
       const extra = step.changes.length > 0 ? `; ${changeList(step.changes)}` : '';
@@ -82,9 +86,10 @@ export function renderPlan(plan: Plan): string {
   const lines = plan.steps.map(renderStep).filter((l): l is string => l !== undefined);
   if (lines.length === 0) return 'No changes. The live state matches the manifests.\n';
   const s = plan.summary;
+  const adopt = s.adopt > 0 ? `, ${s.adopt} to adopt` : '';
   const summary =
     `Plan: ${s.add} to add, ${s.reopen} to change in place, ${s.replace} to replace, ` +
-    `${s.remove} to remove, ${s.repair} to repair.`;
+    `${s.remove} to remove, ${s.repair} to repair${adopt}.`;
   return `${lines.join('\n')}\n\n${summary}\n`;
 }
 

@@ -31,14 +31,14 @@ describe('diff: the reconciliation table (docs/agent.md)', () => {
   test('nothing desired, nothing observed: no steps', () => {
     const plan = diff(desiredOf([]), EMPTY_OBSERVED);
     assert.deepEqual(plan.steps, []);
-    assert.deepEqual(plan.summary, { add: 0, reopen: 0, replace: 0, remove: 0, repair: 0 });
+    assert.deepEqual(plan.summary, { add: 0, reopen: 0, replace: 0, remove: 0, repair: 0, adopt: 0 });
   });
 
   test('new export / node: add nodes bottom-up, then the export', () => {
     // Declared parent first: the plan still opens the child first.
     const plan = diff(desiredOf([fmt0, prot0], [exp0]), EMPTY_OBSERVED);
     assert.deepEqual(outline(plan), ['add-node prot0', 'add-node fmt0', 'add-export exp0']);
-    assert.deepEqual(plan.summary, { add: 3, reopen: 0, replace: 0, remove: 0, repair: 0 });
+    assert.deepEqual(plan.summary, { add: 3, reopen: 0, replace: 0, remove: 0, repair: 0, adopt: 0 });
     const add = plan.steps[2]!;
     assert.equal(add.action, 'add-export');
     assert.deepEqual(add.action === 'add-export' && add.origin, {
@@ -71,7 +71,7 @@ describe('diff: the reconciliation table (docs/agent.md)', () => {
   test('removed export / node: export first, then nodes top-down', () => {
     const plan = diff(desiredOf([]), observedOf([prot0, fmt0], [exp0]));
     assert.deepEqual(outline(plan), ['remove-export exp0', 'remove-node fmt0', 'remove-node prot0']);
-    assert.deepEqual(plan.summary, { add: 0, reopen: 0, replace: 0, remove: 3, repair: 0 });
+    assert.deepEqual(plan.summary, { add: 0, reopen: 0, replace: 0, remove: 3, repair: 0, adopt: 0 });
     // Remove steps carry the observed options, so the engine knows what it closes.
     assert.deepEqual(plan.steps[0], { engine: 'native', action: 'remove-export', export: exp0 });
   });
@@ -98,7 +98,14 @@ describe('diff: the reconciliation table (docs/agent.md)', () => {
       assert.equal(step.action, 'reopen-export');
       assert.deepEqual(step.action === 'reopen-export' && step.changes, [{ option, from, to }]);
       assert.deepEqual(step.action === 'reopen-export' && step.export, { ...exp0, [option]: to });
-      assert.deepEqual(plan.summary, { add: 0, reopen: 1 + nodes.length, replace: 0, remove: 0, repair: 0 });
+      assert.deepEqual(plan.summary, {
+        add: 0,
+        reopen: 1 + nodes.length,
+        replace: 0,
+        remove: 0,
+        repair: 0,
+        adopt: 0,
+      });
     });
   }
 
@@ -167,7 +174,7 @@ describe('diff: the reconciliation table (docs/agent.md)', () => {
     assert.deepEqual('replace' in first && first.replace?.changes, [
       { option: 'filename', from: IMG, to: '/srv/images/bar.qcow2' },
     ]);
-    assert.deepEqual(plan.summary, { add: 0, reopen: 0, replace: 3, remove: 0, repair: 0 });
+    assert.deepEqual(plan.summary, { add: 0, reopen: 0, replace: 3, remove: 0, repair: 0, adopt: 0 });
   });
 
   for (const [what, desiredNode, observedNode] of [
@@ -253,7 +260,7 @@ describe('diff: the reconciliation table (docs/agent.md)', () => {
     test(`export ${state}: repair (clean the mount, mount again)`, () => {
       const plan = diff(desiredOf([prot0, fmt0], [exp0]), observedOf([prot0, fmt0], [exp0], state));
       assert.deepEqual(outline(plan), ['repair-export exp0']);
-      assert.deepEqual(plan.summary, { add: 0, reopen: 0, replace: 0, remove: 0, repair: 1 });
+      assert.deepEqual(plan.summary, { add: 0, reopen: 0, replace: 0, remove: 0, repair: 1, adopt: 0 });
       const step = plan.steps[0]!;
       assert.equal(step.action === 'repair-export' && step.state, state);
     });
@@ -373,7 +380,7 @@ describe('diff: ordering and cascades', () => {
       'add-export new',
       'repair-export oth',
     ]);
-    assert.deepEqual(plan.summary, { add: 2, reopen: 3, replace: 0, remove: 2, repair: 1 });
+    assert.deepEqual(plan.summary, { add: 2, reopen: 3, replace: 0, remove: 2, repair: 1, adopt: 0 });
   });
 });
 

@@ -155,6 +155,48 @@ describe('plan: several engines', () => {
       'qemu add-node fmt0',
       'qemu add-export exp0',
     ]);
-    assert.deepEqual(p.summary, { add: 3, reopen: 0, replace: 0, remove: 3, repair: 0 });
+    assert.deepEqual(p.summary, { add: 3, reopen: 0, replace: 0, remove: 3, repair: 0, adopt: 0 });
+  });
+});
+
+describe('plan: exports a previous agent left held', () => {
+  const exp0 = fuseExport('exp0', 'fmt0', '/srv/raw/foo');
+  const held = (e = exp0) => ({
+    nodes: [],
+    exports: [{ options: e, state: 'held' as const, reason: 'held since T, mounted by pid 7' }],
+  });
+
+  test('a held export still desired is adopted once its nodes are open', () => {
+    const p = plan(desiredOf([prot0, fmt0], [exp0]), held());
+    assert.deepEqual(outline(p), [
+      'native add-node prot0',
+      'native add-node fmt0',
+      'native adopt-export exp0',
+    ]);
+    assert.deepEqual(p.summary, { add: 2, reopen: 0, replace: 0, remove: 0, repair: 0, adopt: 1 });
+    assert.match(
+      renderPlan(p),
+      /^> export exp0 \/srv\/raw\/foo \(adopt: held since T, mounted by pid 7\) \[native\]$/m,
+    );
+  });
+
+  test('options changed in place while nobody served it are applied on adoption', () => {
+    const p = plan(desiredOf([prot0, fmt0], [{ ...exp0, growable: true }]), held());
+    const adopt = p.steps.at(-1)!;
+    assert.equal(adopt.action, 'adopt-export');
+    assert.deepEqual(adopt.action === 'adopt-export' && adopt.changes, [
+      { option: 'growable', from: false, to: true },
+    ]);
+  });
+
+  test('a held export no manifest wants is removed; one whose mountpoint changed is replaced', () => {
+    assert.deepEqual(outline(plan(desiredOf([]), held())), ['native remove-export exp0']);
+    const moved = plan(desiredOf([prot0, fmt0], [{ ...exp0, mountpoint: '/srv/raw/bar' }]), held());
+    assert.deepEqual(outline(moved), [
+      'native remove-export exp0 (replace)',
+      'native add-node prot0',
+      'native add-node fmt0',
+      'native add-export exp0 (replace)',
+    ]);
   });
 });

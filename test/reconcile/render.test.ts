@@ -86,7 +86,7 @@ test('JSON: {changes, summary, steps}; every step carries full options an engine
   );
   assert.deepEqual(Object.keys(json), ['changes', 'summary', 'steps']);
   assert.equal(json.changes, true);
-  assert.deepEqual(json.summary, { add: 2, reopen: 0, replace: 0, remove: 0, repair: 0 });
+  assert.deepEqual(json.summary, { add: 2, reopen: 0, replace: 0, remove: 0, repair: 0, adopt: 0 });
   assert.deepEqual(json.steps, [
     {
       engine: 'native',
@@ -115,7 +115,7 @@ test('JSON: {changes, summary, steps}; every step carries full options an engine
   const none = planToJson(diff(desiredOf([prot0]), observedOf([prot0])));
   assert.deepEqual(none, {
     changes: false,
-    summary: { add: 0, reopen: 0, replace: 0, remove: 0, repair: 0 },
+    summary: { add: 0, reopen: 0, replace: 0, remove: 0, repair: 0, adopt: 0 },
     steps: [],
   });
 });
