@@ -47,6 +47,10 @@ export interface StatusExport {
   mountpoint: string;
   node: string;
   chain: string[];
+  /** Served by this agent process since (ISO), when it serves it. */
+  servedSince?: string;
+  /** This agent process adopted it from a previous one (the mount itself is older). */
+  adopted?: boolean;
 }
 
 export interface StatusDocument {
@@ -126,6 +130,19 @@ export class Agent {
     if (first !== undefined) throw first;
   }
 
+  /**
+   * Waits for the pass in progress and leaves every export to the next
+   * agent: flushed, still mounted, its connection kept (native engine) or
+   * its daemon left serving (qemu engine). The process exits afterwards.
+   */
+  async handover(): Promise<void> {
+    this.stopped = true;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    await this.running?.catch(() => undefined);
+    await this.queued?.catch(() => undefined);
+    for (const engine of this.engines) await engine.handover();
+  }
+
   status(): StatusDocument {
     const live = new Map(this.engines.flatMap((en) => en.exports().map((e) => [e.id, e] as const)));
     return {
@@ -151,6 +168,8 @@ export class Agent {
           mountpoint: r.mountpoint,
           node: r.node,
           chain: live.get(r.id)?.nodeChain ?? [],
+          ...(live.get(r.id)?.servedSince !== undefined ? { servedSince: live.get(r.id)!.servedSince! } : {}),
+          ...(live.has(r.id) ? { adopted: live.get(r.id)!.adopted } : {}),
         };
       }),
     };

@@ -24,14 +24,16 @@ async function isLiveAgent(pid: number): Promise<boolean> {
  * Unmounts agent mounts whose process is gone; returns what it cleaned. Run
  * before this agent mounts anything: a mount carrying our own pid is then a
  * predecessor's (in a container the agent is often pid 1 every time).
+ * Mountpoints in `held` are alive (the fd holder keeps their connection for
+ * this agent to adopt) and stay.
  */
-export async function cleanStaleAgentMounts(): Promise<MountEntry[]> {
+export async function cleanStaleAgentMounts(held: ReadonlySet<string> = new Set()): Promise<MountEntry[]> {
   const cleaned: MountEntry[] = [];
   // Stacked mounts on one path: unmount the topmost first.
   const entries = (await readMountTable()).reverse();
   for (const e of entries) {
     const owner = mountOwner(e);
-    if (owner?.kind !== 'agent') continue;
+    if (owner?.kind !== 'agent' || held.has(e.mountpoint)) continue;
     if (owner.pid !== process.pid && (await isLiveAgent(owner.pid))) continue;
     await lazyUnmount(e.mountpoint);
     cleaned.push(e);

@@ -41,6 +41,17 @@ export interface ExportRecord {
   options: ExportOptions;
   /** The core created the mountpoint file (create-mountpoint): it goes with the export. */
   createdMountpoint: boolean;
+  /** Served by this process since (ISO); the mount itself may be older when it was adopted. */
+  servedSince?: string;
+  /** This process adopted the export from a previous one (its connection was kept). */
+  adopted?: boolean;
+}
+
+/** A mount a previous process left, its connection kept for this engine, that nobody serves yet. */
+export interface HeldExport {
+  options: ExportOptions;
+  /** "held since T, mounted by pid N". */
+  reason: string;
 }
 
 /** The engine-specific half of each step, as a struct of callbacks. */
@@ -65,9 +76,17 @@ export interface EngineDriver {
   removeExport(e: ExportOptions): Promise<void>;
   /** Absent when the engine changes no export option in place (its capabilities say so). */
   reopenExport?(e: ExportOptions): Promise<void>;
+  /** Mounts kept for this engine that no process serves (observed as `held`). */
+  held?(): HeldExport[];
+  /** Serves the held export `e.id` with the options `e` (its nodes are open). */
+  adoptExport?(e: ExportOptions): Promise<void>;
+  /** Unmounts a held export nobody wants and lets its connection go. */
+  releaseHeld?(id: string): Promise<void>;
   stats?(id: string): ExportStats | undefined;
   /** Removes every export and closes every node. */
   shutdown(): Promise<void>;
+  /** Flushes and leaves every export serving for the next agent (absent: nothing to do). */
+  handover?(): Promise<void>;
 }
 
 /**
@@ -144,6 +163,8 @@ export class StepEngine implements Engine {
         else
           observed.exports.push({ options: e.options, state: 'unmounted', reason: 'not in the mount table' });
       }
+      for (const h of this.driver.held?.() ?? [])
+        observed.exports.push({ options: h.options, state: 'held', reason: h.reason });
       return observed;
     });
   }
@@ -157,6 +178,8 @@ export class StepEngine implements Engine {
       mountpoint: e.options.mountpoint,
       nodeChain: graph.below(e.options['node-name']),
       stats: this.driver.stats?.(e.options.id),
+      ...(e.servedSince !== undefined ? { servedSince: e.servedSince } : {}),
+      adopted: e.adopted ?? false,
     }));
   }
 
@@ -178,7 +201,15 @@ export class StepEngine implements Engine {
           return this.reopenExport(step.export);
         case 'repair-export':
           return this.repairExport(step.export);
+        case 'adopt-export':
+          return this.adoptExport(step.export);
       }
+    });
+  }
+
+  handover(): Promise<void> {
+    return this.serial(async () => {
+      await this.driver.handover?.();
     });
   }
 
@@ -268,7 +299,10 @@ export class StepEngine implements Engine {
 
   private async removeExport(e: ExportOptions): Promise<void> {
     const live = this.exportRecord(e.id);
-    if (!live) return;
+    if (!live) {
+      if (this.driver.held?.().some((h) => h.options.id === e.id)) await this.driver.releaseHeld?.(e.id);
+      return;
+    }
     await this.driver.removeExport(live.options);
     if (live.createdMountpoint) await unlink(live.options.mountpoint).catch(() => undefined);
   }
@@ -283,6 +317,15 @@ export class StepEngine implements Engine {
       );
     if (e.writable) this.checkWritable(e);
     await this.driver.reopenExport(e);
+  }
+
+  /** Serves a held export: the checks of a new export, then the driver adopts its connection. */
+  private async adoptExport(e: ExportOptions): Promise<void> {
+    if (!this.node(e['node-name']))
+      throw new BlkError('STATE', `export '${e.id}': node '${e['node-name']}' is not open`);
+    if (!this.driver.adoptExport) throw new BlkError('INTERNAL', `the ${this.name} engine adopts no export`);
+    if (e.writable) this.checkWritable(e);
+    await this.driver.adoptExport(e);
   }
 
   /** Removes what is left of the export, clears a stale mount of ours on its mountpoint, mounts again. */

@@ -18,6 +18,10 @@ export interface EngineExport {
   /** node-names from the exported node down through file and backing children. */
   nodeChain: string[];
   stats: ExportStats | undefined;
+  /** Served by this process since (ISO). */
+  servedSince?: string;
+  /** Adopted from a previous agent process (its connection was kept). */
+  adopted: boolean;
 }
 
 /** An engine: capabilities, observe, apply steps, list live exports, shut down. */
@@ -33,4 +37,9 @@ export interface Engine {
   exports(): EngineExport[];
   /** Removes every export (flush, unmount) and closes every node. */
   shutdown(): Promise<void>;
+  /**
+   * Leaves every export serving for the next agent instead: flushes, keeps
+   * every mount, and lets go of the engine (the agent process then exits).
+   */
+  handover(): Promise<void>;
 }

@@ -44,10 +44,11 @@ export interface LiveExport<O extends ExportDriverOptions = ExportDriverOptions>
   stop(): Promise<void>;
 }
 
-/** One export type (`E`: the live export it starts). */
+/** One export type (`E`: the live export it starts; `H`: a kept connection it can adopt). */
 export interface ExportDriver<
   O extends ExportDriverOptions = ExportDriverOptions,
   E extends LiveExport<O> = LiveExport<O>,
+  H = never,
 > {
   readonly type: string;
   /** Options (manifest spelling) a reopen changes in place; any other change replaces the export. */
@@ -56,4 +57,6 @@ export interface ExportDriver<
   claim(opts: O): { key: string; taken: string } | undefined;
   /** Starts serving `node`; the core has checked the id, the claim and that a writable export can write. */
   start(node: BlockNode, opts: O): Promise<E>;
+  /** Serves a connection a previous process started and another one kept (absent: the type cannot). */
+  adopt?(node: BlockNode, opts: O, held: H): Promise<E>;
 }

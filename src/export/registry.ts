@@ -20,10 +20,32 @@ export class ExportRegistry {
   private readonly starting = new Set<string>();
 
   /** Checks, then starts an export of `node` with `driver`. */
-  async add<O extends ExportDriverOptions, E extends LiveExport<O>>(
-    driver: ExportDriver<O, E>,
+  add<O extends ExportDriverOptions, E extends LiveExport<O>, H>(
+    driver: ExportDriver<O, E, H>,
     node: BlockNode,
     opts: O,
+  ): Promise<E> {
+    return this.register(driver, node, opts, () => driver.start(node, opts));
+  }
+
+  /** Checks like add(), then serves the connection `held` kept for it instead of starting anew. */
+  adopt<O extends ExportDriverOptions, E extends LiveExport<O>, H>(
+    driver: ExportDriver<O, E, H>,
+    node: BlockNode,
+    opts: O,
+    held: H,
+  ): Promise<E> {
+    const adopt = driver.adopt;
+    if (!adopt) throw new BlkError('NOT_SUPPORTED', `export type '${driver.type}' cannot adopt a connection`);
+    return this.register(driver, node, opts, () => adopt(node, opts, held));
+  }
+
+  /** The checks every export type shares, then `start`, then the live set. */
+  private async register<O extends ExportDriverOptions, E extends LiveExport<O>, H>(
+    driver: ExportDriver<O, E, H>,
+    node: BlockNode,
+    opts: O,
+    start: () => Promise<E>,
   ): Promise<E> {
     if (this.byId.has(opts.id) || this.starting.has(opts.id)) {
       throw new BlkError('EXPORT_EXISTS', `Block export id '${opts.id}' is already in use`);
@@ -46,7 +68,7 @@ export class ExportRegistry {
     this.starting.add(opts.id);
     if (claim) this.claims.set(claim.key, opts.id);
     try {
-      const exp = await driver.start(node, opts);
+      const exp = await start();
       this.byId.set(opts.id, exp as unknown as LiveExport);
       this.refreshSharing();
       return exp;

@@ -15,6 +15,7 @@ import { notifySystemd } from '../../agent/systemd.js';
 import { watchManifests } from '../../agent/watch.js';
 import { makePathPolicy, type PathPolicy } from '../../block/path-policy.js';
 import { NativeEngine } from '../../engine/native/engine.js';
+import { ConnectionKeeper, DEFAULT_FDSTORE_SOCKET } from '../../engine/native/keeper.js';
 import { DEFAULT_QSD_DIR } from '../../engine/qemu/daemon.js';
 import { QemuEngine } from '../../engine/qemu/engine.js';
 import { BlkError, describeError } from '../../errors.js';
@@ -26,7 +27,18 @@ export const usage = `usage: blkexport agent --manifests DIR [options]
 Makes the exports described by the manifests in DIR exist, and keeps them so:
 on start, on every change of a manifest (live within 2 s), on SIGHUP, and every
 --resync seconds. A manifest that stops validating keeps its last good version
-in force. SIGTERM/SIGINT flush and unmount every export, then exit 0.
+in force.
+
+Native exports outlive the agent process (Linux 6.9 or later): their FUSE
+connections are kept by the fd holder (blkexport fdstore, started on demand),
+and the next agent adopts them, so a crash, a kill -9 or a handover costs the
+exports' users a pause, never an I/O error.
+
+signals:
+  SIGTERM, SIGINT   stop: flush and unmount every export, then exit 0
+  SIGUSR2           hand over: flush every export, leave the mounts to the fd
+                    holder, exit 75; the next agent started adopts them
+  SIGHUP            reconcile now
 
 options:
   --manifests DIR          the manifest directory (*.yaml, *.yml)
@@ -38,6 +50,9 @@ options:
   --engine native|qemu     the engine of manifests that do not name one (default native)
   --qsd-dir DIR            qemu engine: qemu-storage-daemon's pidfile, QMP socket and state file
                            (default ${DEFAULT_QSD_DIR}); one daemon per directory, re-attached on restart
+  --fdstore PATH           the fd holder's socket (default ${DEFAULT_FDSTORE_SOCKET})
+  --fdstore-external       never start the fd holder: another process runs it (a sidecar
+                           container: in a pod the holder must outlive the agent's container)
   --log-format text|json   log lines on stderr (default text)
   --hostname NAME          the host name manifests' hosts: are matched against (default: this host's)
 `;
@@ -52,6 +67,8 @@ export async function run(args: string[]): Promise<number> {
     'max-exports': { type: 'string', default: String(DEFAULT_MAX_EXPORTS) },
     engine: { type: 'string', default: 'native' },
     'qsd-dir': { type: 'string', default: DEFAULT_QSD_DIR },
+    fdstore: { type: 'string', default: DEFAULT_FDSTORE_SOCKET },
+    'fdstore-external': { type: 'boolean', default: false },
     'log-format': { type: 'string', default: 'text' },
     hostname: { type: 'string' },
   });
@@ -87,7 +104,17 @@ export async function run(args: string[]): Promise<number> {
   const socketPath = resolve(values.socket as string);
   const host = (values.hostname as string | undefined) ?? hostname();
 
-  const native = new NativeEngine(policy);
+  const bin = new URL('../../../bin/blkexport', import.meta.url).pathname;
+  const fdstore = resolve(values.fdstore as string);
+  const keeper = new ConnectionKeeper(
+    fdstore,
+    values['fdstore-external'] ? undefined : [bin, 'fdstore', '--socket', fdstore],
+  );
+  const native = new NativeEngine({
+    policy,
+    keeper,
+    log: (level, msg, fields) => (level === 'warn' ? log.warn(msg, fields) : log.info(msg, fields)),
+  });
   let agentRef: Agent | undefined;
   // QSD is started only when a step needs it; an agent with no qemu manifests never runs it.
   const qemu = new QemuEngine({
@@ -129,7 +156,12 @@ export async function run(args: string[]): Promise<number> {
     engine: defaultEngine,
   });
 
-  for (const m of await cleanStaleAgentMounts().catch((e) => {
+  // Connections a previous agent left in the fd holder are adopted, not cleaned as stale.
+  const held = await native.loadHeld().catch((e) => {
+    log.error('reading the fd holder failed; its mounts are left alone', { error: describeError(e) });
+    return [] as string[];
+  });
+  for (const m of await cleanStaleAgentMounts(new Set(held)).catch((e) => {
     log.error('cleaning stale mounts failed', { error: describeError(e) });
     return [];
   })) {
@@ -163,6 +195,29 @@ export async function run(args: string[]): Promise<number> {
       log.info('stopped', { code });
       resolveExit(code);
     };
+    const handover = async () => {
+      if (stopping) return;
+      stopping = true;
+      log.info('handing over: flushing every export and leaving the mounts to the next agent', {
+        signal: 'SIGUSR2',
+        fdstore,
+      });
+      clearInterval(resync);
+      let code = 0;
+      try {
+        await watcher.close();
+        await agent.handover();
+      } catch (e) {
+        log.error('handing over failed', { error: describeError(e) });
+        code = 1;
+      }
+      await server.close();
+      log.info('handed over', { code });
+      // The mounts stay, so their threads would keep this process alive: exit now. 75
+      // (EX_TEMPFAIL) tells a supervisor to start the next agent (systemd: RestartForceExitStatus).
+      process.exit(code === 0 ? 75 : code);
+    };
+    process.on('SIGUSR2', () => void handover());
     process.on('SIGTERM', () => void stop('SIGTERM'));
     process.on('SIGINT', () => void stop('SIGINT'));
     process.on('SIGHUP', () => {

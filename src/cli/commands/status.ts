@@ -11,7 +11,9 @@ export const usage = `usage: blkexport status [--socket PATH] [-o table|json|yam
 
 Asks the agent on the control socket (default ${DEFAULT_SOCKET}) for every
 manifest (valid or not, with errors as FILE:LINE:COL) and every export
-(its engine; ready, pending or failed, with the reason and since when).
+(its engine; ready, pending or failed, with the reason and since when; since
+when this agent process serves it, and whether it adopted it from a previous
+agent process).
 `;
 
 function table(rows: string[][]): string {
@@ -44,9 +46,20 @@ export function renderStatus(s: StatusDocument): string {
       out.push(`  ${e.file}${e.line !== null ? `:${e.line}:${e.col}` : ''}: ${e.message}`);
   }
   out.push('', 'EXPORTS');
-  const erows = [['ID', 'ENGINE', 'STATE', 'MOUNTPOINT', 'NODE', 'SINCE', 'REASON']];
-  for (const e of s.exports)
-    erows.push([e.id, e.engine, e.state, e.mountpoint, e.chain.join(' > ') || e.node, e.since, e.reason]);
+  const erows = [['ID', 'ENGINE', 'STATE', 'MOUNTPOINT', 'NODE', 'SINCE', 'SERVED BY THIS AGENT', 'REASON']];
+  for (const e of s.exports) {
+    const served = e.servedSince === undefined ? '-' : `${e.servedSince}${e.adopted ? ' (adopted)' : ''}`;
+    erows.push([
+      e.id,
+      e.engine,
+      e.state,
+      e.mountpoint,
+      e.chain.join(' > ') || e.node,
+      e.since,
+      served,
+      e.reason,
+    ]);
+  }
   out.push(table(erows));
   return out.join('\n');
 }

@@ -2,6 +2,8 @@
  * The native engine: nodes of our own block layer in one graph, exports
  * served by this process through the export drivers (FUSE). Nodes open
  * read-only or read-write as the plan says; this driver decides nothing.
+ * With a connection keeper, every mount's FUSE connection is kept outside
+ * the process (kept-exports.ts), and a successor adopts it.
  */
 import { closeSync, fstatSync, openSync } from 'node:fs';
 import { BlockGraph } from '../../block/graph.js';
@@ -10,12 +12,28 @@ import type { BlockNode } from '../../block/types.js';
 import { BlkError } from '../../errors.js';
 import type { ExportStats, LiveExport } from '../../export/driver.js';
 import { findExportDriver } from '../../export/drivers.js';
-import type { FuseExportOptions } from '../../export/fuse/export.js';
-import { fsnameFor, type MountEntry, mountOwner } from '../../export/mount-table.js';
+import { fuseExportDriver } from '../../export/fuse/driver.js';
+import type { FuseExport, FuseExportOptions } from '../../export/fuse/export.js';
+import {
+  fsnameFor,
+  type MountEntry,
+  mountOwner,
+  readMountTable,
+  topMountAt,
+} from '../../export/mount-table.js';
 import { ExportRegistry } from '../../export/registry.js';
 import type { ExportOptions, NodeOptions } from '../../reconcile/model.js';
-import { type EngineDriver, type ExportRecord, type NodeRecord, type Resolved, StepEngine } from '../core.js';
+import {
+  type EngineDriver,
+  type ExportRecord,
+  type HeldExport,
+  type NodeRecord,
+  type Resolved,
+  StepEngine,
+} from '../core.js';
 import { nativeCapabilities } from './capabilities.js';
+import type { ConnectionKeeper } from './keeper.js';
+import { KeptExports, type LogFn } from './kept-exports.js';
 import { resolveNode } from './resolve-node.js';
 
 interface LiveNode extends NodeRecord {
@@ -30,6 +48,16 @@ interface LiveNode extends NodeRecord {
 
 interface LiveExportRecord extends ExportRecord {
   exp: LiveExport;
+  /** The mount's id in the mount table (how an adopted mount, made by another pid, is recognized). */
+  mountId: number | undefined;
+}
+
+/** What the native engine is built with. */
+export interface NativeEngineOptions {
+  policy: PathPolicy;
+  /** Keeps FUSE connections outside the process (the agent's fd holder); absent: exports end with the process. */
+  keeper?: ConnectionKeeper;
+  log?: LogFn;
 }
 
 /** The export driver's options for a manifest export (QAPI spelling → the driver's). */
@@ -51,17 +79,28 @@ class NativeDriver implements EngineDriver {
   private readonly registry = new ExportRegistry();
   private readonly nodes = new Map<string, LiveNode>();
   private readonly live = new Map<string, LiveExportRecord>();
+  readonly kept: KeptExports;
+  private readonly log: LogFn;
 
-  constructor(policy: PathPolicy) {
-    this.graph = new BlockGraph(policy);
+  constructor(opts: NativeEngineOptions) {
+    this.graph = new BlockGraph(opts.policy);
+    this.log = opts.log ?? (() => undefined);
+    this.kept = new KeptExports(opts.keeper, this.log);
   }
 
   records(): { nodes: NodeRecord[]; exports: ExportRecord[] } {
     return { nodes: [...this.nodes.values()], exports: [...this.live.values()] };
   }
 
+  /** Ours: mounted by this process, or adopted (the mount still names the pid that made it). */
   ownsMount(top: MountEntry | undefined): boolean {
-    return top !== undefined && top.source === fsnameFor('agent', process.pid);
+    if (top === undefined) return false;
+    if (top.source === fsnameFor('agent', process.pid)) return true;
+    return [...this.live.values()].some((e) => e.adopted && e.mountId === top.mountId);
+  }
+
+  held(): HeldExport[] {
+    return this.kept.held();
   }
 
   stats(id: string): ExportStats | undefined {
@@ -73,8 +112,12 @@ class NativeDriver implements EngineDriver {
    * image underneath: such a file node opens the image through the pin of a
    * node of this agent on the same path, or is refused.
    */
-  private openPath(n: NodeOptions, covering: MountEntry | undefined): NodeOptions {
-    if (!covering || !mountOwner(covering)) return n;
+  private openPath(n: NodeOptions, covering: MountEntry | undefined): { options: NodeOptions; pin?: number } {
+    if (!covering || !mountOwner(covering)) return { options: n };
+    // A held mount over its own image: the holder kept a pin of the image under it.
+    const heldPin = this.kept.takePin(n.filename!);
+    if (heldPin !== undefined)
+      return { options: { ...n, filename: `/proc/self/fd/${heldPin}` }, pin: heldPin };
     const pinned = [...this.nodes.values()].find(
       (x) => x.options.filename === n.filename && x.pin !== undefined,
     );
@@ -85,16 +128,21 @@ class NativeDriver implements EngineDriver {
           'opening it would read that export, not the image',
       );
     }
-    return { ...n, filename: `/proc/self/fd/${pinned.pin}` };
+    return { options: { ...n, filename: `/proc/self/fd/${pinned.pin}` } };
   }
 
   async addNode(n: NodeOptions, covering: MountEntry | undefined): Promise<Resolved> {
-    const r = await resolveNode(this.openPath(n, covering), (name) => this.nodes.get(name)?.node);
-    const node = await this.graph.openNode(r.options);
+    const path = this.openPath(n, covering);
+    const r = await resolveNode(path.options, (name) => this.nodes.get(name)?.node);
+    const node = await this.graph.openNode(r.options).catch((e) => {
+      if (path.pin !== undefined) closeSync(path.pin);
+      throw e;
+    });
     const window = node.resolved?.();
     const resolved: Resolved = window ? { offset: window.offset, size: window.size } : {};
     if (r.driver !== undefined) resolved.driver = r.driver;
     const live: LiveNode = { options: n, node };
+    if (path.pin !== undefined) live.pin = path.pin;
     if (node.role === 'protocol' && node.fileKey !== undefined) live.fileKey = node.fileKey;
     if (Object.keys(resolved).length) live.resolved = resolved;
     this.nodes.set(n['node-name'], live);
@@ -130,8 +178,78 @@ class NativeDriver implements EngineDriver {
     const driver = findExportDriver(e.type);
     if (!driver) throw new BlkError('NOT_SUPPORTED', `export '${e.id}': type '${e.type}' is not supported`);
     this.pinCovered(e.mountpoint);
-    const exp = await this.registry.add(driver, this.nodes.get(e['node-name'])!.node, driverOptions(e));
-    this.live.set(e.id, { options: e, createdMountpoint, exp });
+    const node = this.nodes.get(e['node-name'])!.node;
+    const exp = await this.registry.add(driver, node, driverOptions(e));
+    const since = new Date().toISOString();
+    const mountId = await this.mountIdOf(e.mountpoint);
+    this.live.set(e.id, { options: e, createdMountpoint, exp, mountId, servedSince: since, adopted: false });
+    await this.keep(e, exp, since, mountId, createdMountpoint);
+  }
+
+  /** The id of our mount on `mountpoint` in the mount table. */
+  private async mountIdOf(mountpoint: string): Promise<number | undefined> {
+    const top = topMountAt(await readMountTable(), mountpoint);
+    return top && this.ownsMount(top) ? top.mountId : undefined;
+  }
+
+  /** Keeps the export's connection (and the pin of an image it covers) in the fd holder. */
+  private async keep(
+    e: ExportOptions,
+    exp: LiveExport,
+    since: string,
+    mountId: number | undefined,
+    createdMountpoint: boolean,
+  ): Promise<void> {
+    if (e.type !== 'fuse') return;
+    const pin = [...this.nodes.values()].find(
+      (n) => n.options.filename === e.mountpoint && n.pin !== undefined,
+    );
+    await this.kept.keep(exp as FuseExport, e, {
+      pinFd: pin?.pin,
+      imageKey: exp.node.fileKey,
+      since,
+      mountId,
+      createdMountpoint,
+    });
+  }
+
+  /**
+   * Serves a held export: its image must still be the one the mount was made
+   * of (`dev:ino`), else the held mount is let go and the export mounted anew,
+   * so nobody reads another file through the old mount.
+   */
+  async adoptExport(e: ExportOptions): Promise<void> {
+    const h = this.kept.take(e.id);
+    if (!h) throw new BlkError('STATE', `export '${e.id}' is not held`);
+    const node = this.nodes.get(e['node-name'])!.node;
+    const createdMountpoint = h.meta.createdMountpoint ?? false;
+    if (h.meta.imageKey !== node.fileKey) {
+      this.log('warn', 'the image under a kept mount was replaced; unmounting it and mounting anew', {
+        export: e.id,
+      });
+      await this.kept.releaseTaken(h);
+      await this.addExport(e, createdMountpoint);
+      return;
+    }
+    const held = { fd: h.fuseFd, init: h.meta.init, allowsOther: h.meta.allowsOther, resend: true };
+    const exp = await this.registry.adopt(fuseExportDriver, node, driverOptions(h.meta.options), held);
+    if (h.pinFd !== undefined) closeSync(h.pinFd);
+    const since = new Date().toISOString();
+    this.live.set(e.id, {
+      options: h.meta.options,
+      exp,
+      mountId: h.meta.mountId,
+      servedSince: since,
+      adopted: true,
+      createdMountpoint,
+    });
+    // Options that changed while nobody served it are applied now, like a reopen.
+    await this.reopenExport(e);
+    await this.keep(e, exp, h.meta.since, h.meta.mountId, createdMountpoint);
+  }
+
+  async releaseHeld(id: string): Promise<void> {
+    await this.kept.release(id);
   }
 
   async removeExport(e: ExportOptions): Promise<void> {
@@ -140,6 +258,7 @@ class NativeDriver implements EngineDriver {
       await this.registry.remove(e.id);
     } finally {
       this.live.delete(e.id);
+      this.kept.forget(e.id);
     }
   }
 
@@ -162,13 +281,34 @@ class NativeDriver implements EngineDriver {
     });
     for (const n of this.nodes.values()) if (n.pin !== undefined) closeSync(n.pin);
     this.nodes.clear();
+    await this.kept.stop().catch((err) => {
+      first ??= err;
+    });
     if (first !== undefined) throw first;
+  }
+
+  /**
+   * Hands the exports over instead of stopping: every node flushed to stable
+   * storage, nothing unmounted. The process then exits; the connections stay
+   * in the fd holder, and the next agent adopts them.
+   */
+  async handover(): Promise<void> {
+    for (const n of this.graph.nodes()) if (!n.readOnly) await n.flush();
   }
 }
 
 /** The native engine: the shared step core over our own block layer and export drivers. */
 export class NativeEngine extends StepEngine {
-  constructor(policy: PathPolicy) {
-    super(new NativeDriver(policy));
+  private readonly native: NativeDriver;
+
+  constructor(opts: NativeEngineOptions) {
+    const driver = new NativeDriver(opts);
+    super(driver);
+    this.native = driver;
+  }
+
+  /** Takes the connections the fd holder kept (before stale mounts are cleaned): their mountpoints. */
+  loadHeld(): Promise<string[]> {
+    return this.native.kept.load();
   }
 }

@@ -226,6 +226,11 @@ class QemuDriver implements EngineDriver {
   shutdown(): Promise<void> {
     return this.session.shutdown();
   }
+
+  /** QSD serves on by itself: the next agent re-attaches. */
+  async handover(): Promise<void> {
+    this.session.detach();
+  }
 }
 
 /** The qemu engine: the shared step core over one qemu-storage-daemon. */

@@ -9,6 +9,7 @@ import { isAbsolute } from 'node:path';
 import { BlkError } from '../../errors.js';
 import type { ExportDriver } from '../driver.js';
 import { FuseExport, type FuseExportOptions } from './export.js';
+import type { FuseInit } from './file-fs.js';
 
 /** Checks that `mountpoint` is an absolute path to an existing regular file (QSD's messages). */
 export async function checkMountpoint(mountpoint: string): Promise<void> {
@@ -37,7 +38,17 @@ export async function createMountpoint(path: string): Promise<boolean> {
   }
 }
 
-export const fuseExportDriver: ExportDriver<FuseExportOptions, FuseExport> = {
+/** A FUSE connection kept outside the process that mounted it, to adopt. */
+export interface HeldFuse {
+  fd: number;
+  init: FuseInit;
+  /** The kernel granted allow_other to the mount. */
+  allowsOther: boolean;
+  /** Ask the kernel to requeue what the previous server had read but not answered. */
+  resend: boolean;
+}
+
+export const fuseExportDriver: ExportDriver<FuseExportOptions, FuseExport, HeldFuse> = {
   type: 'fuse',
   mutableOptions: ['writable', 'growable', 'allow-other'],
   // By string: stat-ing a mountpoint our own export may cover could deadlock.
@@ -51,4 +62,6 @@ export const fuseExportDriver: ExportDriver<FuseExportOptions, FuseExport> = {
       throw new BlkError('MOUNT_FAILED', e.message, {}, { cause: e });
     });
   },
+  // No mountpoint check: the mount is there already (and stat-ing it would ask it, unserved).
+  adopt: (node, opts, held) => FuseExport.adopt(node, opts, held),
 };

@@ -11,8 +11,15 @@ import { BlkError, Errno } from '../../errors.js';
 import type { ExportStats, LiveExport } from '../driver.js';
 import { LatencyHistogram } from '../latency.js';
 import { FastPathSync } from './fast-sync.js';
-import { type FileAttr, type FileFsMount, type FileFsOps, FuseErrno, remount } from './file-fs.js';
-import { mountFileFs } from './mount.js';
+import {
+  type FileAttr,
+  type FileFsMount,
+  type FileFsOps,
+  FuseErrno,
+  type FuseInit,
+  remount,
+} from './file-fs.js';
+import { adoptFileFs, mountFileFs } from './mount.js';
 import { roundUpToSector, seekDataOrHole } from './seek.js';
 
 export type AllowOther = 'auto' | 'on' | 'off';
@@ -105,6 +112,32 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
     exp.fast = new FastPathSync(node, exp.mount.fast);
     exp.fast.reset();
     return exp;
+  }
+
+  /**
+   * Serves a mount another process made and kept (its connection `fd` and
+   * INIT parameters): the mount stays as it is (its rw/ro state and whether
+   * the kernel granted allow_other are taken as they were, `opts` as the
+   * options it was made with); pending requests are asked again (resend).
+   */
+  static async adopt(
+    node: BlockNode,
+    opts: FuseExportOptions,
+    held: { fd: number; init: FuseInit; allowsOther: boolean; resend: boolean },
+  ): Promise<FuseExport> {
+    const exp = new FuseExport(node, opts);
+    exp.mount = await adoptFileFs(opts.mountpoint, held.fd, held.init, exp.ops(), held.resend);
+    exp.mountAllowsOther = held.allowsOther;
+    exp.allowOther = opts.allowOther === 'on' || (opts.allowOther === 'auto' && held.allowsOther);
+    exp.fast = new FastPathSync(node, exp.mount.fast);
+    exp.fast.reset();
+    return exp;
+  }
+
+  /** The kernel connection, for keeping it outside this process (undefined: the binding cannot hand it over). */
+  connection(): { fd: number; init: FuseInit; allowsOther: boolean } | undefined {
+    const c = this.mount?.connection?.();
+    return c && { ...c, allowsOther: this.mountAllowsOther };
   }
 
   /**

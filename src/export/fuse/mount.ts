@@ -3,9 +3,10 @@
  * requests, async direct I/O, fallocate), else fuse-native (libfuse 2).
  * BLKEXPORT_FUSE=fuse3 or fuse-native forces one.
  */
-import type { FileFsMount, FileFsOps, MountOptions } from './file-fs.js';
+import { BlkError } from '../../errors.js';
+import type { FileFsMount, FileFsOps, FuseInit, MountOptions } from './file-fs.js';
 import { mountFileFsFuseNative } from './fuse-native.js';
-import { fuse3Unavailable, mountFileFsFuse3 } from './fuse3.js';
+import { adoptFileFsFuse3, fuse3Unavailable, mountFileFsFuse3 } from './fuse3.js';
 
 export type FuseBackend = 'fuse3' | 'fuse-native';
 
@@ -21,4 +22,26 @@ export function mountFileFs(mountpoint: string, ops: FileFsOps, options: MountOp
   return fuseBackend() === 'fuse3'
     ? mountFileFsFuse3(mountpoint, ops, options)
     : mountFileFsFuseNative(mountpoint, ops, options);
+}
+
+/**
+ * Serves a connection another process mounted and kept (`fd`, with what its
+ * INIT negotiated): only our libfuse 3 binding can; `resend` asks the kernel
+ * to requeue what the previous server had read but not answered.
+ */
+export function adoptFileFs(
+  mountpoint: string,
+  fd: number,
+  init: FuseInit,
+  ops: FileFsOps,
+  resend: boolean,
+): Promise<FileFsMount> {
+  if (fuseBackend() !== 'fuse3')
+    return Promise.reject(
+      new BlkError(
+        'NOT_SUPPORTED',
+        `adopting a FUSE connection needs the libfuse 3 binding (${fuse3Unavailable()})`,
+      ),
+    );
+  return adoptFileFsFuse3(fd, init, ops, { mountpoint, resend });
 }
