@@ -10,6 +10,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { nativeHelper } from '../src/block/lock-native.js';
 import { BlkError } from '../src/errors.js';
 import type { Cleanup } from './cleanup.js';
 import { isMounted, runCommand, unmountIfMounted, waitUntil } from './proc.js';
@@ -130,7 +131,19 @@ export async function measureAgent(opts: AgentBenchOptions): Promise<AgentOutcom
   const t0 = performance.now();
   const agent: ChildProcess = spawn(
     BIN,
-    ['agent', '--manifests', manifests, '--socket', socket, '--allow-root', images, '--resync', '3600'],
+    [
+      'agent',
+      '--manifests',
+      manifests,
+      '--socket',
+      socket,
+      '--allow-root',
+      images,
+      '--resync',
+      '3600',
+      '--fdstore',
+      join(root, 'fdstore.sock'),
+    ],
     { stdio: ['ignore', 'ignore', 'pipe'] },
   );
   let stderr = '';
@@ -143,6 +156,12 @@ export async function measureAgent(opts: AgentBenchOptions): Promise<AgentOutcom
       agent.kill('SIGTERM');
       await Promise.race([exited, sleep(60_000)]);
       if (agent.exitCode === null) agent.kill('SIGKILL');
+    }
+    // An agent that had to be killed leaves its fd holder: stop it (it unmounts what it holds).
+    try {
+      nativeHelper().holderRequest(join(root, 'fdstore.sock'), 'QUIT', '', '', Buffer.alloc(0), []);
+    } catch {
+      // none runs
     }
     for (let i = 0; i < n + 1; i++) await unmountIfMounted(join(images, `e${i}.raw`));
     await unmountIfMounted(join(images, 'edit.raw'));

@@ -4,10 +4,11 @@
  * anything left under the test directory.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { appendFileSync, mkdirSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { nativeHelper } from '../../src/block/lock-native.js';
 import { cleanupMountsUnder } from './mounts.js';
 import { BIN, tempDir } from './tools.js';
 
@@ -60,6 +61,35 @@ export async function until<T>(
   }
 }
 
+/**
+ * Stops the fd holder on `socket`, if one answers: SIGTERM, which unmounts
+ * whatever it still holds (an agent the test killed), then waits for it.
+ */
+export async function stopHolder(socket: string): Promise<void> {
+  let pid: number | undefined;
+  try {
+    const r = nativeHelper().holderRequest(socket, 'PING', '', '', Buffer.alloc(0), []);
+    pid = Number(r.text.split(' ')[1]);
+  } catch {
+    return; // none runs
+  }
+  if (!pid) return;
+  try {
+    process.kill(pid, 'SIGTERM');
+  } catch {
+    return;
+  }
+  for (let i = 0; i < 100; i++) {
+    try {
+      process.kill(pid, 0);
+    } catch {
+      return;
+    }
+    await sleep(50);
+  }
+  process.kill(pid, 'SIGKILL');
+}
+
 /** A test directory with manifests/ and images/ whose mounts are cleaned up at the end. */
 export function agentDir(t: Parameters<typeof tempDir>[0]): {
   dir: string;
@@ -79,8 +109,12 @@ export async function startAgent(
   t: { after(fn: () => void | Promise<void>): void },
   dirs: { dir: string; manifests: string; images: string },
   extraArgs: string[] = [],
+  env: NodeJS.ProcessEnv = {},
 ): Promise<AgentHandle> {
   const socket = join(dirs.dir, 'agent.sock');
+  const fdstore = join(dirs.dir, 'fdstore.sock');
+  // Registered before anything starts: the fd holder an agent starts outlives it by design.
+  t.after(() => stopHolder(fdstore));
   const args = [
     'agent',
     '--manifests',
@@ -91,9 +125,11 @@ export async function startAgent(
     dirs.images,
     '--resync',
     '2',
+    '--fdstore',
+    fdstore,
     ...extraArgs,
   ];
-  const proc = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
   let log = '';
   proc.stdout!.on('data', (d) => {
     log += d;
@@ -102,6 +138,9 @@ export async function startAgent(
     log += d;
   });
   const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+  // Debugging aid: BLKEXPORT_TEST_AGENT_LOGS=file appends every agent's log there when it exits.
+  const logFile = process.env.BLKEXPORT_TEST_AGENT_LOGS;
+  if (logFile) void exited.then((code) => appendFileSync(logFile, `--- agent ${proc.pid} exit ${code}\n${log}`));
   t.after(async () => {
     if (proc.exitCode === null && proc.signalCode === null) {
       proc.kill('SIGTERM');

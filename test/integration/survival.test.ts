@@ -74,9 +74,9 @@ function startClient(
   );
   const exited = new Promise<number | null>((resolve) => proc.on('exit', resolve));
   t.after(async () => {
-    writeFileSync(stopFile, '');
-    await Promise.race([exited, sleep(5000)]);
+    // The test directory may be gone already (its clean-up was registered first).
     if (proc.exitCode === null) proc.kill('SIGKILL');
+    await Promise.race([exited, sleep(5000)]);
   });
   return {
     async stop(): Promise<{
