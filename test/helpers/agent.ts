@@ -140,7 +140,8 @@ export async function startAgent(
   const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
   // Debugging aid: BLKEXPORT_TEST_AGENT_LOGS=file appends every agent's log there when it exits.
   const logFile = process.env.BLKEXPORT_TEST_AGENT_LOGS;
-  if (logFile) void exited.then((code) => appendFileSync(logFile, `--- agent ${proc.pid} exit ${code}\n${log}`));
+  if (logFile)
+    void exited.then((code) => appendFileSync(logFile, `--- agent ${proc.pid} exit ${code}\n${log}`));
   t.after(async () => {
     if (proc.exitCode === null && proc.signalCode === null) {
       proc.kill('SIGTERM');
