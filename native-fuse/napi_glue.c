@@ -9,6 +9,8 @@
  */
 #include "napi_glue.h"
 
+#include "inflate.h"
+
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -145,6 +147,43 @@ static napi_value js_fast_install(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/*
+ * fastInstallCompressed(handle, gen, offset, length, fd, host, clen, clusterBits, skip, algo):
+ * guest [offset, offset+length) lies in one compressed cluster (fast_install_compressed in fast_map.c).
+ */
+static napi_value js_fast_install_compressed(napi_env env, napi_callback_info info) {
+  size_t argc = 10;
+  napi_value argv[10];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 10) return NULL;
+  blk_fs *fs = blk_fs_arg(env, argv[0]);
+  if (!fs) return NULL;
+  double v[9];
+  for (int i = 0; i < 9; i++)
+    if (napi_get_value_double(env, argv[i + 1], &v[i]) != napi_ok) return NULL;
+  fast_install_compressed(&fs->fast, v[0], v[1], v[2], (int)v[3], v[4], v[5], (int)v[6], v[7], (int)v[8]);
+  return NULL;
+}
+
+/* inflateStats() -> the process's native inflation counters and its decompressed-cluster cache (inflate.h) */
+static napi_value js_inflate_stats(napi_env env, napi_callback_info info) {
+  inflate_stats st = inflate_get_stats();
+  napi_value out, v;
+  NAPI_CALL(env, napi_create_object(env, &out));
+#define STAT(name, field)                                 \
+  NAPI_CALL(env, napi_create_double(env, st.field, &v)); \
+  NAPI_CALL(env, napi_set_named_property(env, out, name, v));
+  STAT("enabled", enabled)
+  STAT("inflated", inflated)
+  STAT("cacheHits", hits)
+  STAT("failed", failed)
+  STAT("cacheBytes", cache_bytes)
+  STAT("cacheLimit", cache_limit)
+  STAT("cacheEntries", entries)
+#undef STAT
+  return out;
+}
+
 /* fastStats(handle) -> [reads, bytes] served without JavaScript */
 static napi_value js_fast_stats(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -209,6 +248,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"fastEnable", NULL, js_fast_enable, NULL, NULL, NULL, napi_default, NULL},
       {"fastInstall", NULL, js_fast_install, NULL, NULL, NULL, napi_default, NULL},
       {"fastStats", NULL, js_fast_stats, NULL, NULL, NULL, napi_default, NULL},
+      {"fastInstallCompressed", NULL, js_fast_install_compressed, NULL, NULL, NULL, napi_default, NULL},
+      {"inflateStats", NULL, js_inflate_stats, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

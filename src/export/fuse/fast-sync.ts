@@ -17,6 +17,18 @@ function sameExtents(a: readonly HostExtent[], b: readonly HostExtent[]): boolea
     const y = b[i]!;
     if (x.length !== y.length) return false;
     if ('zero' in x || 'zero' in y) return 'zero' in x && 'zero' in y;
+    if ('compressed' in x || 'compressed' in y) {
+      if (!('compressed' in x && 'compressed' in y)) return false;
+      const [c, d] = [x.compressed, y.compressed];
+      return (
+        c.fd === d.fd &&
+        c.host === d.host &&
+        c.clen === d.clen &&
+        c.clusterSize === d.clusterSize &&
+        c.skip === d.skip &&
+        c.algorithm === d.algorithm
+      );
+    }
     return x.fd === y.fd && x.host === y.host;
   });
 }

@@ -79,6 +79,34 @@ interface Fuse3Addon {
   fastEnable(handle: object, on: boolean): void;
   fastInstall(handle: object, gen: number, offset: number, extents: Float64Array): void;
   fastStats(handle: object): [number, number];
+  /** Guest [offset, offset+length) lies in one compressed cluster (algorithm 0 zlib, 1 zstd). */
+  fastInstallCompressed(
+    handle: object,
+    gen: number,
+    offset: number,
+    length: number,
+    fd: number,
+    host: number,
+    clen: number,
+    clusterBits: number,
+    skip: number,
+    algorithm: number,
+  ): void;
+  /** The process's native inflation counters and decompressed-cluster cache. */
+  inflateStats(): InflateStats;
+}
+
+/** Compressed clusters inflated by the binding's workers, process-wide (native-fuse/inflate.h). */
+export interface InflateStats {
+  /** 0 when BLKEXPORT_NATIVE_INFLATE=0: compressed reads all go to JavaScript. */
+  enabled: number;
+  inflated: number;
+  cacheHits: number;
+  /** Clusters that did not inflate in C (served, or reported corrupt, by JavaScript). */
+  failed: number;
+  cacheBytes: number;
+  cacheLimit: number;
+  cacheEntries: number;
 }
 
 const ADDON_PATH = new URL('../../../native-fuse/build/Release/blkexport_fuse3.node', import.meta.url)
@@ -300,13 +328,36 @@ function serve(
   const fast: FastPath = {
     gen: () => a.fastGen(h),
     install(gen, offset, extents: readonly HostExtent[]) {
-      const triples = new Float64Array(extents.length * 3);
-      extents.forEach((x, i) => {
-        triples[i * 3] = x.length;
-        triples[i * 3 + 1] = 'zero' in x ? -1 : x.fd;
-        triples[i * 3 + 2] = 'zero' in x ? 0 : x.host;
-      });
-      a.fastInstall(h, gen, offset, triples);
+      // Runs of plain pieces go as triples, each compressed piece on its own.
+      let pos = offset;
+      let run: number[] = [];
+      let runAt = offset;
+      const flush = () => {
+        if (run.length > 0) a.fastInstall(h, gen, runAt, Float64Array.from(run));
+        run = [];
+      };
+      for (const x of extents) {
+        if ('compressed' in x) {
+          flush();
+          const c = x.compressed;
+          a.fastInstallCompressed(
+            h,
+            gen,
+            pos,
+            x.length,
+            c.fd,
+            c.host,
+            c.clen,
+            Math.log2(c.clusterSize),
+            c.skip,
+            c.algorithm === 'zstd' ? 1 : 0,
+          );
+          runAt = pos + x.length;
+        } else if ('zero' in x) run.push(x.length, -1, 0);
+        else run.push(x.length, x.fd, x.host);
+        pos += x.length;
+      }
+      flush();
     },
     invalidate: (offset, length, size) => a.fastInvalidate(h, offset, length, size ?? -1),
     enable: (on) => a.fastEnable(h, on),
