@@ -13,7 +13,7 @@
         "-D_GNU_SOURCE",
         "-DFUSE_USE_VERSION=312"
       ],
-      "libraries": ["-lfuse3", "-lz", "-lzstd", "-lpthread"],
+      "libraries": ["-lfuse3", "-Wl,--exclude-libs,libz.a", "-Wl,-Bstatic", "-lz", "-Wl,-Bdynamic", "-lzstd", "-lpthread"],
       "include_dirs": ["/usr/include/fuse3"]
     }
   ]

@@ -397,26 +397,34 @@ void fast_install(fast_map *m, double gen, double off, const double *x, size_t c
 }
 
 /*
- * Installs whole granules of [off, off+len), which lie in one compressed
- * cluster: its compressed bytes at `host` (at most `clen` of them) in `fd`,
- * 1 << cbits bytes decompressed, `skip` the offset in it of guest byte `off`.
- * A granule must lie inside the cluster (clusters smaller than a granule are
- * left to JavaScript); granules invalidated since `gen` are skipped.
+ * `x` holds `count` doubles, records of 8: [offset, length, fd, host, clen,
+ * cbits, skip, algo], each a guest range [offset, offset+length) inside one
+ * compressed cluster: its compressed bytes at `host` (at most `clen` of them)
+ * in `fd`, 1 << cbits bytes decompressed, `skip` the offset in it of guest
+ * byte `offset`. Whole granules are installed; a granule must lie inside its
+ * cluster (clusters smaller than a granule are left to JavaScript); granules
+ * invalidated since `gen` are skipped.
  */
-void fast_install_compressed(fast_map *m, double gen, double off, double len, int fd, double host, double clen,
-                             int cbits, double skip, int algo) {
+void fast_install_compressed(fast_map *m, double gen, const double *x, size_t count) {
   const uint64_t G = 1ULL << GRANULE_BITS;
-  if (!inflate_enabled() || cbits < GRANULE_BITS || cbits > INFLATE_MAX_CLUSTER_BITS || fd < 0) return;
-  if (algo != INFLATE_ZLIB && algo != INFLATE_ZSTD) return;
-  uint64_t cs = 1ULL << cbits, pos = (uint64_t)off, end = pos + (uint64_t)len, sk = (uint64_t)skip;
-  if (clen <= 0 || (uint64_t)clen > 2 * cs || sk >= cs || (uint64_t)len > cs - sk) return;
+  if (!inflate_enabled()) return;
   pthread_rwlock_wrlock(&m->lock);
   if (m->enabled && gen >= 0 && (uint64_t)gen <= m->gen && m->gen - (uint64_t)gen < RING) {
-    int slot = -1;
-    for (uint64_t g = (pos + G - 1) & ~(G - 1); g + G <= end; g += G) {
-      if (slot < 0 && (slot = fast_slot(m, fd)) < 0) break;
-      if (changed_since(m, (uint64_t)gen, g >> GRANULE_BITS)) continue;
-      fast_put(m, g >> GRANULE_BITS, slot, (uint64_t)host, comp_pack((uint32_t)clen, (uint32_t)(sk + (g - pos)), cbits, algo));
+    for (size_t i = 0; i + 8 <= count; i += 8) {
+      const double *r = x + i;
+      int fd = (int)r[2], cbits = (int)r[5], algo = (int)r[7];
+      if (r[0] < 0 || r[1] <= 0 || r[3] < 0 || r[6] < 0 || fd < 0) continue;
+      if (cbits < GRANULE_BITS || cbits > INFLATE_MAX_CLUSTER_BITS || (algo != INFLATE_ZLIB && algo != INFLATE_ZSTD))
+        continue;
+      uint64_t cs = 1ULL << cbits, pos = (uint64_t)r[0], len = (uint64_t)r[1], host = (uint64_t)r[3];
+      uint64_t clen = (uint64_t)r[4], sk = (uint64_t)r[6];
+      if (clen == 0 || clen > 2 * cs || sk >= cs || len > cs - sk) continue;
+      int slot = -1;
+      for (uint64_t g = (pos + G - 1) & ~(G - 1); g + G <= pos + len; g += G) {
+        if (slot < 0 && (slot = fast_slot(m, fd)) < 0) break;
+        if (changed_since(m, (uint64_t)gen, g >> GRANULE_BITS)) continue;
+        fast_put(m, g >> GRANULE_BITS, slot, host, comp_pack((uint32_t)clen, (uint32_t)(sk + (g - pos)), cbits, algo));
+      }
     }
   }
   pthread_rwlock_unlock(&m->lock);

@@ -20,6 +20,7 @@
  * reaches a reused descriptor number.
  */
 #include "blk_fs.h"
+#include "inflate.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -185,12 +186,11 @@ static void buf_put(blk_fs *fs, char *b) {
   if (b) munmap(b, fs->bufsize);
 }
 
-static void *worker(void *arg) {
-  blk_fs *fs = arg;
+static void serve(blk_fs *fs) {
   char *buf = buf_get(fs);
   if (!buf) {
     leave(fs, ENOMEM);
-    return NULL;
+    return;
   }
   for (;;) {
     size_t n = 0;
@@ -198,7 +198,7 @@ static void *worker(void *arg) {
     if (err) {
       buf_put(fs, buf);
       leave(fs, err);
-      return NULL;
+      return;
     }
     pthread_mutex_lock(&fs->lock);
     if (--fs->idle == 0 && fs->nthreads < fs->max_threads && !fs->stopping) spawn_locked(fs);
@@ -215,11 +215,17 @@ static void *worker(void *arg) {
       fs->nthreads--;
       pthread_mutex_unlock(&fs->lock);
       if (buf) munmap(buf, fs->bufsize);
-      return NULL;
+      return;
     }
     fs->idle++;
     pthread_mutex_unlock(&fs->lock);
   }
+}
+
+static void *worker(void *arg) {
+  serve(arg);
+  inflate_thread_end(); /* this thread's inflation buffers (inflate.c) */
+  return NULL;
 }
 
 void blk_fs_ended(blk_fs *fs) {

@@ -20,8 +20,8 @@
  * (up to two clusters) and an output buffer (one cluster), grown to the
  * largest cluster it has met and freed when the thread leaves; nothing is
  * allocated per request. The cache holds at most its bound of decompressed
- * bytes (entries are allocated when the cache grows and reused when it
- * evicts one of the same size).
+ * bytes; a cluster enters it without a copy (the worker's output buffer
+ * becomes the entry's, and the worker takes the evicted entry's buffer).
  */
 #define ZSTD_STATIC_LINKING_ONLY /* ZSTD_getFrameHeader (exported by libzstd 1.5) */
 #include "inflate.h"
@@ -83,8 +83,35 @@ static void bufs_free(void *p) {
   free(b);
 }
 
+/* No destructor: a thread-exit callback into an addon that Node may have unloaded (a worker_thread's
+ * environment closes its addons) would crash; our FUSE workers call inflate_thread_end instead. */
 static void bufs_key_init(void) {
-  pthread_key_create(&bufs_key, bufs_free);
+  pthread_key_create(&bufs_key, NULL);
+}
+
+void inflate_thread_end(void) {
+  pthread_once(&bufs_once, bufs_key_init);
+  thread_bufs *b = pthread_getspecific(bufs_key);
+  if (!b) return;
+  pthread_setspecific(bufs_key, NULL);
+  bufs_free(b);
+}
+
+/* Room for `in` and `out` bytes in `b`; -1 when out of memory. */
+static int bufs_grow(thread_bufs *b, size_t in, size_t out) {
+  if (b->incap < in) {
+    char *p = realloc(b->in, in);
+    if (!p) return -1;
+    b->in = p;
+    b->incap = in;
+  }
+  if (b->outcap < out) {
+    char *p = realloc(b->out, out);
+    if (!p) return -1;
+    b->out = p;
+    b->outcap = out;
+  }
+  return 0;
 }
 
 /* This thread's buffers with room for `in` and `out` bytes, or NULL when out of memory. */
@@ -98,19 +125,7 @@ static thread_bufs *bufs_get(size_t in, size_t out) {
       return NULL;
     }
   }
-  if (b->incap < in) {
-    char *p = realloc(b->in, in);
-    if (!p) return NULL;
-    b->in = p;
-    b->incap = in;
-  }
-  if (b->outcap < out) {
-    char *p = realloc(b->out, out);
-    if (!p) return NULL;
-    b->out = p;
-    b->outcap = out;
-  }
-  return b;
+  return bufs_grow(b, in, out) == 0 ? b : NULL;
 }
 
 /* ---- the decoders ------------------------------------------------------------------ */
@@ -145,29 +160,52 @@ static int inflate_zstd(thread_bufs *b, size_t n, size_t cs) {
 
 static atomic_ullong n_inflated, n_hits, n_failed;
 
-int inflate_cluster(int fd, const inflate_desc *d, const char **out) {
-  if (d->cbits < INFLATE_MIN_CLUSTER_BITS || d->cbits > INFLATE_MAX_CLUSTER_BITS) return -1;
+/* Reads and inflates `d` with b's decoders into b->out: 0, or -1 (refused, or the read failed). */
+static int inflate_with(thread_bufs *b, int fd, const inflate_desc *d) {
   size_t cs = (size_t)1 << d->cbits;
-  size_t clen = d->clen;
-  if (clen == 0 || clen > 2 * cs) return -1; /* mapping.ts refuses longer descriptors */
-  thread_bufs *b = bufs_get(2 * cs, cs);
-  if (!b) return -1;
   size_t n = 0;
-  while (n < clen) {
-    ssize_t r = pread(fd, b->in + n, clen - n, (off_t)(d->host + n));
+  while (n < d->clen) {
+    ssize_t r = pread(fd, b->in + n, d->clen - n, (off_t)(d->host + n));
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) return -1;
     if (r == 0) break; /* the last cluster's descriptor may reach past the end of the file */
     n += (size_t)r;
   }
-  int ok = d->algo == INFLATE_ZLIB ? inflate_zlib(b, n, cs) : d->algo == INFLATE_ZSTD ? inflate_zstd(b, n, cs) : -1;
-  if (ok != 0) {
+  return d->algo == INFLATE_ZLIB ? inflate_zlib(b, n, cs) : d->algo == INFLATE_ZSTD ? inflate_zstd(b, n, cs) : -1;
+}
+
+/* The bounds every caller needs: a cluster size qcow2 allows, at most two clusters of input. */
+static int desc_ok(const inflate_desc *d) {
+  if (d->cbits < INFLATE_MIN_CLUSTER_BITS || d->cbits > INFLATE_MAX_CLUSTER_BITS) return 0;
+  return d->clen > 0 && d->clen <= 2 * ((size_t)1 << d->cbits); /* mapping.ts refuses longer descriptors */
+}
+
+int inflate_cluster(int fd, const inflate_desc *d, const char **out) {
+  if (!desc_ok(d)) return -1;
+  size_t cs = (size_t)1 << d->cbits;
+  thread_bufs *b = bufs_get(2 * cs, cs);
+  if (!b) return -1;
+  if (inflate_with(b, fd, d) != 0) {
     atomic_fetch_add(&n_failed, 1);
     return -1;
   }
   atomic_fetch_add(&n_inflated, 1);
   *out = b->out;
   return 0;
+}
+
+int inflate_cluster_once(int fd, const inflate_desc *d, char *dst) {
+  if (!desc_ok(d)) return -1;
+  size_t cs = (size_t)1 << d->cbits;
+  thread_bufs b;
+  memset(&b, 0, sizeof(b));
+  int r = bufs_grow(&b, 2 * cs, cs) == 0 ? inflate_with(&b, fd, d) : -1;
+  if (r == 0) memcpy(dst, b.out, cs);
+  if (b.zready) inflateEnd(&b.z);
+  ZSTD_freeDCtx(b.zd);
+  free(b.in);
+  free(b.out);
+  return r;
 }
 
 /* ---- the cache ---------------------------------------------------------------------- */
@@ -265,10 +303,14 @@ void inflate_cache_unpin(inflate_entry *e) {
   if (gone) free_entry(e);
 }
 
+/* The cluster this thread inflated last (its output buffer) goes into the cache without a copy: the
+ * entry takes the buffer, and the thread takes the evicted entry's buffer of the same size, or none
+ * (it allocates a new one on its next inflation; that happens only while the cache grows). */
 void inflate_cache_put(const void *owner, int slot, const inflate_desc *d, const char *data) {
   pthread_once(&settings_once, read_settings);
   size_t size = (size_t)1 << d->cbits;
-  if (size > cache_limit) return;
+  thread_bufs *b = pthread_getspecific(bufs_key);
+  if (size > cache_limit || !b || b->out != data || b->outcap != size) return;
   inflate_entry *reuse = NULL;
   inflate_entry *victims = NULL; /* freed after the lock */
   pthread_mutex_lock(&cache_lock);
@@ -290,27 +332,21 @@ void inflate_cache_put(const void *owner, int slot, const inflate_desc *d, const
     e = next;
   }
   inflate_entry *e = reuse;
-  if (!e) {
-    e = malloc(sizeof(*e));
-    char *buf = e ? malloc(size) : NULL;
-    if (!buf) {
-      free(e);
-      e = NULL;
-    } else {
-      e->data = buf;
-    }
-  }
+  if (!e && (e = malloc(sizeof(*e)))) e->data = NULL;
   if (e && cache_bytes + size <= cache_limit) {
-    memcpy(e->data, data, size);
+    char *spare = reuse ? reuse->data : NULL;
+    e->data = b->out; /* the entry takes the inflated cluster */
+    b->out = spare;   /* the thread takes the evicted buffer, or allocates on its next inflation */
+    if (!spare) b->outcap = 0;
     e->owner = owner;
     e->slot = slot;
     e->host = d->host;
     e->size = size;
     e->pins = 0;
     e->dead = 0;
-    uint32_t b = bucket_of(owner, slot, d->host);
-    e->next = buckets[b];
-    buckets[b] = e;
+    uint32_t h = bucket_of(owner, slot, d->host);
+    e->next = buckets[h];
+    buckets[h] = e;
     lru_push(e);
     cache_bytes += size;
     cache_entries++;

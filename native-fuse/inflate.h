@@ -59,11 +59,18 @@ int inflate_enabled(void);
  */
 int inflate_cluster(int fd, const inflate_desc *d, const char **out);
 
+/* The same with buffers and decoders of its own (freed before it returns), into dst (1 << cbits bytes),
+ * for JavaScript's threads (tests compare the decoders); not counted in the stats. */
+int inflate_cluster_once(int fd, const inflate_desc *d, char *dst);
+/* Frees this thread's buffers and decoders; FUSE workers call it when they leave. */
+void inflate_thread_end(void);
+
 /* The cached cluster for (owner, slot, d), pinned (not evicted or freed until unpinned), or NULL. */
 inflate_entry *inflate_cache_get(const void *owner, int slot, const inflate_desc *d);
 const char *inflate_entry_data(const inflate_entry *e);
 void inflate_cache_unpin(inflate_entry *e);
-/* Copies a cluster of 1 << d->cbits bytes into the cache (evicting the least recently used). */
+/* Caches the cluster this thread's inflate_cluster just gave (`data`, which the cache takes over
+ * without a copy), evicting the least recently used; `data` is invalid afterwards. */
 void inflate_cache_put(const void *owner, int slot, const inflate_desc *d, const char *data);
 /* Forgets one compressed cluster, or everything `owner` holds (a map cleared or destroyed). */
 void inflate_cache_drop(const void *owner, int slot, uint64_t host);

@@ -79,21 +79,21 @@ interface Fuse3Addon {
   fastEnable(handle: object, on: boolean): void;
   fastInstall(handle: object, gen: number, offset: number, extents: Float64Array): void;
   fastStats(handle: object): [number, number];
-  /** Guest [offset, offset+length) lies in one compressed cluster (algorithm 0 zlib, 1 zstd). */
-  fastInstallCompressed(
-    handle: object,
-    gen: number,
-    offset: number,
-    length: number,
+  /**
+   * Records of [offset, length, fd, host, clen, clusterBits, skip, algorithm (0 zlib, 1 zstd)],
+   * each a guest range inside one compressed cluster.
+   */
+  fastInstallCompressed(handle: object, gen: number, records: Float64Array): void;
+  /** The process's native inflation counters and decompressed-cluster cache. */
+  inflateStats(): InflateStats;
+  /** The workers' decoder on this thread: one cluster, or null where it refuses (JavaScript decides). */
+  inflateCluster(
     fd: number,
     host: number,
     clen: number,
     clusterBits: number,
-    skip: number,
     algorithm: number,
-  ): void;
-  /** The process's native inflation counters and decompressed-cluster cache. */
-  inflateStats(): InflateStats;
+  ): Buffer | null;
 }
 
 /** Compressed clusters inflated by the binding's workers, process-wide (native-fuse/inflate.h). */
@@ -328,10 +328,11 @@ function serve(
   const fast: FastPath = {
     gen: () => a.fastGen(h),
     install(gen, offset, extents: readonly HostExtent[]) {
-      // Runs of plain pieces go as triples, each compressed piece on its own.
+      // Runs of plain pieces go as triples, compressed pieces all in one call.
       let pos = offset;
       let run: number[] = [];
       let runAt = offset;
+      const compressed: number[] = [];
       const flush = () => {
         if (run.length > 0) a.fastInstall(h, gen, runAt, Float64Array.from(run));
         run = [];
@@ -340,24 +341,15 @@ function serve(
         if ('compressed' in x) {
           flush();
           const c = x.compressed;
-          a.fastInstallCompressed(
-            h,
-            gen,
-            pos,
-            x.length,
-            c.fd,
-            c.host,
-            c.clen,
-            Math.log2(c.clusterSize),
-            c.skip,
-            c.algorithm === 'zstd' ? 1 : 0,
-          );
+          const algorithm = c.algorithm === 'zstd' ? 1 : 0;
+          compressed.push(pos, x.length, c.fd, c.host, c.clen, Math.log2(c.clusterSize), c.skip, algorithm);
           runAt = pos + x.length;
         } else if ('zero' in x) run.push(x.length, -1, 0);
         else run.push(x.length, x.fd, x.host);
         pos += x.length;
       }
       flush();
+      if (compressed.length > 0) a.fastInstallCompressed(h, gen, Float64Array.from(compressed));
     },
     invalidate: (offset, length, size) => a.fastInvalidate(h, offset, length, size ?? -1),
     enable: (on) => a.fastEnable(h, on),

@@ -3,7 +3,9 @@
  * path (BlockNode.mapHostCached): data clusters map to the data file,
  * zero/unallocated ones to zeroes or to the backing node's own mapping,
  * compressed ones to their compressed bytes in the image file (for the
- * binding to inflate); uncached tables and corrupt images answer null.
+ * binding to inflate); uncached tables, corrupt images and bad entries
+ * answer null (without marking the image corrupt: only a read or write that
+ * reaches the entry does).
  */
 import type { HostExtent } from '../../types.js';
 import { COMPRESSED, DATA, type MappedExtent, mapRangeCached, UNALLOCATED, ZERO } from './mapping.js';
@@ -30,6 +32,10 @@ export function mapHostCached(s: Qcow2State, offset: number, length: number): Ho
   if (lock && !lock.tryShared()) return null;
   try {
     return mapHost(s, offset, length);
+  } catch {
+    // A bad entry: the caller maps speculatively (around a read), so the read that reaches it reports it.
+    s.corrupt = false;
+    return null;
   } finally {
     lock?.releaseShared();
   }
