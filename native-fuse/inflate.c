@@ -310,7 +310,8 @@ void inflate_cache_put(const void *owner, int slot, const inflate_desc *d, const
   pthread_once(&settings_once, read_settings);
   size_t size = (size_t)1 << d->cbits;
   thread_bufs *b = pthread_getspecific(bufs_key);
-  if (size > cache_limit || !b || b->out != data || b->outcap != size) return;
+  if (size > cache_limit || !b || b->out != data) return;
+  int swap = b->outcap == size; /* else (the thread met larger clusters) the cluster is copied */
   inflate_entry *reuse = NULL;
   inflate_entry *victims = NULL; /* freed after the lock */
   pthread_mutex_lock(&cache_lock);
@@ -333,11 +334,15 @@ void inflate_cache_put(const void *owner, int slot, const inflate_desc *d, const
   }
   inflate_entry *e = reuse;
   if (!e && (e = malloc(sizeof(*e)))) e->data = NULL;
-  if (e && cache_bytes + size <= cache_limit) {
-    char *spare = reuse ? reuse->data : NULL;
-    e->data = b->out; /* the entry takes the inflated cluster */
-    b->out = spare;   /* the thread takes the evicted buffer, or allocates on its next inflation */
-    if (!spare) b->outcap = 0;
+  if (e && !swap && !e->data) e->data = malloc(size);
+  if (e && e->data && !swap) memcpy(e->data, data, size);
+  if (e && (swap || e->data) && cache_bytes + size <= cache_limit) {
+    if (swap) {
+      char *spare = reuse ? reuse->data : NULL;
+      e->data = b->out; /* the entry takes the inflated cluster */
+      b->out = spare;   /* the thread takes the evicted buffer, or allocates on its next inflation */
+      if (!spare) b->outcap = 0;
+    }
     e->owner = owner;
     e->slot = slot;
     e->host = d->host;
