@@ -14,6 +14,8 @@
  */
 #include "fast_map.h"
 
+#include "inflate.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -32,7 +34,27 @@ struct map_entry {
   uint64_t key;
   int32_t slot;
   uint64_t host;
+  uint64_t comp; /* 0, or a compressed cluster (host: its compressed bytes): see comp_pack */
 };
+
+/* ---- compressed granules (inflate.c does the work) ------------------------------- */
+
+/* A compressed granule's entry: clen (23 bits), the granule's offset in the cluster (22), cbits (5), algo (1), set (1). */
+static uint64_t comp_pack(uint32_t clen, uint32_t skip, unsigned cbits, unsigned algo) {
+  return (uint64_t)clen | (uint64_t)skip << 23 | (uint64_t)cbits << 45 | (uint64_t)algo << 50 | 1ULL << 51;
+}
+#define COMP_SKIP_BITS (((1ULL << 22) - 1) << 23)
+static uint32_t comp_skip(uint64_t c) {
+  return (uint32_t)(c >> 23) & ((1u << 22) - 1);
+}
+static inflate_desc comp_desc(const map_entry *e) {
+  return (inflate_desc){e->host, (uint32_t)(e->comp & ((1u << 23) - 1)), (uint8_t)((e->comp >> 45) & 31),
+                        (uint8_t)((e->comp >> 50) & 1)};
+}
+/* An entry leaves the map: a decompressed copy of its cluster must not outlive it. Caller holds the write lock. */
+static void comp_forget(fast_map *m, const map_entry *e) {
+  if (e->comp) inflate_cache_drop(m, e->slot, e->host);
+}
 
 /* ---- the map ------------------------------------------------------------------- */
 
@@ -46,6 +68,12 @@ static uint32_t hash64(uint64_t k) {
 static void fast_clear(fast_map *m) {
   for (uint32_t i = 0; i < m->cap; i++) m->table[i].slot = SLOT_EMPTY;
   m->used = 0;
+}
+
+/* Forgets every granule, and with them every decompressed cluster they reach. Caller holds the write lock. */
+static void fast_forget_all(fast_map *m) {
+  fast_clear(m);
+  inflate_cache_drop_owner(m);
 }
 
 int fast_init(fast_map *m) {
@@ -70,11 +98,13 @@ static map_entry *fast_find(fast_map *m, uint64_t key) {
 }
 
 /* Caller holds the write lock. Grows up to 1 << 16 entries, then starts over. */
-static void fast_put(fast_map *m, uint64_t key, int32_t slot, uint64_t host) {
+static void fast_put(fast_map *m, uint64_t key, int32_t slot, uint64_t host, uint64_t comp) {
   map_entry *old = fast_find(m, key);
   if (old) {
+    if (old->comp != comp || old->host != host || old->slot != slot) comp_forget(m, old);
     old->slot = slot;
     old->host = host;
+    old->comp = comp;
     return;
   }
   if ((m->used + 1) * 2 > m->cap) {
@@ -87,10 +117,11 @@ static void fast_put(fast_map *m, uint64_t key, int32_t slot, uint64_t host) {
       m->cap = ncap;
       fast_clear(m);
       for (uint32_t i = 0; i < ocap; i++)
-        if (ot[i].slot != SLOT_EMPTY && ot[i].slot != SLOT_TOMB) fast_put(m, ot[i].key, ot[i].slot, ot[i].host);
+        if (ot[i].slot != SLOT_EMPTY && ot[i].slot != SLOT_TOMB)
+          fast_put(m, ot[i].key, ot[i].slot, ot[i].host, ot[i].comp);
       free(ot);
     } else {
-      fast_clear(m);
+      fast_forget_all(m);
     }
   }
   uint32_t mask = m->cap - 1;
@@ -101,6 +132,7 @@ static void fast_put(fast_map *m, uint64_t key, int32_t slot, uint64_t host) {
       e->key = key;
       e->slot = slot;
       e->host = host;
+      e->comp = comp;
       return;
     }
   }
@@ -137,6 +169,7 @@ static int changed_since(const fast_map *m, uint64_t since, uint64_t k) {
 }
 
 void fast_destroy(fast_map *m) {
+  inflate_cache_drop_owner(m);
   for (int i = 0; i < m->nfds; i++) close(m->fds[i]);
   m->nfds = 0;
   free(m->table);
@@ -151,14 +184,64 @@ typedef struct {
   uint64_t host;
   size_t len;
   size_t at;
+  /* A compressed cluster: the first granule (to check before caching), the offset in the cluster, the cache's copy. */
+  uint64_t comp, key;
+  uint32_t skip;
+  inflate_entry *pin;
 } seg;
+
+/* The segment for one granule's piece [pos, pos+len), merged into the previous one when contiguous. */
+static void add_seg(seg *segs, int *nseg, const map_entry *e, uint64_t pos, size_t len, size_t at) {
+  const uint64_t G = 1ULL << GRANULE_BITS;
+  seg *last = *nseg ? &segs[*nseg - 1] : NULL;
+  if (e->comp) {
+    uint32_t skip = comp_skip(e->comp) + (uint32_t)(pos & (G - 1));
+    if (last && last->comp == ((e->comp & ~COMP_SKIP_BITS)) && last->slot == e->slot &&
+        last->host == e->host && last->skip + last->len == skip) {
+      last->len += len;
+      return;
+    }
+    segs[(*nseg)++] = (seg){e->slot, e->host, len, at, (e->comp & ~COMP_SKIP_BITS), pos >> GRANULE_BITS,
+                            skip, NULL};
+    return;
+  }
+  uint64_t host = e->slot == SLOT_ZERO ? 0 : e->host + (pos & (G - 1));
+  if (last && !last->comp && last->slot == e->slot && (e->slot == SLOT_ZERO || last->host + last->len == host)) {
+    last->len += len;
+    return;
+  }
+  segs[(*nseg)++] = (seg){e->slot, host, len, at, 0, 0, 0, NULL};
+}
+
+/* Fills one compressed segment: from the cache, or inflated here (then cached if the map still says the same). */
+static int read_compressed(fast_map *m, seg *s, int fd, char *out, uint64_t since) {
+  map_entry me = {.slot = s->slot, .host = s->host, .comp = s->comp};
+  inflate_desc d = comp_desc(&me);
+  if (s->pin) {
+    memcpy(out, inflate_entry_data(s->pin) + s->skip, s->len);
+    inflate_cache_unpin(s->pin);
+    s->pin = NULL;
+    return 0;
+  }
+  const char *data = NULL;
+  if (inflate_cluster(fd, &d, &data) != 0) return -1;
+  memcpy(out, data + s->skip, s->len);
+  /* Cache it only while a live entry maps this cluster, untouched since we looked: every
+   * invalidation that removes the entry drops the copy (comp_forget), under the write lock. */
+  pthread_rwlock_rdlock(&m->lock);
+  map_entry *e = fast_find(m, s->key);
+  if (e && e->slot == s->slot && e->host == s->host && (e->comp & ~COMP_SKIP_BITS) == s->comp &&
+      !changed_since(m, since, s->key))
+    inflate_cache_put(m, s->slot, &d, data);
+  pthread_rwlock_unlock(&m->lock);
+  return 0;
+}
 
 /* Reads from the fast map into out (which holds size bytes): the byte count, or -1 to let JavaScript serve it. */
 ssize_t fast_read(fast_map *m, char *out, size_t size, uint64_t off) {
   seg segs[32];
   int nseg = 0;
   size_t n = 0;
-  const uint64_t G = 1ULL << GRANULE_BITS;
   pthread_rwlock_rdlock(&m->lock);
   if (!m->enabled) {
     pthread_rwlock_unlock(&m->lock);
@@ -182,21 +265,32 @@ ssize_t fast_read(fast_map *m, char *out, size_t size, uint64_t off) {
     }
     uint64_t gend = ((pos >> GRANULE_BITS) + 1) << GRANULE_BITS;
     size_t len = (size_t)((gend < off + n ? gend : off + n) - pos);
-    uint64_t host = e->slot == SLOT_ZERO ? 0 : e->host + (pos & (G - 1));
-    seg *last = nseg ? &segs[nseg - 1] : NULL;
-    if (last && last->slot == e->slot && (e->slot == SLOT_ZERO || last->host + last->len == host)) {
-      last->len += len;
-    } else {
-      segs[nseg++] = (seg){e->slot, host, len, (size_t)(pos - off)};
-    }
+    add_seg(segs, &nseg, e, pos, len, (size_t)(pos - off));
     pos += len;
   }
   int fds[32];
-  for (int i = 0; i < nseg; i++) fds[i] = segs[i].slot >= 0 ? m->fds[segs[i].slot] : -1;
+  for (int i = 0; i < nseg; i++) {
+    fds[i] = segs[i].slot >= 0 ? m->fds[segs[i].slot] : -1;
+    if (segs[i].comp) {
+      map_entry me = {.slot = segs[i].slot, .host = segs[i].host, .comp = segs[i].comp};
+      inflate_desc d = comp_desc(&me);
+      segs[i].pin = inflate_cache_get(m, segs[i].slot, &d);
+    }
+  }
+  uint64_t since = m->gen;
   pthread_rwlock_unlock(&m->lock);
 
   char *buf = out;
+  int failed = 0;
   for (int i = 0; i < nseg; i++) {
+    if (failed) { /* only the pins are left to release */
+      if (segs[i].pin) inflate_cache_unpin(segs[i].pin);
+      continue;
+    }
+    if (segs[i].comp) {
+      if (read_compressed(m, &segs[i], fds[i], buf + segs[i].at, since) != 0) failed = 1;
+      continue;
+    }
     if (segs[i].slot == SLOT_ZERO) {
       memset(buf + segs[i].at, 0, segs[i].len);
       continue;
@@ -205,7 +299,10 @@ ssize_t fast_read(fast_map *m, char *out, size_t size, uint64_t off) {
     while (done < segs[i].len) {
       ssize_t r = pread(fds[i], buf + segs[i].at + done, segs[i].len - done, (off_t)(segs[i].host + done));
       if (r < 0 && errno == EINTR) continue;
-      if (r < 0) return -1; /* let JavaScript serve it (and report the error) */
+      if (r < 0) { /* let JavaScript serve it (and report the error) */
+        failed = 1;
+        break;
+      }
       if (r == 0) { /* past the end of the host file: zeroes, as the file driver reads them */
         memset(buf + segs[i].at + done, 0, segs[i].len - done);
         break;
@@ -213,6 +310,7 @@ ssize_t fast_read(fast_map *m, char *out, size_t size, uint64_t off) {
       done += (size_t)r;
     }
   }
+  if (failed) return -1;
   atomic_fetch_add(&m->reads, 1);
   atomic_fetch_add(&m->bytes, n);
   return (ssize_t)n;
@@ -244,11 +342,14 @@ void fast_invalidate(fast_map *m, double off, double len, double size) {
   if (size >= 0) m->fsize = (uint64_t)size;
   if (len > 0) {
     if (last - first > 256) {
-      fast_clear(m);
+      fast_forget_all(m);
     } else {
       for (uint64_t k = first; k <= last; k++) {
         map_entry *e = fast_find(m, k);
-        if (e) e->slot = SLOT_TOMB;
+        if (e) {
+          comp_forget(m, e);
+          e->slot = SLOT_TOMB;
+        }
       }
     }
   }
@@ -260,7 +361,7 @@ void fast_enable(fast_map *m, bool on) {
   pthread_rwlock_wrlock(&m->lock);
   m->enabled = on;
   fast_record(m, 0, UINT64_MAX);
-  if (!on) fast_clear(m);
+  if (!on) fast_forget_all(m);
   pthread_rwlock_unlock(&m->lock);
 }
 
@@ -287,9 +388,43 @@ void fast_install(fast_map *m, double gen, double off, const double *x, size_t c
           if (slot < 0) break;
         }
         if (changed_since(m, since, g >> GRANULE_BITS)) continue;
-        fast_put(m, g >> GRANULE_BITS, slot, fd < 0 ? 0 : host + (g - pos));
+        fast_put(m, g >> GRANULE_BITS, slot, fd < 0 ? 0 : host + (g - pos), 0);
       }
       pos = end;
+    }
+  }
+  pthread_rwlock_unlock(&m->lock);
+}
+
+/*
+ * `x` holds `count` doubles, records of 8: [offset, length, fd, host, clen,
+ * cbits, skip, algo], each a guest range [offset, offset+length) inside one
+ * compressed cluster: its compressed bytes at `host` (at most `clen` of them)
+ * in `fd`, 1 << cbits bytes decompressed, `skip` the offset in it of guest
+ * byte `offset`. Whole granules are installed; a granule must lie inside its
+ * cluster (clusters smaller than a granule are left to JavaScript); granules
+ * invalidated since `gen` are skipped.
+ */
+void fast_install_compressed(fast_map *m, double gen, const double *x, size_t count) {
+  const uint64_t G = 1ULL << GRANULE_BITS;
+  if (!inflate_enabled()) return;
+  pthread_rwlock_wrlock(&m->lock);
+  if (m->enabled && gen >= 0 && (uint64_t)gen <= m->gen && m->gen - (uint64_t)gen < RING) {
+    for (size_t i = 0; i + 8 <= count; i += 8) {
+      const double *r = x + i;
+      int fd = (int)r[2], cbits = (int)r[5], algo = (int)r[7];
+      if (r[0] < 0 || r[1] <= 0 || r[3] < 0 || r[6] < 0 || fd < 0) continue;
+      if (cbits < GRANULE_BITS || cbits > INFLATE_MAX_CLUSTER_BITS || (algo != INFLATE_ZLIB && algo != INFLATE_ZSTD))
+        continue;
+      uint64_t cs = 1ULL << cbits, pos = (uint64_t)r[0], len = (uint64_t)r[1], host = (uint64_t)r[3];
+      uint64_t clen = (uint64_t)r[4], sk = (uint64_t)r[6];
+      if (clen == 0 || clen > 2 * cs || sk >= cs || len > cs - sk) continue;
+      int slot = -1;
+      for (uint64_t g = (pos + G - 1) & ~(G - 1); g + G <= pos + len; g += G) {
+        if (slot < 0 && (slot = fast_slot(m, fd)) < 0) break;
+        if (changed_since(m, (uint64_t)gen, g >> GRANULE_BITS)) continue;
+        fast_put(m, g >> GRANULE_BITS, slot, host, comp_pack((uint32_t)clen, (uint32_t)(sk + (g - pos)), cbits, algo));
+      }
     }
   }
   pthread_rwlock_unlock(&m->lock);

@@ -71,5 +71,7 @@ uint64_t fast_gen(fast_map *m);
 void fast_invalidate(fast_map *m, double off, double len, double size);
 void fast_enable(fast_map *m, bool on);
 void fast_install(fast_map *m, double gen, double off, const double *x, size_t count);
+/* Compressed clusters' whole granules, records of 8 doubles (fast_map.c; inflate.c inflates them). */
+void fast_install_compressed(fast_map *m, double gen, const double *x, size_t count);
 
 #endif

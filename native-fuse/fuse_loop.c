@@ -33,6 +33,7 @@
  * so a late reply never reaches a reused descriptor number.
  */
 #include "blk_fs.h"
+#include "inflate.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -250,8 +251,8 @@ static void serve_one(blk_fs *fs, char *buf, size_t size) {
   unref_fs(fs, 0);
 }
 
-static void *worker(void *arg) {
-  (void)arg;
+/* A worker's life: wait, serve, until enough others wait. */
+static void work(void) {
   pthread_setname_np(pthread_self(), "blk-fuse"); /* how tests and `top -H` tell them from libuv's */
   size_t size = 0;
   pthread_mutex_lock(&pool.lock);
@@ -260,7 +261,7 @@ static void *worker(void *arg) {
     pool.nthreads--;
     pool.idle--;
     pthread_mutex_unlock(&pool.lock);
-    return NULL;
+    return;
   }
   pthread_mutex_unlock(&pool.lock);
   for (;;) {
@@ -286,11 +287,18 @@ static void *worker(void *arg) {
       if (buf) buf_put_locked(buf, size);
       pool.nthreads--;
       pthread_mutex_unlock(&pool.lock);
-      return NULL;
+      return;
     }
     pool.idle++;
     pthread_mutex_unlock(&pool.lock);
   }
+}
+
+static void *worker(void *arg) {
+  (void)arg;
+  work();
+  inflate_thread_end(); /* this thread's inflation buffers (inflate.c) */
+  return NULL;
 }
 
 void blk_fs_ended(blk_fs *fs) {

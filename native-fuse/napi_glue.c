@@ -9,6 +9,8 @@
  */
 #include "napi_glue.h"
 
+#include "inflate.h"
+
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -145,6 +147,71 @@ static napi_value js_fast_install(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/*
+ * fastInstallCompressed(handle, gen, records): records is a Float64Array of
+ * [offset, length, fd, host, clen, clusterBits, skip, algorithm] (algorithm 0
+ * zlib, 1 zstd), each a guest range inside one compressed cluster
+ * (fast_install_compressed in fast_map.c).
+ */
+static napi_value js_fast_install_compressed(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 3) return NULL;
+  blk_fs *fs = blk_fs_arg(env, argv[0]);
+  if (!fs) return NULL;
+  double gen = -1;
+  napi_get_value_double(env, argv[1], &gen);
+  napi_typedarray_type type;
+  size_t count = 0;
+  void *data = NULL;
+  if (napi_get_typedarray_info(env, argv[2], &type, &count, &data, NULL, NULL) != napi_ok ||
+      type != napi_float64_array || count % 8 != 0)
+    return NULL;
+  fast_install_compressed(&fs->fast, gen, data, count);
+  return NULL;
+}
+
+/* inflateStats() -> the process's native inflation counters and its decompressed-cluster cache (inflate.h) */
+static napi_value js_inflate_stats(napi_env env, napi_callback_info info) {
+  inflate_stats st = inflate_get_stats();
+  napi_value out, v;
+  NAPI_CALL(env, napi_create_object(env, &out));
+#define STAT(name, field)                                 \
+  NAPI_CALL(env, napi_create_double(env, st.field, &v)); \
+  NAPI_CALL(env, napi_set_named_property(env, out, name, v));
+  STAT("enabled", enabled)
+  STAT("inflated", inflated)
+  STAT("cacheHits", hits)
+  STAT("failed", failed)
+  STAT("cacheBytes", cache_bytes)
+  STAT("cacheLimit", cache_limit)
+  STAT("cacheEntries", entries)
+#undef STAT
+  return out;
+}
+
+/*
+ * inflateCluster(fd, host, clen, clusterBits, algorithm) -> Buffer | null: the
+ * workers' decoder, on this thread (tests compare it with JavaScript's).
+ */
+static napi_value js_inflate_cluster(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5], out;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  double v[5] = {0};
+  for (size_t i = 0; i < 5 && i < argc; i++) napi_get_value_double(env, argv[i], &v[i]);
+  napi_get_null(env, &out);
+  if (argc < 5 || v[0] < 0 || v[1] < 0 || v[2] <= 0 || v[2] > UINT32_MAX || v[3] < INFLATE_MIN_CLUSTER_BITS ||
+      v[3] > INFLATE_MAX_CLUSTER_BITS)
+    return out;
+  inflate_desc d = {(uint64_t)v[1], (uint32_t)v[2], (uint8_t)v[3], (uint8_t)v[4]};
+  void *data = NULL;
+  napi_value buf;
+  NAPI_CALL(env, napi_create_buffer(env, (size_t)1 << d.cbits, &data, &buf));
+  return inflate_cluster_once((int)v[0], &d, data) == 0 ? buf : out;
+}
+
 /* fastStats(handle) -> [reads, bytes] served without JavaScript */
 static napi_value js_fast_stats(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -209,6 +276,9 @@ static napi_value init(napi_env env, napi_value exports) {
       {"fastEnable", NULL, js_fast_enable, NULL, NULL, NULL, napi_default, NULL},
       {"fastInstall", NULL, js_fast_install, NULL, NULL, NULL, napi_default, NULL},
       {"fastStats", NULL, js_fast_stats, NULL, NULL, NULL, napi_default, NULL},
+      {"fastInstallCompressed", NULL, js_fast_install_compressed, NULL, NULL, NULL, napi_default, NULL},
+      {"inflateStats", NULL, js_inflate_stats, NULL, NULL, NULL, napi_default, NULL},
+      {"inflateCluster", NULL, js_inflate_cluster, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

@@ -3,8 +3,8 @@
 // headers of the running Node (e.g. /usr/include/node from the distribution
 // package) so nothing is downloaded. Skips an addon newer than its sources.
 //   native/       OFD byte-range locks, SO_PEERCRED (required)
-//   native-fuse/  the libfuse 3 FUSE binding (optional: needs libfuse3-dev;
-//                 without it exports fall back to fuse-native, libfuse 2)
+//   native-fuse/  the libfuse 3 FUSE binding (optional: needs libfuse3-dev, zlib1g-dev
+//                 and libzstd-dev; without them exports fall back to fuse-native, libfuse 2)
 // Usage: node scripts/build-native.mjs [--force]
 import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, statSync } from 'node:fs';
@@ -21,8 +21,9 @@ const addons = [
     dir: join(root, 'native-fuse'),
     out: 'blkexport_fuse3.node',
     required: false,
-    // Built only where Debian's libfuse3-dev is installed.
-    needs: '/usr/include/fuse3/fuse_lowlevel.h',
+    // Built only where Debian's libfuse3-dev, zlib1g-dev and libzstd-dev are installed
+    // (zlib and zstd inflate compressed qcow2 clusters in the workers).
+    needs: ['/usr/include/fuse3/fuse_lowlevel.h', '/usr/include/zlib.h', '/usr/include/zstd.h'],
   },
 ];
 
@@ -65,9 +66,10 @@ const nodedir =
 
 let failed = false;
 for (const a of todo) {
-  if (a.needs && !existsSync(a.needs)) {
+  const lacking = (a.needs ?? []).filter((p) => !existsSync(p));
+  if (lacking.length > 0) {
     console.error(
-      `build-native: skipping ${a.dir} (${a.needs} missing: apt-get install libfuse3-dev); using fuse-native`,
+      `build-native: skipping ${a.dir} (${lacking.join(', ')} missing: apt-get install libfuse3-dev zlib1g-dev libzstd-dev); using fuse-native`,
     );
     continue;
   }

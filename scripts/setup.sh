@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what blkexport needs on Debian 12 (idempotent), then npm ci and the build.
-#   scripts/setup.sh          runtime only: libfuse3-dev (native-fuse/), libfuse2 (fuse-native's
+#   scripts/setup.sh          runtime only: libfuse3-dev, zlib1g-dev, libzstd-dev (native-fuse/), libfuse2 (fuse-native's
 #                             libfuse.so.2, the fallback), fuse (fusermount),
 #                             and build-essential/python3 when missing (node-gyp builds native/)
 #   scripts/setup.sh --test   also the test oracle and tools: qemu-utils, qemu-system-common
@@ -9,8 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # libfuse3-dev: our own FUSE binding (native-fuse/) builds against it; without it exports use
-# fuse-native (libfuse2), which is slower (docs/fuse-export.md).
-pkgs=(libfuse2 libfuse3-dev file fdisk)
+# fuse-native (libfuse2), which is slower (docs/fuse-export.md). zlib1g-dev and libzstd-dev: the
+# binding inflates compressed qcow2 clusters in its worker threads with zlib and libzstd.
+pkgs=(libfuse2 libfuse3-dev zlib1g-dev libzstd-dev file fdisk)
 # The native helper (native/: OFD image locks, peer credentials) is built by node-gyp offline
 # against the running Node's headers: it needs make, a C compiler and python3.
 command -v make >/dev/null 2>&1 && command -v cc >/dev/null 2>&1 || pkgs+=(build-essential)

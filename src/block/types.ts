@@ -17,12 +17,29 @@ export interface BlockExtent {
 }
 
 /**
- * Where guest bytes live on the host, as far as caches already know it: a
- * range of a host fd, or zeroes. For the FUSE fast path, which reads mapped
- * ranges itself; anything that needs decoding (compressed clusters) is not
- * mappable.
+ * One compressed cluster on the host: its compressed bytes at `host` in `fd`
+ * (at most `clen` of them: the descriptor's bound, clipped to the file), which
+ * must decompress to exactly `clusterSize` bytes; `skip` is the offset in the
+ * decompressed cluster of the extent's first byte.
  */
-export type HostExtent = { length: number; fd: number; host: number } | { length: number; zero: true };
+export interface CompressedHost {
+  fd: number;
+  host: number;
+  clen: number;
+  clusterSize: number;
+  skip: number;
+  algorithm: 'zlib' | 'zstd';
+}
+
+/**
+ * Where guest bytes live on the host, as far as caches already know it: a
+ * range of a host fd, zeroes, or part of one compressed cluster. For the FUSE
+ * fast path, which reads mapped ranges itself (and inflates compressed ones).
+ */
+export type HostExtent =
+  | { length: number; fd: number; host: number }
+  | { length: number; zero: true }
+  | { length: number; compressed: CompressedHost };
 
 /** Capabilities are asked once and cached by callers (nbdkit's can_write, can_zero, ...). */
 export interface BlockCapabilities {

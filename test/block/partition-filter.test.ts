@@ -5,7 +5,7 @@
  * against qemu-img's own view of the image (convert -O raw, map).
  */
 import assert from 'node:assert/strict';
-import { readFileSync, readSync, truncateSync, writeFileSync } from 'node:fs';
+import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it, type TestContext } from 'node:test';
 import { type BlockGraph, type BlockNode, openGraph, openNode } from '../../src/block/index.js';
@@ -13,6 +13,7 @@ import { checkWindow } from '../../src/block/window.js';
 import { BlkError, isBlkError } from '../../src/errors.js';
 import { needTools, qemuImg, randomBytes, runOk, seededRandom, tempDir } from '../helpers/tools.js';
 import { convertToRaw, M } from './images.js';
+import { readViaMap } from './read-via-map.js';
 
 const S = 512;
 
@@ -99,27 +100,6 @@ function qemuBytes(disk: Disk, name: string): Buffer {
 
 function code(e: unknown): string {
   return isBlkError(e) ? e.code : String(e);
-}
-
-/** Reads through the host extents mapHostCached reports; undefined when nothing is mapped. */
-function readViaMap(node: BlockNode, off: number, len: number): Buffer | undefined {
-  const map = node.mapHostCached?.(off, len);
-  if (!map) return undefined;
-  const out = Buffer.alloc(len);
-  let at = 0;
-  for (const x of map) {
-    if (!('zero' in x)) {
-      let done = 0;
-      while (done < x.length) {
-        const n = readSync(x.fd, out, at + done, x.length - done, x.host + done);
-        if (n === 0) break;
-        done += n;
-      }
-    }
-    at += x.length;
-  }
-  assert.equal(at, len, 'extents cover exactly the range');
-  return out;
 }
 
 describe('partition filter over file → qcow2', () => {
@@ -298,7 +278,7 @@ describe('partition filter over file → qcow2', () => {
         const len = Math.max(1, Math.min(p.size - off, 1 + Math.floor(rand() * 200_000)));
         const own = part.mapHostCached?.(off, len) ?? null;
         assert.deepEqual(own, fmt.mapHostCached?.(p.offset + off, len) ?? null);
-        const got = readViaMap(part, off, len);
+        const got = await readViaMap(part, off, len);
         if (!got) continue;
         mapped++;
         assert.ok(got.equals(whole.subarray(off, off + len)), `mapped bytes differ at ${off}+${len}`);

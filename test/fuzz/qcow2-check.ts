@@ -6,8 +6,11 @@
  * and seeded random ranges anywhere in it (the virtual size may be mutated to
  * petabytes: only bounded ranges are read).
  */
-import { openImage } from '../../src/block/index.js';
+import { readSync } from 'node:fs';
+import { decompressCluster } from '../../src/block/format/qcow2/decompress.js';
+import { type BlockNode, openImage } from '../../src/block/index.js';
 import { isBlkError } from '../../src/errors.js';
+import { loadFuse3 } from '../../src/export/fuse/fuse3.js';
 import { seededRandom } from '../helpers/tools.js';
 
 export interface CheckResult {
@@ -17,6 +20,8 @@ export interface CheckResult {
   codes: string[];
   reads: number;
   readErrors: number;
+  /** Compressed clusters the FUSE binding's native decoder was compared on (0 without the addon). */
+  inflateCompared: number;
   /** A broken promise: the reason (a non-BlkError, an error without a code or file, ...). */
   violation?: string;
 }
@@ -27,6 +32,47 @@ function violationOf(e: unknown, what: string, needFile: boolean): string | unde
   if (!e.code) return `${what} threw a BlkError without a code: ${e.message}`;
   if (needFile && e.place.file === undefined)
     return `${what} error does not name the file: ${e.code} ${e.message}`;
+  return undefined;
+}
+
+const compared = new Set<string>();
+
+/**
+ * The compressed clusters the node maps in [off, off+len) from its caches, each
+ * inflated by the binding's native decoder (what the FUSE workers run) and by
+ * JavaScript's: where the native one gives a cluster, JavaScript's must give the
+ * same bytes (the native decoder accepts a subset). A violation, or undefined.
+ */
+async function compareInflate(
+  node: BlockNode,
+  off: number,
+  len: number,
+  r: CheckResult,
+): Promise<string | undefined> {
+  const addon = loadFuse3();
+  if (!addon || len <= 0) return undefined;
+  for (const x of node.mapHostCached?.(off, len) ?? []) {
+    if (!('compressed' in x)) continue;
+    const c = x.compressed;
+    const key = `${c.host}:${c.clen}:${c.clusterSize}`;
+    if (compared.has(key)) continue;
+    compared.add(key);
+    r.inflateCompared++;
+    const native = addon.inflateCluster(
+      c.fd,
+      c.host,
+      c.clen,
+      Math.log2(c.clusterSize),
+      c.algorithm === 'zstd' ? 1 : 0,
+    );
+    if (!native) continue;
+    const input = Buffer.alloc(c.clen);
+    readSync(c.fd, input, 0, c.clen, c.host);
+    const js = await decompressCluster(c.algorithm, input, c.clusterSize).catch((e: Error) => e);
+    if (js instanceof Error)
+      return `compressed cluster at ${c.host}: the native decoder accepts what JavaScript refuses (${js.message})`;
+    if (!js.equals(native)) return `compressed cluster at ${c.host}: native and JavaScript inflation differ`;
+  }
   return undefined;
 }
 
@@ -43,7 +89,7 @@ export async function checkImage(
   writes = false,
   readBack = true,
 ): Promise<CheckResult> {
-  const r: CheckResult = { outcome: 'refused', codes: [], reads: 0, readErrors: 0 };
+  const r: CheckResult = { outcome: 'refused', codes: [], reads: 0, readErrors: 0, inflateCompared: 0 };
   let img: Awaited<ReturnType<typeof openImage>>;
   try {
     img = await openImage({
@@ -74,10 +120,16 @@ export async function checkImage(
       ranges.push([off, Math.min(size - off, 1 + Math.floor(rand() * (128 << 10)))]);
     }
     const buf = Buffer.alloc(128 << 10);
+    compared.clear();
     for (const [off, len] of ranges) {
       r.reads++;
+      // Before the read too: a refused cluster marks the node corrupt, which then maps nothing.
+      r.violation = await compareInflate(img.node, off, len, r);
+      if (r.violation) return r;
       try {
         await img.node.read(off, buf.subarray(0, len));
+        r.violation = await compareInflate(img.node, off, len, r);
+        if (r.violation) return r;
       } catch (e) {
         r.readErrors++;
         const v = violationOf(e, `read ${off}+${len}`, false);

@@ -8,11 +8,14 @@
  * discards too (no crash, no hang, coded errors). Whether what succeeded reads
  * back is checked by `npm run fuzz -- --writes` only, until the write path
  * passes it (see the todo fixtures of replay.test.ts). The seed varies per run
- * (FUZZ_SEED to repeat one); `npm run fuzz` runs longer.
+ * (FUZZ_SEED to repeat one); `npm run fuzz` runs longer. Every compressed
+ * cluster a served image maps is also inflated by the FUSE binding's native
+ * decoder, which must agree with JavaScript's wherever it accepts.
  */
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { loadFuse3 } from '../../src/export/fuse/fuse3.js';
 import { needTools, REPO, tempDir } from '../helpers/tools.js';
 import { runQcow2Fuzz, saveFailures } from './qcow2-run.js';
 
@@ -41,7 +44,7 @@ test('qcow2 fuzzing: thousands of mutated images refused or served with coded er
   ] as const) {
     t.diagnostic(
       `${what}, seed ${seed}: ${x.images} images in ${x.elapsedMs} ms (${x.refused} refused, ${x.served} served, ` +
-        `${x.servedWithReadErrors} with read errors), slowest ${Math.round(x.maxImageMs)} ms, ` +
+        `${x.servedWithReadErrors} with read errors, ${x.inflateCompared} compressed clusters also inflated natively), slowest ${Math.round(x.maxImageMs)} ms, ` +
         `peak RSS ${Math.round(x.peakRss / 2 ** 20)} MiB, codes ${JSON.stringify(x.codes)}`,
     );
   }
@@ -56,4 +59,6 @@ test('qcow2 fuzzing: thousands of mutated images refused or served with coded er
     'mutations reach open and read paths',
   );
   assert.ok(w.served > 0, 'mutations reach the write path');
+  if (loadFuse3())
+    assert.ok(s.inflateCompared > 0, "mutated compressed clusters reach the binding's decoder");
 });

@@ -28,6 +28,8 @@ export interface FuzzStats {
   refused: number;
   served: number;
   servedWithReadErrors: number;
+  /** Compressed clusters inflated by both the native and the JavaScript decoder. */
+  inflateCompared: number;
   codes: Record<string, number>;
   maxImageMs: number;
   peakRss: number;
@@ -69,6 +71,7 @@ export async function runQcow2Fuzz(o: FuzzOptions): Promise<FuzzStats> {
     refused: 0,
     served: 0,
     servedWithReadErrors: 0,
+    inflateCompared: 0,
     codes: {},
     maxImageMs: 0,
     peakRss: 0,
@@ -148,6 +151,7 @@ export async function runQcow2Fuzz(o: FuzzOptions): Promise<FuzzStats> {
             if (m.outcome === 'refused') stats.refused++;
             else stats.served++;
             if (m.readErrors > 0) stats.servedWithReadErrors++;
+            stats.inflateCompared += m.inflateCompared;
             for (const c of m.codes) stats.codes[c] = (stats.codes[c] ?? 0) + 1;
             if (m.violation && cur) fail(cur, m.violation, m.image);
             else if (m.rss > o.maxRss && cur) fail(cur, `process RSS ${m.rss} above ${o.maxRss}`);

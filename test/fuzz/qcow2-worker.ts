@@ -33,6 +33,7 @@ export type WorkerMessage =
       outcome: string;
       codes: string[];
       readErrors: number;
+      inflateCompared: number;
       violation?: string;
       ms: number;
       rss: number;

@@ -79,6 +79,34 @@ interface Fuse3Addon {
   fastEnable(handle: object, on: boolean): void;
   fastInstall(handle: object, gen: number, offset: number, extents: Float64Array): void;
   fastStats(handle: object): [number, number];
+  /**
+   * Records of [offset, length, fd, host, clen, clusterBits, skip, algorithm (0 zlib, 1 zstd)],
+   * each a guest range inside one compressed cluster.
+   */
+  fastInstallCompressed(handle: object, gen: number, records: Float64Array): void;
+  /** The process's native inflation counters and decompressed-cluster cache. */
+  inflateStats(): InflateStats;
+  /** The workers' decoder on this thread: one cluster, or null where it refuses (JavaScript decides). */
+  inflateCluster(
+    fd: number,
+    host: number,
+    clen: number,
+    clusterBits: number,
+    algorithm: number,
+  ): Buffer | null;
+}
+
+/** Compressed clusters inflated by the binding's workers, process-wide (native-fuse/inflate.h). */
+export interface InflateStats {
+  /** 0 when BLKEXPORT_NATIVE_INFLATE=0: compressed reads all go to JavaScript. */
+  enabled: number;
+  inflated: number;
+  cacheHits: number;
+  /** Clusters that did not inflate in C (served, or reported corrupt, by JavaScript). */
+  failed: number;
+  cacheBytes: number;
+  cacheLimit: number;
+  cacheEntries: number;
 }
 
 const ADDON_PATH = new URL('../../../native-fuse/build/Release/blkexport_fuse3.node', import.meta.url)
@@ -300,13 +328,28 @@ function serve(
   const fast: FastPath = {
     gen: () => a.fastGen(h),
     install(gen, offset, extents: readonly HostExtent[]) {
-      const triples = new Float64Array(extents.length * 3);
-      extents.forEach((x, i) => {
-        triples[i * 3] = x.length;
-        triples[i * 3 + 1] = 'zero' in x ? -1 : x.fd;
-        triples[i * 3 + 2] = 'zero' in x ? 0 : x.host;
-      });
-      a.fastInstall(h, gen, offset, triples);
+      // Runs of plain pieces go as triples, compressed pieces all in one call.
+      let pos = offset;
+      let run: number[] = [];
+      let runAt = offset;
+      const compressed: number[] = [];
+      const flush = () => {
+        if (run.length > 0) a.fastInstall(h, gen, runAt, Float64Array.from(run));
+        run = [];
+      };
+      for (const x of extents) {
+        if ('compressed' in x) {
+          flush();
+          const c = x.compressed;
+          const algorithm = c.algorithm === 'zstd' ? 1 : 0;
+          compressed.push(pos, x.length, c.fd, c.host, c.clen, Math.log2(c.clusterSize), c.skip, algorithm);
+          runAt = pos + x.length;
+        } else if ('zero' in x) run.push(x.length, -1, 0);
+        else run.push(x.length, x.fd, x.host);
+        pos += x.length;
+      }
+      flush();
+      if (compressed.length > 0) a.fastInstallCompressed(h, gen, Float64Array.from(compressed));
     },
     invalidate: (offset, length, size) => a.fastInvalidate(h, offset, length, size ?? -1),
     enable: (on) => a.fastEnable(h, on),

@@ -1,8 +1,11 @@
 /**
  * Host extents of guest ranges from cached L2 tables only, for the FUSE fast
  * path (BlockNode.mapHostCached): data clusters map to the data file,
- * zero/unallocated ones to zeroes or to the backing node's own mapping;
- * compressed clusters, uncached tables and corrupt images answer null.
+ * zero/unallocated ones to zeroes or to the backing node's own mapping,
+ * compressed ones to their compressed bytes in the image file (for the
+ * binding to inflate); uncached tables, corrupt images and bad entries
+ * answer null (without marking the image corrupt: only a read or write that
+ * reaches the entry does).
  */
 import type { HostExtent } from '../../types.js';
 import { COMPRESSED, DATA, type MappedExtent, mapRangeCached, UNALLOCATED, ZERO } from './mapping.js';
@@ -29,9 +32,29 @@ export function mapHostCached(s: Qcow2State, offset: number, length: number): Ho
   if (lock && !lock.tryShared()) return null;
   try {
     return mapHost(s, offset, length);
+  } catch {
+    // A bad entry: the caller maps speculatively (around a read), so the read that reaches it reports it.
+    s.corrupt = false;
+    return null;
   } finally {
     lock?.releaseShared();
   }
+}
+
+/** A compressed cluster's piece: where its compressed bytes lie in the image file, and how to inflate them. */
+function compressedHost(s: Qcow2State, x: MappedExtent): HostExtent[] | null {
+  const file = s.file.mapHostCached?.(x.host, x.clen);
+  const at = file?.length === 1 ? file[0] : undefined;
+  if (!at || !('fd' in at)) return null;
+  const compressed = {
+    fd: at.fd,
+    host: at.host,
+    clen: x.clen,
+    clusterSize: s.header.clusterSize,
+    skip: x.skip,
+    algorithm: s.header.compressionType,
+  };
+  return [{ length: x.length, compressed }];
 }
 
 function mapHost(s: Qcow2State, offset: number, length: number): HostExtent[] | null {
@@ -59,7 +82,8 @@ function mapHost(s: Qcow2State, offset: number, length: number): HostExtent[] | 
         break;
       }
       case COMPRESSED:
-        return null;
+        if (!append(out, compressedHost(s, x))) return null;
+        break;
     }
     pos += x.length;
   }
