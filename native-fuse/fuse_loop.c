@@ -48,6 +48,7 @@ blk_fs *blk_fs_new(void) {
   }
   pthread_mutex_init(&fs->lock, NULL);
   fs->fd = -1;
+  fs->pt_fd = -1; /* no passthrough unless mount() is given the image's descriptor */
   fs->max_threads = env_int("BLKEXPORT_FUSE_MAX_THREADS", 64, 1, 1024);
   fs->max_idle = env_int("BLKEXPORT_FUSE_IDLE_THREADS", 4, 1, fs->max_threads);
   return fs;
