@@ -5,6 +5,8 @@
  * SIGKILLed; a client that had the export open then reads it whole and writes
  * a block, which needs no server at all. Without passthrough those reads
  * would wait for a server that never comes (the test's deadline fails it).
+ * Then a successor adopts the connection and serves new opens with the same
+ * backing id while the first client still has the file open.
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
@@ -71,12 +73,13 @@ test('files open in passthrough keep reading and writing the image after the ser
   if (!needTools(t, 'qemu-img', '/dev/fuse', 'python3', 'sleep')) return;
   const dir = mkdtempSync(join(tmpdir(), 'blkexport-pts-'));
   let holderPid = 0;
+  let successorPid = 0;
   const children: ChildProcess[] = [];
-  // One after-hook, in order: the holder (the connection ends, anything waiting on it fails), the
-  // children, stray mounts, the files.
+  // One after-hook, in order: the holder and the successor (the connection ends, anything waiting
+  // on it fails), the children, stray mounts, the files.
   t.after(() => {
     try {
-      for (const pid of [holderPid, ...children.map((c) => c.pid ?? 0)]) {
+      for (const pid of [holderPid, successorPid, ...children.map((c) => c.pid ?? 0)]) {
         if (pid > 0) {
           try {
             process.kill(pid, 'SIGKILL');
@@ -97,7 +100,7 @@ test('files open in passthrough keep reading and writing the image after the ser
   const mnt = join(dir, 'export');
   writeFileSync(mnt, '');
 
-  const server = spawn(process.execPath, ['--import', 'tsx', CHILD, image, mnt], {
+  const server = spawn(process.execPath, ['--import', 'tsx', CHILD, 'mount', image, mnt], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   children.push(server);
@@ -122,6 +125,23 @@ test('files open in passthrough keep reading and writing the image after the ser
   client.stdin!.write('go\n');
   const done = await nextLine(client, 10_000);
   for (let i = 0; i < 4096; i++) ref[i] = ref[off + i] = (i * 7 + 3) & 0xff;
-  assert.equal(done, `ok ${createHash('sha256').update(ref).digest('hex')}`);
+  const sum = `ok ${createHash('sha256').update(ref).digest('hex')}`;
+  assert.equal(done, sum);
   assert.ok(readFileSync(image).equals(ref), 'the block is in the image file');
+
+  // A successor adopts the connection from the holder and answers new opens with the first
+  // server's backing id: the old descriptor is still open in passthrough, so another id for
+  // the same file would be refused (the open would fail with EIO).
+  process.kill(holderPid, 'SIGUSR2');
+  const adopted = /^adopted (\d+) (.*)$/.exec(await nextLine(server, 30_000));
+  assert.ok(adopted);
+  successorPid = Number(adopted[1]);
+  const second = spawn('python3', ['-c', CLIENT, mnt, String(SIZE), String(off)], {
+    stdio: ['pipe', 'pipe', 'inherit'],
+  });
+  children.push(second);
+  assert.equal(await nextLine(second, 10_000), 'open');
+  second.stdin!.write('go\n');
+  assert.equal(await nextLine(second, 10_000), sum);
+  assert.deepEqual(JSON.parse(adopted[2]!), status);
 });
