@@ -101,6 +101,16 @@ blk_fs *blk_fs_arg(napi_env env, napi_value v) {
   return fs->ended ? NULL : fs;
 }
 
+blk_fs *blk_live_fs_arg(napi_env env, napi_value v) {
+  blk_fs *fs = blk_fs_arg(env, v);
+  if (!fs) {
+    bool pending = false;
+    napi_is_exception_pending(env, &pending);
+    if (!pending) napi_throw_error(env, "ENOTCONN", "the FUSE connection has ended");
+  }
+  return fs;
+}
+
 /* ---- the fast path ------------------------------------------------------------------- */
 
 /* fastGen(handle) -> generation (a number) */

@@ -22,6 +22,8 @@ const char *blk_serve(napi_env env, blk_fs *fs, napi_value dispatch);
 void blk_free_fs(blk_fs *fs);
 /* The mount handle's blk_fs, or NULL once the loop has ended (throws when v is no handle). */
 blk_fs *blk_fs_arg(napi_env env, napi_value v);
+/* The same, but throws ENOTCONN (unless it threw already) once the loop has ended. */
+blk_fs *blk_live_fs_arg(napi_env env, napi_value v);
 
 /* napi_handover.c */
 napi_value blk_js_adopt(napi_env env, napi_callback_info info);

@@ -178,13 +178,8 @@ napi_value blk_js_connection(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1], out, fdv;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  blk_fs *fs = blk_fs_arg(env, argv[0]);
-  if (!fs) {
-    bool pending = false;
-    napi_is_exception_pending(env, &pending);
-    if (!pending) napi_throw_error(env, "ENOTCONN", "the FUSE connection has ended");
-    return NULL;
-  }
+  blk_fs *fs = blk_live_fs_arg(env, argv[0]);
+  if (!fs) return NULL;
   pthread_mutex_lock(&fs->lock);
   int got = atomic_load(&fs->got_init) && atomic_load(&fs->pt_done); /* the record carries the backing id */
   blk_init init = fs->init;
