@@ -20,7 +20,7 @@ import { openImage } from '../../src/block/open-image.js';
 import { FuseExport, type FuseExportOptions } from '../../src/export/fuse/export.js';
 import { PASSTHROUGH_ENV } from '../../src/export/fuse/passthrough.js';
 import { cleanupMountsUnder } from '../helpers/mounts.js';
-import { needTools, qemuImg, randomBytes, seededRandom } from '../helpers/tools.js';
+import { BIN, needTools, qemuImg, randomBytes, run, seededRandom } from '../helpers/tools.js';
 
 const execFileP = promisify(execFile);
 const K = 1024;
@@ -208,5 +208,40 @@ describe('FUSE passthrough of raw exports', { concurrency: false }, () => {
     assert.ok(pt.active);
     assert.equal(c.init.backingId, pt.backingId);
     assert.ok(c.init.flags2 & (1 << 5), 'FUSE_PASSTHROUGH (flags2 bit 5) answered at INIT');
+  });
+
+  test('without CAP_SYS_ADMIN in the initial namespace the kernel refuses the backing file (EPERM): one line says so, the export works', async (t) => {
+    if (!needTools(t, 'qemu-img', '/dev/fuse', 'unshare', 'cmp')) return;
+    const dir = mkdtempSync(join(tmpdir(), 'blkexport-pt-'));
+    let pid = 0;
+    t.after(() => {
+      try {
+        // Only our server (still running after a failure), never a process that reused its pid.
+        if (pid > 0 && readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(dir))
+          process.kill(pid, 'SIGKILL');
+      } catch {
+        // gone already
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+    const image = join(dir, 'disk.raw');
+    qemuImg('create', '-q', '-f', 'raw', image, String(SIZE));
+    writeFileSync(image, randomBytes(seededRandom(5), SIZE));
+    const mnt = join(dir, 'export');
+    writeFileSync(mnt, '');
+    // A user namespace: root there may mount FUSE, but is not CAP_SYS_ADMIN where passthrough asks.
+    const script = `"${BIN}" mount "${image}" "${mnt}" --format raw --daemonize && cmp "${mnt}" "${image}" && echo same; "${BIN}" umount "${mnt}"`;
+    const r = run('unshare', ['-U', '-r', '-m', '--propagation', 'private', 'sh', '-c', script], {
+      timeoutMs: 60_000,
+    });
+    const m = /\(pid (\d+)\)/.exec(r.stdout);
+    if (m) pid = Number(m[1]);
+    assert.match(
+      r.stdout,
+      /read-only \(no FUSE passthrough: registering the image file needs CAP_SYS_ADMIN \(run as root\)\)/,
+    );
+    assert.match(r.stdout, /^same$/m, r.stdout + r.stderr);
+    assert.equal(r.status, 0, r.stderr);
   });
 });
