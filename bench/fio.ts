@@ -15,17 +15,22 @@ export interface FioResult {
   /** Bytes per second. */
   readBw: number;
   writeBw: number;
+  /** Bytes moved, read + written (for CPU seconds per GiB). */
+  bytes: number;
   /** 99th percentile completion latency in microseconds, reads and writes (0 when there were none). */
   readP99Us: number;
   writeP99Us: number;
 }
 
-/** The fio command line for `workload` on `file` for `runtimeS` seconds. */
-export function fioArgs(workload: Workload, file: string, runtimeS: number): string[] {
+/**
+ * The fio command line for `workload` on `file` for `runtimeS` seconds;
+ * `buffered` turns an O_DIRECT job into the same job through the page cache.
+ */
+export function fioArgs(workload: Workload, file: string, runtimeS: number, buffered = false): string[] {
   return [
     `--name=${workload.id}`,
     `--filename=${file}`,
-    ...workload.fio,
+    ...workload.fio.map((o) => (buffered && o === '--direct=1' ? '--direct=0' : o)),
     '--numjobs=1',
     // A one-pass job covers the file once with fio's random map (each block exactly once).
     ...(workload.onePass ? ['--time_based=0', '--norandommap=0'] : ['--time_based=1', '--norandommap=1']),
@@ -40,6 +45,7 @@ export function fioArgs(workload: Workload, file: string, runtimeS: number): str
 interface FioDir {
   iops?: number;
   bw_bytes?: number;
+  io_bytes?: number;
   clat_ns?: { percentile?: Record<string, number> };
 }
 
@@ -66,14 +72,20 @@ export function parseFioJson(text: string): FioResult {
     writeIops: job.write?.iops ?? 0,
     readBw: job.read?.bw_bytes ?? 0,
     writeBw: job.write?.bw_bytes ?? 0,
+    bytes: (job.read?.io_bytes ?? 0) + (job.write?.io_bytes ?? 0),
     readP99Us: p99(job.read),
     writeP99Us: p99(job.write),
   };
 }
 
 /** Runs fio for `workload` on `file`; a BlkError with fio's complaint when it fails. */
-export async function runFio(workload: Workload, file: string, runtimeS: number): Promise<FioResult> {
-  const r = await runCommand('fio', fioArgs(workload, file, runtimeS), {
+export async function runFio(
+  workload: Workload,
+  file: string,
+  runtimeS: number,
+  buffered = false,
+): Promise<FioResult> {
+  const r = await runCommand('fio', fioArgs(workload, file, runtimeS, buffered), {
     timeoutMs: (runtimeS + 120) * 1000,
   });
   if (r.status !== 0) {

@@ -26,6 +26,7 @@ const row = (id: string, title: string, unit: 'MB/s' | 'IOPS', fio: string[]): W
   id,
   title,
   image: 'allocated',
+  format: 'raw',
   writes: fio.some((o) => /write|rw=randrw/.test(o)),
   unit,
   fio,

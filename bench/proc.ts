@@ -121,3 +121,11 @@ export async function unmountIfMounted(path: string): Promise<void> {
   if (!(await isMounted(path))) return;
   await runCommand('umount', ['-l', path], { timeoutMs: 30_000 });
 }
+
+/** User + system CPU seconds of a process, all its threads (/proc/PID/stat; clock ticks of 1/100 s). */
+export async function cpuSeconds(pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+  // Fields after the command name (which may contain spaces) start at ") ": utime and stime are fields 14 and 15.
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100;
+}

@@ -1,6 +1,7 @@
 /**
- * The benchmark report: medians, min–max and the ratios blkexport/QSD and
- * blkexport/plain, as a Markdown document with the machine description.
+ * The benchmark report: medians, min–max, the ratios blkexport/QSD and
+ * blkexport/plain file in the same cache mode, and each server's CPU seconds
+ * per GiB moved, as a Markdown document with the machine description.
  */
 import type { AgentOutcome } from './agent.js';
 import { renderAgentSection } from './agent.js';
@@ -13,8 +14,13 @@ import type { Workload } from './workloads.js';
 export interface Cell {
   values: number[];
   raw: FioResult[];
+  /** The serving process's user + system CPU seconds per GiB read and written, per repetition. */
+  cpu: number[];
   failure?: string;
 }
+
+/** The plain-cached column's "reason" on buffered rows: the plain column is already through the page cache. */
+export const SAME_AS_PLAIN = 'buffered row: the plain column is already the host page cache';
 
 export interface RowResult {
   workload: Workload;
@@ -58,6 +64,10 @@ function fmtRange(values: number[], unit: Workload['unit']): string {
     : fmt(s.median, unit);
 }
 
+function cpuPerGiB(c: Cell): string {
+  return c.cpu.length ? summarize(c.cpu).median.toFixed(2) : '—';
+}
+
 function ratio(a: Cell, b: Cell): string {
   if (!a.values.length || !b.values.length) return '—';
   const den = summarize(b.values).median;
@@ -74,6 +84,7 @@ export function renderReport(meta: RunMeta, rows: RowResult[], agent: AgentOutco
     return `n/a [${i + 1}]`;
   };
   const cell = (c: Cell, unit: Workload['unit']): string => {
+    if (c.failure === SAME_AS_PLAIN) return '= plain';
     if (!c.values.length) return note(c.failure ?? 'not run');
     const partial = c.failure ? ` (${c.values.length} runs; then ${note(c.failure)})` : '';
     return fmtRange(c.values, unit) + partial;
@@ -99,17 +110,23 @@ export function renderReport(meta: RunMeta, rows: RowResult[], agent: AgentOutco
     '## I/O',
     '',
     'Medians (min–max) of the repetitions. MB/s = 10^6 bytes per second; IOPS counts reads and writes.',
-    'QSD = qemu-storage-daemon FUSE export of the qcow2; blkexport = `blkexport mount` of the same qcow2;',
-    'plain = fio on the identical raw file on the host file system.',
+    'QSD = qemu-storage-daemon FUSE export of the image; blkexport = `blkexport mount` of the same image',
+    '(the qcow2, or on "raw image" rows its raw twin exported as raw); plain = fio on the raw twin on the',
+    'host file system, same job; host cache = for O_DIRECT rows, the raw twin read once and then the same job',
+    'with `--direct=0`, which is the cache mode both exports use for their image file.',
+    'vs plain compares blkexport with the plain file in the same cache mode: plain on buffered rows, host',
+    "cache on O_DIRECT rows. CPU = the serving process's user + system seconds per GiB read and written.",
     '',
-    '| workload | unit | QSD | blkexport | plain | blkexport / QSD | blkexport / plain |',
-    '|---|---|---|---|---|---|---|',
+    '| workload | unit | QSD | blkexport | plain | host cache | blkexport / QSD | blkexport / plain, same cache mode | CPU s/GiB QSD | CPU s/GiB blkexport |',
+    '|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const r of rows) {
     const { qsd, blkexport, plain } = r.cells;
+    const cached = r.cells['plain-cached'];
+    const sameMode = cached.failure === SAME_AS_PLAIN ? plain : cached;
     const u = r.workload.unit;
     out.push(
-      `| ${r.workload.title} | ${u} | ${cell(qsd, u)} | ${cell(blkexport, u)} | ${cell(plain, u)} | ${ratio(blkexport, qsd)} | ${ratio(blkexport, plain)} |`,
+      `| ${r.workload.title} | ${u} | ${cell(qsd, u)} | ${cell(blkexport, u)} | ${cell(plain, u)} | ${cell(cached, u)} | ${ratio(blkexport, qsd)} | ${ratio(blkexport, sameMode)} | ${cpuPerGiB(qsd)} | ${cpuPerGiB(blkexport)} |`,
     );
   }
   out.push('');

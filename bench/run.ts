@@ -19,10 +19,10 @@ import { Cleanup, cleanUpOnSignals } from './cleanup.js';
 import { headline, runFio } from './fio.js';
 import { type BenchImages, type ImagePair, makeFreshPair, makeImages, removePair } from './images.js';
 import { describeMachine } from './machine.js';
-import { mountPoints, runCommand, unmountIfMounted } from './proc.js';
-import { type Cell, type RowResult, renderReport } from './report.js';
+import { cpuSeconds, mountPoints, runCommand, unmountIfMounted } from './proc.js';
+import { type Cell, type RowResult, renderReport, SAME_AS_PLAIN } from './report.js';
 import { makeServers, SERVER_IDS, type Server, type ServerId } from './servers.js';
-import { WORKLOADS, type Workload } from './workloads.js';
+import { isDirect, WORKLOADS, type Workload } from './workloads.js';
 
 const REPO = new URL('..', import.meta.url).pathname.replace(/\/$/, '');
 const MiB = 2 ** 20;
@@ -41,13 +41,13 @@ interface Options {
 }
 
 const USAGE = `usage: npm run bench -- [--quick] [--size SIZE] [--runtime SEC] [--reps N]
-                        [--only ID[,ID...]] [--servers qsd,blkexport,plain] [--dir DIR] [--out DIR]
+                        [--only ID[,ID...]] [--servers qsd,blkexport,plain,plain-cached] [--dir DIR] [--out DIR]
   --quick      256 MiB images, 1 repetition of 2 s (a check of the harness, not figures to quote)
   --size       image size, e.g. 1G (default; env BENCH_SIZE), 256M
   --runtime    seconds per fio run (default 10; env BENCH_RUNTIME)
   --reps       repetitions per server and workload (default 3; env BENCH_REPS)
   --only       workloads with these ids, or whose id contains one of these strings (ids: ${WORKLOADS.map((w) => w.id).join(', ')})
-  --servers    which columns to measure (default all)
+  --servers    which columns to measure (default all: ${SERVER_IDS.join(',')})
   --dir        where the temporary images and mountpoints go (default: env BENCH_DIR, else the OS temp dir)
   --out        where the report goes (default bench/results)
   --agent      run (default): also the agent figures (200 exports ready, RSS, reconcile latency, CPU/GiB);
@@ -177,9 +177,12 @@ async function measureOnce(
 ): Promise<void> {
   const pair = pairFor(images, w) ?? (await makeFreshPair(dir, opts.size));
   try {
-    const exported = await server.serve(pair, { writable: w.writes, size: opts.size });
+    const exported = await server.serve(pair, { writable: w.writes, size: opts.size, format: w.format });
     try {
-      const r = await runFio(w, exported.path, opts.runtimeS);
+      const cpu0 = exported.pid ? await cpuSeconds(exported.pid) : undefined;
+      const r = await runFio(w, exported.path, opts.runtimeS, exported.buffered);
+      if (exported.pid && cpu0 !== undefined && r.bytes > 0)
+        cell.cpu.push(((await cpuSeconds(exported.pid)) - cpu0) / (r.bytes / 2 ** 30));
       cell.values.push(headline(w, r));
       cell.raw.push(r);
     } finally {
@@ -211,29 +214,35 @@ async function main(argv: string[]): Promise<number> {
     const dir = await mkdtemp(join(opts.baseDir, 'blkexport-bench-'));
     cleanup.add(`work directory ${dir}`, () => removeWorkDir(dir));
     const machine = await describeMachine(REPO);
-    const runs = workloads.length * opts.reps * opts.servers.length;
+    const servers = makeServers({ dir, cleanup, repo: REPO }).filter((s) => opts.servers.includes(s.id));
+    // The host-cached plain file runs only on O_DIRECT rows (a buffered row's plain column is that already).
+    const runs = workloads.reduce(
+      (n, w) => n + opts.reps * servers.filter((s) => s.id !== 'plain-cached' || isDirect(w)).length,
+      0,
+    );
     log(
-      `${workloads.length} workloads × ${opts.servers.length} servers × ${opts.reps} × ${opts.runtimeS} s ≈ ${Math.ceil((runs * (opts.runtimeS + 2)) / 60)} min, images in ${dir}`,
+      `${workloads.length} workloads, ${runs} fio runs of ≤ ${opts.runtimeS} s ≈ ${Math.ceil((runs * (opts.runtimeS + 2)) / 60)} min, images in ${dir}`,
     );
     const images = workloads.length ? await makeImages(dir, opts.size, log) : undefined;
-    const servers = makeServers({ dir, cleanup, repo: REPO }).filter((s) => opts.servers.includes(s.id));
 
     const rows: RowResult[] = [];
     let done = 0;
     for (const w of workloads) {
       const cells = Object.fromEntries(
-        SERVER_IDS.map((id) => [id, { values: [], raw: [] } as Cell]),
+        SERVER_IDS.map((id) => [id, { values: [], raw: [], cpu: [] } as Cell]),
       ) as Record<ServerId, Cell>;
       for (const id of SERVER_IDS)
         if (!opts.servers.includes(id)) cells[id].failure = 'not measured in this run (--servers)';
+      // Buffered rows already have their same-cache-mode baseline: the plain column.
+      if (!isDirect(w)) cells['plain-cached'].failure = SAME_AS_PLAIN;
       for (let rep = 0; rep < opts.reps; rep++) {
         // Rotate the order each repetition so that no server always runs first (page cache, thermal state).
         const order = servers.map((_, i) => servers[(i + rep) % servers.length]!);
         for (const server of order) {
           if (cleanup.aborting) throw new BlkError('AGENT', 'interrupted');
-          done++;
           const cell = cells[server.id];
           if (cell.failure) continue; // it failed on an earlier repetition: the reason is recorded once
+          done++;
           try {
             await measureOnce(server, w, images!, dir, opts, cell);
             log(
@@ -285,7 +294,9 @@ async function main(argv: string[]): Promise<number> {
     log(`report written to ${base}.md (raw fio figures in ${base}.json)`);
     // QSD and the plain file are the reference: if they fail, the harness (or the machine) is broken.
     const broken = rows.filter((r) =>
-      (['qsd', 'plain'] as const).some((id) => opts.servers.includes(id) && r.cells[id].failure),
+      (['qsd', 'plain', 'plain-cached'] as const).some(
+        (id) => opts.servers.includes(id) && r.cells[id].failure && r.cells[id].failure !== SAME_AS_PLAIN,
+      ),
     );
     if (broken.length) {
       log(`reference columns failed on: ${broken.map((r) => r.workload.id).join(', ')}`);

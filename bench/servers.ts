@@ -1,33 +1,47 @@
 /**
- * The three ways the benchmark reaches the same guest disk: qemu-storage-daemon's
- * FUSE export of the qcow2, blkexport's FUSE export of the qcow2 (through the
- * `blkexport mount --daemonize` / `umount` CLI), and the raw twin as a plain
- * host file. Each export registers its undo step before it starts anything.
+ * The ways the benchmark reaches the same guest disk: qemu-storage-daemon's
+ * FUSE export of the image, blkexport's FUSE export of it (through the
+ * `blkexport mount --daemonize` / `umount` CLI), the raw twin as a plain
+ * host file, and for O_DIRECT rows the raw twin read through the host page
+ * cache (the cache mode both exports use for the image file). Each export
+ * registers its undo step before it starts anything.
  */
 import { existsSync } from 'node:fs';
-import { readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { BlkError, describeError } from '../src/errors.js';
 import type { Cleanup } from './cleanup.js';
 import type { ImagePair } from './images.js';
 import { isMounted, runCommand, startServer, unmountIfMounted, waitExit, waitUntil } from './proc.js';
+import type { ImageFormat } from './workloads.js';
 
-export type ServerId = 'qsd' | 'blkexport' | 'plain';
+export type ServerId = 'qsd' | 'blkexport' | 'plain' | 'plain-cached';
 
-export const SERVER_IDS: readonly ServerId[] = ['qsd', 'blkexport', 'plain'];
+export const SERVER_IDS: readonly ServerId[] = ['qsd', 'blkexport', 'plain', 'plain-cached'];
 
 /** A disk being served: fio runs on `path`; `stop` unmounts and ends the server (idempotent). */
 export interface Exported {
   path: string;
   stop(): Promise<void>;
+  /** The serving process, whose CPU time the report divides by the bytes moved (none for the host file). */
+  pid?: number;
+  /** Run the job through the page cache (`--direct=0`) even when the workload says O_DIRECT. */
+  buffered?: boolean;
+}
+
+export interface ServeOptions {
+  writable: boolean;
+  size: number;
+  /** qcow2: the pair's qcow2; raw: its raw twin, exported as a raw image. */
+  format: ImageFormat;
 }
 
 export interface Server {
   id: ServerId;
   label: string;
-  /** Serves `pair` (the qcow2, or the raw twin for the plain file); a BlkError says why it cannot. */
-  serve(pair: ImagePair, opts: { writable: boolean; size: number }): Promise<Exported>;
+  /** Serves `pair` (its qcow2 or raw twin, as `format` says; the raw twin for the host file); a BlkError says why it cannot. */
+  serve(pair: ImagePair, opts: ServeOptions): Promise<Exported>;
 }
 
 export interface ServerContext {
@@ -73,12 +87,12 @@ function qsdServer(ctx: ServerContext): Server {
   return {
     id: 'qsd',
     label: 'qemu-storage-daemon',
-    async serve(pair, { writable, size }) {
+    async serve(pair, { writable, size, format }) {
       const args = [
         '--blockdev',
-        `node-name=prot,driver=file,filename=${qemuValue(pair.qcow2)}`,
+        `node-name=prot,driver=file,filename=${qemuValue(format === 'raw' ? pair.raw : pair.qcow2)}`,
         '--blockdev',
-        'node-name=fmt,driver=qcow2,file=prot',
+        `node-name=fmt,driver=${format},file=prot`,
         '--export',
         `type=fuse,id=exp0,node-name=fmt,mountpoint=${qemuValue(mnt)},writable=${writable ? 'on' : 'off'}`,
       ];
@@ -115,7 +129,7 @@ function qsdServer(ctx: ServerContext): Server {
         await stop();
         throw e;
       }
-      return { path: mnt, stop };
+      return { path: mnt, stop, ...(started.child.pid ? { pid: started.child.pid } : {}) };
     },
   };
 }
@@ -172,13 +186,14 @@ function blkexportServer(ctx: ServerContext): Server {
   return {
     id: 'blkexport',
     label: 'blkexport',
-    async serve(pair, { writable, size }) {
+    async serve(pair, { writable, size, format }) {
       if (!existsSync(built))
         throw new BlkError('NOT_SUPPORTED', 'not built (dist/cli/main.js missing: npm run build)');
       const stop = ctx.cleanup.add('blkexport mount', shutdown);
       await emptyMountpoint(mnt);
       await rm(pidfile, { force: true });
-      const args = ['mount', pair.qcow2, mnt, '--daemonize', '--pidfile', pidfile];
+      const image = format === 'raw' ? pair.raw : pair.qcow2;
+      const args = ['mount', image, mnt, '--format', format, '--daemonize', '--pidfile', pidfile];
       if (writable) args.push('--writable');
       try {
         if (ctx.cleanup.aborting) throw new BlkError('MOUNT_FAILED', 'interrupted');
@@ -192,6 +207,8 @@ function blkexportServer(ctx: ServerContext): Server {
           );
         }
         await waitUntil(() => mountedWithSize(mnt, size), 10_000, `blkexport's mount on ${mnt}`);
+        const pid = await readPid(pidfile);
+        return { path: mnt, stop, ...(pid ? { pid } : {}) };
       } catch (e) {
         try {
           await stop();
@@ -200,7 +217,6 @@ function blkexportServer(ctx: ServerContext): Server {
         }
         throw e;
       }
-      return { path: mnt, stop };
     },
   };
 }
@@ -216,7 +232,31 @@ function plainServer(): Server {
   };
 }
 
+/**
+ * The raw twin through the host page cache, for O_DIRECT rows: read once
+ * (so every page is cached), then the same job with `--direct=0`. Both
+ * exports open their image file without O_DIRECT, so this, not the plain
+ * column's trip to the disk, is the like-for-like limit of those rows.
+ */
+function plainCachedServer(): Server {
+  return {
+    id: 'plain-cached',
+    label: 'plain raw file, host page cache',
+    async serve(pair) {
+      const fh = await open(pair.raw, 'r');
+      try {
+        const buf = Buffer.allocUnsafe(4 * 2 ** 20);
+        for (let pos = 0; ; pos += buf.length)
+          if ((await fh.read(buf, 0, buf.length, pos)).bytesRead === 0) break;
+      } finally {
+        await fh.close();
+      }
+      return { path: pair.raw, stop: async () => {}, buffered: true };
+    },
+  };
+}
+
 /** The servers of a run, in SERVER_IDS order. */
 export function makeServers(ctx: ServerContext): Server[] {
-  return [qsdServer(ctx), blkexportServer(ctx), plainServer()];
+  return [qsdServer(ctx), blkexportServer(ctx), plainServer(), plainCachedServer()];
 }

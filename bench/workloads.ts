@@ -1,6 +1,10 @@
 /**
  * The I/O workloads of the benchmark (docs/benchmarks.md, "The rows"): one
  * row of the report each. Sizes: 1 MiB for sequential throughput, 4 KiB for IOPS.
+ * Every workload on a qcow2 image (except the compressed ones, which have no
+ * raw form) is followed by the same job on the raw twin exported as a `raw`
+ * image: the raw row shows what the export path itself costs, without the
+ * qcow2 layer.
  */
 
 /** Which image a workload runs on (see images.ts). */
@@ -8,12 +12,16 @@ export type ImageKind = 'allocated' | 'compressed' | 'fresh' | 'overwrite';
 
 export type Unit = 'MB/s' | 'IOPS';
 
+/** The format the exports present: the qcow2 of the pair, or its raw twin. */
+export type ImageFormat = 'qcow2' | 'raw';
+
 export interface Workload {
   /** Short id for --only and the JSON results. */
   id: string;
   /** The row's title in the report. */
   title: string;
   image: ImageKind;
+  format: ImageFormat;
   /** The export must be writable. */
   writes: boolean;
   unit: Unit;
@@ -29,9 +37,14 @@ export interface Workload {
   fio: string[];
 }
 
+/** fio opens the file with O_DIRECT: the plain file's same-cache-mode baseline is then the pre-read file, buffered. */
+export function isDirect(w: Workload): boolean {
+  return w.fio.includes('--direct=1');
+}
+
 const libaio = (depth: number): string[] => ['--ioengine=libaio', `--iodepth=${depth}`, '--direct=1'];
 
-export const WORKLOADS: readonly Workload[] = [
+const QCOW2_WORKLOADS: readonly Omit<Workload, 'format'>[] = [
   {
     id: 'seq-read-buffered',
     title: 'seq read 1 MiB, buffered (one pass)',
@@ -117,3 +130,19 @@ export const WORKLOADS: readonly Workload[] = [
     fio: ['--rw=randrw', '--rwmixread=70', '--bs=4k', ...libaio(16)],
   },
 ];
+
+/** The same job on the raw twin, exported as a raw image. */
+function rawVariant(w: Omit<Workload, 'format'>): Workload {
+  return {
+    ...w,
+    id: `${w.id}-raw`,
+    title: `${w.title.replace(/,? ?(fresh|allocated) qcow2/, '')}, raw image`,
+    format: 'raw',
+  };
+}
+
+export const WORKLOADS: readonly Workload[] = QCOW2_WORKLOADS.flatMap((w) =>
+  w.image === 'compressed'
+    ? [{ ...w, format: 'qcow2' as const }]
+    : [{ ...w, format: 'qcow2' as const }, rawVariant(w)],
+);

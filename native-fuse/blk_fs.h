@@ -17,10 +17,12 @@
  *     fuse_session_mount: option parsing, mount(2) as root, fusermount3
  *     otherwise); we keep a dup of the session's /dev/fuse descriptor and
  *     destroy the session at once. adopt: a descriptor another process kept.
- *   - Worker threads (fuse_loop.c) all read that one descriptor (no clone_fd:
- *     a cloned descriptor's unanswered requests are aborted when it closes, a
- *     shared one's stay for a successor), each into its own buffer of
- *     max_write (or max_pages pages) + 4 KiB, and block every signal. They
+ *   - One process-wide pool of worker threads (fuse_loop.c) waits on an
+ *     epoll set of every connection's one descriptor (no clone_fd: a cloned
+ *     descriptor's unanswered requests are aborted when it closes, a shared
+ *     one's stay for a successor) and reads requests, each worker into its
+ *     own resident buffer of max_write (or max_pages pages) + 4 KiB; the
+ *     workers block every signal. They
  *     answer INIT, lookup, statfs, release, unlink, destroy and fast-path
  *     reads themselves (fuse3_ops.c, fast_map.c) and turn the rest into a
  *     small heap record queued to the JavaScript thread (a threadsafe
@@ -88,7 +90,7 @@ enum { BLK_OPS(BLK_OP_ENUM) };
 
 typedef struct blk_fs blk_fs;
 
-#define BLK_SPARE_BUFFERS 16
+#define BLK_SPARE_BUFFERS 4 /* process-wide (fuse_loop.c) */
 
 /* A request queued to JavaScript: answered exactly once by a reply_* function, then freed. */
 typedef struct {
@@ -135,13 +137,11 @@ struct blk_fs {
   atomic_int pt_done;
   fast_map fast;
   napi_threadsafe_function tsfn;
-  /* The worker pool, under lock. */
+  /* Under lock: the references that keep fs's loop going (its epoll token, the requests workers are
+   * handling; see fuse_loop.c), and how the loop ended. */
   pthread_mutex_t lock;
-  int nthreads, idle, max_threads, max_idle;
+  int refs;
   int stopping, loop_errno;
-  /* Read buffers of workers that left, kept resident for the next ones (see buf_get in fuse_loop.c). */
-  char *spare[BLK_SPARE_BUFFERS];
-  int nspare;
   /* The JavaScript thread's own. */
   int ended; /* the loop finished and fd is closed (fs itself stays allocated: JS may hold it) */
   int unrefd;
@@ -149,7 +149,7 @@ struct blk_fs {
 
 /* fuse_loop.c */
 blk_fs *blk_fs_new(void); /* defaults from the environment; NULL when out of memory */
-int blk_start(blk_fs *fs); /* starts the idle workers (all signals blocked); 0 or an errno */
+int blk_start(blk_fs *fs); /* joins the process's worker pool (fuse_loop.c); 0 or an errno */
 void blk_fs_ended(blk_fs *fs); /* on the JS thread, after OP_ENDED: closes fd, frees the fast map */
 int blk_send(blk_fs *fs, uint64_t unique, int error, struct iovec *iov, int n); /* iov[0] is ours */
 int blk_notify_resend(int fd); /* 0 or an errno (EINVAL: the kernel has no FUSE_NOTIFY_RESEND) */

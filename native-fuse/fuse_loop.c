@@ -1,23 +1,36 @@
 /*
- * The request loop: worker threads that read the connection's one /dev/fuse
- * descriptor and hand each request to blk_handle (fuse3_ops.c); sending a
- * reply; the FUSE_NOTIFY_RESEND notification a successor sends.
+ * The request loop: one process-wide pool of worker threads that wait on an
+ * epoll set holding every connection's /dev/fuse descriptor, read requests
+ * and hand each to blk_handle (fuse3_ops.c); sending a reply; the
+ * FUSE_NOTIFY_RESEND notification a successor sends.
  *
- * The pool: max_idle workers start (BLKEXPORT_FUSE_IDLE_THREADS, default 4)
- * and wait in read(2). A worker that takes a request while no other waits
- * starts one more, up to max_threads (BLKEXPORT_FUSE_MAX_THREADS, default
- * 64); a worker done with a request while max_idle others wait leaves. Most
- * requests are queued to JavaScript at once, so the pool only grows while
- * fast-path reads wait for the disk. Every worker blocks every signal: a
+ * Why one pool for all connections: a worker waiting for a request must own
+ * a read buffer of max_write + 4 KiB (1 MiB) that is resident (see buf_get),
+ * so workers per connection made memory and threads grow with the number of
+ * exports (four waiting workers each: 926 MiB RSS for 200 exports). The pool's
+ * memory and threads depend on the load instead: max_idle workers wait
+ * (BLKEXPORT_FUSE_IDLE_THREADS, default 4); a worker that takes a request
+ * while no other waits starts one more, up to max_threads
+ * (BLKEXPORT_FUSE_MAX_THREADS, default 64); a worker done with a request
+ * while max_idle others wait leaves. Every worker blocks every signal: a
  * worker never needs one, and Node's handlers take a process-wide lock that a
  * thread interrupted in the wrong place would keep (commit 1b2e661).
  *
+ * One reader per connection at a time: each descriptor is in the epoll set
+ * with EPOLLONESHOT, so the worker woken for it holds its one "token" (no
+ * other worker is woken for it until the token goes back), reads one request
+ * (the descriptor is O_NONBLOCK), re-arms the descriptor, and only then
+ * handles the request; so requests of one connection are still handled by
+ * several workers at once, as before. fs->refs counts the token (1 while the
+ * descriptor is in the set) and the requests being handled by workers.
+ *
  * The end: read(2) answers ENODEV once the connection is gone (unmounted and
  * released, or aborted; ECONNABORTED with FUSE_ABORT_ERROR, which we do not
- * ask for). Every waiting worker gets it; the last one out queues OP_ENDED to
- * JavaScript and releases the threadsafe function. The descriptor stays open
- * until JavaScript has seen OP_ENDED (blk_fs_ended), so a late reply never
- * reaches a reused descriptor number.
+ * ask for); epoll reports it as EPOLLERR. The token holder takes the
+ * descriptor out of the set and drops the token; the last reference out
+ * queues OP_ENDED to JavaScript and releases the threadsafe function. The
+ * descriptor stays open until JavaScript has seen OP_ENDED (blk_fs_ended),
+ * so a late reply never reaches a reused descriptor number.
  */
 #include "blk_fs.h"
 
@@ -27,6 +40,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -49,8 +63,6 @@ blk_fs *blk_fs_new(void) {
   pthread_mutex_init(&fs->lock, NULL);
   fs->fd = -1;
   fs->pt_fd = -1; /* no passthrough unless mount() is given the image's descriptor */
-  fs->max_threads = env_int("BLKEXPORT_FUSE_MAX_THREADS", 64, 1, 1024);
-  fs->max_idle = env_int("BLKEXPORT_FUSE_IDLE_THREADS", 4, 1, fs->max_threads);
   return fs;
 }
 
@@ -82,12 +94,23 @@ int blk_notify_resend(int fd) {
   }
 }
 
-/* ---- the workers ------------------------------------------------------------- */
+/* ---- the pool ------------------------------------------------------------------ */
+
+static struct {
+  pthread_mutex_t lock;
+  int epfd; /* created by the first blk_start */
+  int nthreads, idle, max_threads, max_idle;
+  size_t bufsize; /* every worker's buffer holds at least this: the largest any connection needs */
+  /* Read buffers of workers that left, kept resident for the next ones (see buf_get). */
+  char *spare[BLK_SPARE_BUFFERS];
+  size_t spare_size[BLK_SPARE_BUFFERS];
+  int nspare;
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .epfd = -1};
 
 static void *worker(void *arg);
 
-/* Starts one worker with every signal blocked; caller holds fs->lock. */
-static int spawn_locked(blk_fs *fs) {
+/* Starts one worker with every signal blocked; caller holds pool.lock. */
+static int spawn_locked(void) {
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -95,26 +118,43 @@ static int spawn_locked(blk_fs *fs) {
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, &old);
   pthread_t t;
-  int err = pthread_create(&t, &attr, worker, fs);
+  int err = pthread_create(&t, &attr, worker, NULL);
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   pthread_attr_destroy(&attr);
   if (err == 0) {
-    fs->nthreads++;
-    fs->idle++;
+    pool.nthreads++;
+    pool.idle++;
   }
   return err;
 }
 
-int blk_start(blk_fs *fs) {
-  pthread_mutex_lock(&fs->lock);
-  int err = 0;
-  for (int i = 0; i < fs->max_idle && err == 0; i++) err = spawn_locked(fs);
-  int started = fs->nthreads;
-  pthread_mutex_unlock(&fs->lock);
-  return started > 0 ? 0 : err;
+/* Puts fs's descriptor (back) into the set for one event. */
+static int arm(blk_fs *fs, int op) {
+  struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.ptr = fs};
+  return epoll_ctl(pool.epfd, op, fs->fd, &ev) == 0 ? 0 : errno;
 }
 
-/* The last worker out tells JavaScript; nothing of fs but tsfn is touched after that. */
+int blk_start(blk_fs *fs) {
+  int fl = fcntl(fs->fd, F_GETFL);
+  if (fl < 0 || fcntl(fs->fd, F_SETFL, fl | O_NONBLOCK) < 0) return errno;
+  pthread_mutex_lock(&pool.lock);
+  int err = 0;
+  if (pool.epfd < 0) {
+    pool.max_threads = env_int("BLKEXPORT_FUSE_MAX_THREADS", 64, 1, 1024);
+    pool.max_idle = env_int("BLKEXPORT_FUSE_IDLE_THREADS", 4, 1, pool.max_threads);
+    pool.epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (pool.epfd < 0) err = errno;
+  }
+  if (!err && fs->bufsize > pool.bufsize) pool.bufsize = fs->bufsize; /* before the first event for fs */
+  while (!err && pool.nthreads < pool.max_idle) err = spawn_locked();
+  if (pool.nthreads > 0) err = 0; /* fewer idle workers than wanted still serve */
+  pthread_mutex_unlock(&pool.lock);
+  if (err) return err;
+  fs->refs = 1; /* the token */
+  return arm(fs, EPOLL_CTL_ADD);
+}
+
+/* The last reference out tells JavaScript; nothing of fs but tsfn is touched after that. */
 static void queue_ended(blk_fs *fs) {
   blk_req *r = calloc(1, sizeof(*r));
   if (r) {
@@ -125,33 +165,29 @@ static void queue_ended(blk_fs *fs) {
   napi_release_threadsafe_function(fs->tsfn, napi_tsfn_release);
 }
 
-/* A waiting worker leaves because reading failed: ENODEV is the normal end (the connection is gone);
- * anything else is kept as the loop's error. */
-static void leave(blk_fs *fs, int err) {
+/* Drops a reference of fs: a handled request (err 0), or the token, with the errno that ended the
+ * connection's loop (ENODEV is the normal end: the connection is gone). */
+static void unref_fs(blk_fs *fs, int err) {
   pthread_mutex_lock(&fs->lock);
-  fs->stopping = 1;
-  if (!fs->loop_errno && err != ENODEV) fs->loop_errno = err;
-  fs->idle--;
-  int last = --fs->nthreads == 0;
+  if (err) {
+    fs->stopping = 1;
+    if (!fs->loop_errno && err != ENODEV) fs->loop_errno = err;
+  }
+  int last = --fs->refs == 0;
   pthread_mutex_unlock(&fs->lock);
   if (last) queue_ended(fs);
 }
 
-/* Reads one request; 0 on success (*n set), else the errno that ends this worker. */
-static int read_request(blk_fs *fs, char *buf, size_t *n) {
+/* Reads one request without blocking: 0 (*n set), EAGAIN (none after all), or the errno that ends fs. */
+static int read_request(blk_fs *fs, char *buf, size_t size, size_t *n) {
   for (;;) {
-    ssize_t got = read(fs->fd, buf, fs->bufsize);
+    ssize_t got = read(fs->fd, buf, size);
     if (got > 0) {
       *n = (size_t)got;
       return 0;
     }
     int e = got == 0 ? ENODEV : errno;
     if (e == EINTR || e == ENOENT) continue; /* ENOENT: the request was interrupted before we got it */
-    if (e == EAGAIN) { /* an adopted descriptor may be O_NONBLOCK (its flags are shared): wait for one */
-      struct pollfd p = {.fd = fs->fd, .events = POLLIN};
-      poll(&p, 1, -1);
-      continue;
-    }
     return e;
   }
 }
@@ -163,70 +199,104 @@ static int read_request(blk_fs *fs, char *buf, size_t *n) {
  * the agent). The kernel then ends that request with EIO instead of leaving it
  * for a successor's FUSE_NOTIFY_RESEND. So the pages are populated (and locked
  * where allowed) up front, and a leaving worker's buffer is kept for the next.
+ * Caller holds pool.lock; *size becomes the buffer's size.
  */
-static char *buf_get(blk_fs *fs) {
-  char *b = NULL;
-  pthread_mutex_lock(&fs->lock);
-  if (fs->nspare > 0) b = fs->spare[--fs->nspare];
-  pthread_mutex_unlock(&fs->lock);
-  if (b) return b;
-  b = mmap(NULL, fs->bufsize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+static char *buf_get_locked(size_t *size) {
+  while (pool.nspare > 0) {
+    pool.nspare--;
+    if (pool.spare_size[pool.nspare] >= pool.bufsize) {
+      *size = pool.spare_size[pool.nspare];
+      return pool.spare[pool.nspare];
+    }
+    munmap(pool.spare[pool.nspare], pool.spare_size[pool.nspare]); /* too small since a larger connection came */
+  }
+  size_t want = pool.bufsize;
+  char *b = mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
   if (b == MAP_FAILED) return NULL;
-  (void)mlock(b, fs->bufsize); /* best effort: without CAP_IPC_LOCK it may exceed RLIMIT_MEMLOCK */
+  (void)mlock(b, want); /* best effort: without CAP_IPC_LOCK it may exceed RLIMIT_MEMLOCK */
+  *size = want;
   return b;
 }
 
-static void buf_put(blk_fs *fs, char *b) {
-  pthread_mutex_lock(&fs->lock);
-  if (fs->nspare < BLK_SPARE_BUFFERS) {
-    fs->spare[fs->nspare++] = b;
-    b = NULL;
+/* Keeps a leaving worker's buffer for the next, or unmaps it; caller holds pool.lock. */
+static void buf_put_locked(char *b, size_t size) {
+  if (pool.nspare < BLK_SPARE_BUFFERS) {
+    pool.spare[pool.nspare] = b;
+    pool.spare_size[pool.nspare++] = size;
+  } else {
+    munmap(b, size);
   }
+}
+
+/* One event: fs's token is ours. Reads one request, gives the token back, handles the request. */
+static void serve_one(blk_fs *fs, char *buf, size_t size) {
+  size_t n = 0;
+  int err = read_request(fs, buf, size, &n);
+  if (err == EAGAIN) { /* woken, but another reader (a predecessor's late worker) took it */
+    if ((err = arm(fs, EPOLL_CTL_MOD)) == 0) return;
+  }
+  if (err) {
+    epoll_ctl(pool.epfd, EPOLL_CTL_DEL, fs->fd, NULL);
+    unref_fs(fs, err);
+    return;
+  }
+  pthread_mutex_lock(&fs->lock);
+  fs->refs++; /* the request, while we handle it */
   pthread_mutex_unlock(&fs->lock);
-  if (b) munmap(b, fs->bufsize);
+  if ((err = arm(fs, EPOLL_CTL_MOD)) != 0) { /* cannot happen short of ENOMEM: end the connection's loop */
+    epoll_ctl(pool.epfd, EPOLL_CTL_DEL, fs->fd, NULL);
+    unref_fs(fs, err);
+  }
+  blk_handle(fs, buf, n);
+  unref_fs(fs, 0);
 }
 
 static void *worker(void *arg) {
-  blk_fs *fs = arg;
-  char *buf = buf_get(fs);
+  (void)arg;
+  pthread_setname_np(pthread_self(), "blk-fuse"); /* how tests and `top -H` tell them from libuv's */
+  size_t size = 0;
+  pthread_mutex_lock(&pool.lock);
+  char *buf = buf_get_locked(&size);
   if (!buf) {
-    leave(fs, ENOMEM);
+    pool.nthreads--;
+    pool.idle--;
+    pthread_mutex_unlock(&pool.lock);
     return NULL;
   }
+  pthread_mutex_unlock(&pool.lock);
   for (;;) {
-    size_t n = 0;
-    int err = read_request(fs, buf, &n);
-    if (err) {
-      buf_put(fs, buf);
-      leave(fs, err);
+    struct epoll_event ev;
+    int got = epoll_wait(pool.epfd, &ev, 1, -1);
+    if (got <= 0) continue; /* EINTR (signals are blocked, but ptrace and suspend can cause it) */
+    pthread_mutex_lock(&pool.lock);
+    if (--pool.idle == 0 && pool.nthreads < pool.max_threads) spawn_locked();
+    if (size < pool.bufsize) { /* a connection needing a larger buffer joined since */
+      munmap(buf, size);
+      buf = buf_get_locked(&size);
+    }
+    pthread_mutex_unlock(&pool.lock);
+    blk_fs *fs = ev.data.ptr;
+    if (buf) {
+      serve_one(fs, buf, size);
+    } else { /* out of memory: this connection's loop ends with ENOMEM */
+      epoll_ctl(pool.epfd, EPOLL_CTL_DEL, fs->fd, NULL);
+      unref_fs(fs, ENOMEM);
+    }
+    pthread_mutex_lock(&pool.lock);
+    if (!buf || pool.idle >= pool.max_idle) { /* enough others wait: leave */
+      if (buf) buf_put_locked(buf, size);
+      pool.nthreads--;
+      pthread_mutex_unlock(&pool.lock);
       return NULL;
     }
-    pthread_mutex_lock(&fs->lock);
-    if (--fs->idle == 0 && fs->nthreads < fs->max_threads && !fs->stopping) spawn_locked(fs);
-    pthread_mutex_unlock(&fs->lock);
-
-    blk_handle(fs, buf, n);
-
-    pthread_mutex_lock(&fs->lock);
-    if (fs->idle >= fs->max_idle) { /* enough others wait: leave (one at least, max_idle >= 1) */
-      if (fs->nspare < BLK_SPARE_BUFFERS) { /* before leaving the count: the last worker's end frees spares */
-        fs->spare[fs->nspare++] = buf;
-        buf = NULL;
-      }
-      fs->nthreads--;
-      pthread_mutex_unlock(&fs->lock);
-      if (buf) munmap(buf, fs->bufsize);
-      return NULL;
-    }
-    fs->idle++;
-    pthread_mutex_unlock(&fs->lock);
+    pool.idle++;
+    pthread_mutex_unlock(&pool.lock);
   }
 }
 
 void blk_fs_ended(blk_fs *fs) {
   fs->ended = 1;
-  /* Every worker has left (the last one queued OP_ENDED): their buffers are all spare. */
-  while (fs->nspare > 0) munmap(fs->spare[--fs->nspare], fs->bufsize);
+  /* No worker holds fs any more (the last reference queued OP_ENDED), and it left the epoll set. */
   if (fs->fd >= 0) close(fs->fd);
   fs->fd = -1;
   fast_destroy(&fs->fast);

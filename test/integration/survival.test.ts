@@ -37,6 +37,24 @@ function mountIdAt(path: string): number | undefined {
   return line === undefined ? undefined : Number(line.split(' ')[0]);
 }
 
+/** A fresh qcow2 in the test's image directory and a manifest exporting it writable on `<name>.raw`. */
+function writableExport(
+  d: { images: string; manifests: string },
+  name: string,
+): { img: string; mnt: string } {
+  const img = join(d.images, `${name}.qcow2`);
+  qemuImg('create', '-q', '-f', 'qcow2', img, String(SIZE));
+  const mnt = join(d.images, `${name}.raw`);
+  const body = shorthand(name, img, {
+    format: 'qcow2',
+    writable: true,
+    mountpoint: mnt,
+    'create-mountpoint': true,
+  });
+  writeFileSync(join(d.manifests, `${name}.yaml`), manifest(name, body));
+  return { img, mnt };
+}
+
 async function ready(agent: AgentHandle, id: string, adopted: boolean): Promise<Status['exports'][number]> {
   return until(
     `${id} ready${adopted ? ' (adopted)' : ''}`,
@@ -97,21 +115,7 @@ describe('native exports outlive the agent process', { concurrency: false }, () 
   test('20 SIGKILLs of the agent under a writing client: no I/O error, every acknowledged write in the image', async (t) => {
     if (!needTools(t, ...TOOLS)) return;
     const d = agentDir(t);
-    const img = join(d.images, 'disk.qcow2');
-    qemuImg('create', '-q', '-f', 'qcow2', img, String(SIZE));
-    const mnt = join(d.images, 'disk.raw');
-    writeFileSync(
-      join(d.manifests, 'disk.yaml'),
-      manifest(
-        'disk',
-        shorthand('disk', img, {
-          format: 'qcow2',
-          writable: true,
-          mountpoint: mnt,
-          'create-mountpoint': true,
-        }),
-      ),
-    );
+    const { img, mnt } = writableExport(d, 'disk');
     let agent = await startAgent(t, d);
     const first = await ready(agent, 'disk', false);
     const mountId = mountIdAt(mnt);
@@ -151,16 +155,7 @@ describe('native exports outlive the agent process', { concurrency: false }, () 
       writer?.kill('SIGKILL');
     });
     const d = agentDir(t);
-    const img = join(d.images, 'fs.qcow2');
-    qemuImg('create', '-q', '-f', 'qcow2', img, String(SIZE));
-    const mnt = join(d.images, 'fs.raw');
-    writeFileSync(
-      join(d.manifests, 'fs.yaml'),
-      manifest(
-        'fs',
-        shorthand('fs', img, { format: 'qcow2', writable: true, mountpoint: mnt, 'create-mountpoint': true }),
-      ),
-    );
+    const { img, mnt } = writableExport(d, 'fs');
     let agent = await startAgent(t, d);
     await ready(agent, 'fs', false);
     assert.equal(run('mkfs.ext4', ['-q', '-F', mnt]).status, 0);
