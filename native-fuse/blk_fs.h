@@ -45,6 +45,8 @@
  *   fuse3_ops.c      one request: INIT, the ops, queueing to JavaScript
  *   fast_map.c       the read fast path: reads served in the workers from an
  *                    extent map, without JavaScript (fast_map.h)
+ *   passthrough.c    FUSE passthrough: the backing file registered after INIT,
+ *                    so the kernel serves reads and writes without us
  *   fuse_mount.c     mounting through libfuse (its only use)
  *   napi_glue.c      JavaScript's side: mount, unref, the fast path, the module's exports
  *   napi_handover.c  connection() and adopt(): the descriptor and the INIT, out and back in
@@ -113,6 +115,8 @@ typedef struct {
   uint32_t max_write, max_readahead, time_gran;
   uint16_t max_pages, max_background, congestion_threshold;
   int resend; /* the kernel offered FUSE_HAS_RESEND */
+  /* Passthrough (passthrough.c): the connection's backing file, registered once, right after INIT. */
+  int32_t backing_id; /* > 0: registered (a successor answers OPEN with it); 0: none */
 } blk_init;
 
 struct blk_fs {
@@ -121,6 +125,16 @@ struct blk_fs {
   blk_init init;  /* under lock */
   atomic_int got_init;
   atomic_uint minor; /* init.minor, read by the workers without the lock */
+  /*
+   * Passthrough (passthrough.c). pt_fd: a descriptor of the image file to
+   * register after INIT (-1: do not ask for passthrough), closed once tried.
+   * pt_errno: why there is no backing id (0 while there is one or it is not
+   * tried yet). pt_done: INIT is answered and the registration was tried
+   * (or not wanted); init.backing_id is final from then on.
+   */
+  int pt_fd;
+  int pt_errno;
+  atomic_int pt_done;
   fast_map fast;
   napi_threadsafe_function tsfn;
   /* Under lock: the references that keep fs's loop going (its epoll token, the requests workers are
@@ -145,7 +159,12 @@ void blk_handle(blk_fs *fs, char *buf, size_t n); /* one request read into buf (
 void blk_reply_err(blk_req *r, int err);
 void blk_reply_attr(blk_req *r, uint32_t mode, uint32_t uid, uint32_t gid, uint64_t size, uint64_t blocks,
                     double timeout);
-void blk_reply_open(blk_req *r, int direct_io, int keep_cache);
+void blk_reply_open(blk_req *r, int direct_io, int keep_cache, int32_t backing_id); /* backing_id > 0: passthrough */
+
+/* passthrough.c */
+uint64_t blk_passthrough_want(blk_fs *fs, uint64_t offered, struct fuse_init_out *out); /* INIT flags to add */
+void blk_passthrough_after_init(blk_fs *fs); /* in the worker, once INIT's answer is written */
+int blk_backing_close(blk_fs *fs); /* 0 or an errno */
 void blk_reply_data(blk_req *r, size_t n);
 void blk_reply_write(blk_req *r, size_t n);
 void blk_reply_lseek(blk_req *r, uint64_t off);

@@ -2,6 +2,10 @@
  * One request, in the worker thread that read it: INIT, the ops by opcode, and
  * the replies (fuse_out_header + payload, sent with writev by blk_send).
  *
+ * Passthrough (passthrough.c) touches INIT (the flag, and registering the
+ * backing file after the answer), OPEN (waits for that registration) and the
+ * OPEN reply (FOPEN_PASSTHROUGH and the id).
+ *
  * Each op either answers at once (INIT, lookup, release, statfs, unlink,
  * destroy; a read the fast map can serve) or turns the request into a blk_req
  * and queues it to the JavaScript thread without waiting; napi_requests.c
@@ -69,6 +73,7 @@ static void do_init(blk_fs *fs, uint64_t unique, const char *arg, size_t alen) {
     want |= FUSE_INIT_EXT;
     if (offered & FUSE_HAS_RESEND) want |= FUSE_HAS_RESEND;
   }
+  want |= blk_passthrough_want(fs, offered, &out); /* passthrough.c: when asked for and offered */
   out.minor = in.minor < BLK_PROTO_MINOR ? in.minor : BLK_PROTO_MINOR;
   out.flags = (uint32_t)want;
   out.flags2 = (uint32_t)(want >> 32);
@@ -100,6 +105,7 @@ static void do_init(blk_fs *fs, uint64_t unique, const char *arg, size_t alen) {
   pthread_mutex_unlock(&fs->lock);
   size_t size = in.minor < 5 ? FUSE_COMPAT_INIT_OUT_SIZE : in.minor < 23 ? FUSE_COMPAT_22_INIT_OUT_SIZE : sizeof(out);
   answer_with(fs, unique, &out, size);
+  blk_passthrough_after_init(fs); /* the kernel has taken our answer: the backing file can be registered */
 }
 
 /* ---- queueing to JavaScript ---------------------------------------------------- */
@@ -248,6 +254,8 @@ void blk_handle(blk_fs *fs, char *buf, size_t n) {
       return;
     case FUSE_OPEN:
       NEED(struct fuse_open_in);
+      /* The INIT worker registers the backing file just after its answer: OPEN needs to know the outcome. */
+      for (int i = 0; i < 20000 && !atomic_load(&fs->pt_done); i++) usleep(50);
       if ((r = new_req(fs, unique, OP_OPEN))) {
         r->flags = (int)((const struct fuse_open_in *)arg)->flags;
         queue(r);
@@ -328,11 +336,15 @@ void blk_reply_attr(blk_req *r, uint32_t mode, uint32_t uid, uint32_t gid, uint6
   answer_with(r->fs, r->unique, &out, atomic_load(&r->fs->minor) < 9 ? FUSE_COMPAT_ATTR_OUT_SIZE : sizeof(out));
 }
 
-void blk_reply_open(blk_req *r, int direct_io, int keep_cache) {
+void blk_reply_open(blk_req *r, int direct_io, int keep_cache, int32_t backing_id) {
   struct fuse_open_out out;
   memset(&out, 0, sizeof(out));
   if (direct_io) out.open_flags |= FOPEN_DIRECT_IO;
   if (keep_cache) out.open_flags |= FOPEN_KEEP_CACHE;
+  if (backing_id > 0) { /* passthrough.c; the kernel refuses it with FOPEN_KEEP_CACHE */
+    out.open_flags = (out.open_flags & ~FOPEN_KEEP_CACHE) | FOPEN_PASSTHROUGH;
+    memcpy((char *)&out + BLK_OPEN_OUT_BACKING_ID, &backing_id, sizeof(backing_id));
+  }
   answer_with(r->fs, r->unique, &out, sizeof(out));
 }
 

@@ -14,6 +14,7 @@
 #define BLKEXPORT_FUSE_ABI_H
 
 #include <linux/fuse.h>
+#include <linux/ioctl.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -35,6 +36,37 @@ enum { FUSE_NOTIFY_RESEND = 7 };
 #endif
 
 _Static_assert(FUSE_HAS_RESEND == (1ULL << 39), "FUSE_HAS_RESEND is flags2 bit 7");
+
+/*
+ * FUSE passthrough (7.40, Linux 6.9): the server registers a backing file on
+ * the connection (ioctl FUSE_DEV_IOC_BACKING_OPEN, CAP_SYS_ADMIN) and answers
+ * OPEN with FOPEN_PASSTHROUGH and the backing id; the kernel then does the
+ * file's reads, writes, splice and mmap on the backing file. INIT: the flag
+ * in flags2 (bit 5) and max_stack_depth, the u32 after flags2 in
+ * fuse_init_out (unused[0] in older headers); OPEN: backing_id, the s32 after
+ * open_flags in fuse_open_out (padding in older headers).
+ */
+#ifndef FUSE_PASSTHROUGH
+#define FUSE_PASSTHROUGH (1ULL << 37)
+#endif
+#ifndef FOPEN_PASSTHROUGH
+#define FOPEN_PASSTHROUGH (1 << 7)
+#endif
+#if FUSE_KERNEL_MINOR_VERSION < 40
+struct fuse_backing_map {
+  int32_t fd;
+  uint32_t flags;
+  uint64_t padding;
+};
+#define FUSE_DEV_IOC_BACKING_OPEN _IOW(FUSE_DEV_IOC_MAGIC, 1, struct fuse_backing_map)
+#define FUSE_DEV_IOC_BACKING_CLOSE _IOW(FUSE_DEV_IOC_MAGIC, 2, uint32_t)
+#endif
+#define BLK_INIT_OUT_MAX_STACK_DEPTH 36 /* offsetof(struct fuse_init_out, max_stack_depth) */
+#define BLK_OPEN_OUT_BACKING_ID 12      /* offsetof(struct fuse_open_out, backing_id) */
+_Static_assert(FUSE_PASSTHROUGH == (1ULL << 37), "FUSE_PASSTHROUGH is flags2 bit 5");
+_Static_assert(FOPEN_PASSTHROUGH == (1 << 7), "FOPEN_PASSTHROUGH is open flag bit 7");
+_Static_assert(sizeof(struct fuse_backing_map) == 16, "fuse_backing_map");
+_Static_assert(sizeof(struct fuse_open_out) == 16, "fuse_open_out");
 _Static_assert(FUSE_NOTIFY_RESEND == 7, "FUSE_NOTIFY_RESEND is notify code 7");
 /* The layouts the running kernel's BTF shows (Linux 6.18, protocol 7.45). */
 _Static_assert(sizeof(struct fuse_in_header) == 40, "fuse_in_header");

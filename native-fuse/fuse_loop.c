@@ -63,6 +63,7 @@ blk_fs *blk_fs_new(void) {
   }
   pthread_mutex_init(&fs->lock, NULL);
   fs->fd = -1;
+  fs->pt_fd = -1; /* no passthrough unless mount() is given the image's descriptor */
   return fs;
 }
 

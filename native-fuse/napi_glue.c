@@ -12,11 +12,13 @@
 #include "inflate.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 void blk_free_fs(blk_fs *fs) {
+  if (fs->pt_fd >= 0) close(fs->pt_fd);
   fast_destroy(&fs->fast);
   pthread_mutex_destroy(&fs->lock);
   free(fs);
@@ -35,10 +37,15 @@ const char *blk_serve(napi_env env, blk_fs *fs, napi_value dispatch) {
   return NULL;
 }
 
-/* mount(mountpoint, options, dispatch) -> handle */
+/*
+ * mount(mountpoint, options, dispatch, { passthroughFd }) -> handle.
+ * passthroughFd (optional): a descriptor of the image file, to ask for FUSE
+ * passthrough at INIT and register it right after (passthrough.c); it is
+ * duplicated here, the caller keeps its own.
+ */
 static napi_value js_mount(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
+  size_t argc = 4;
+  napi_value argv[4];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   char mnt[4096], opts[4096];
   size_t len;
@@ -50,6 +57,22 @@ static napi_value js_mount(napi_env env, napi_callback_info info) {
     return NULL;
   }
   fs->bufsize = BLK_MAX_WRITE + BLK_HEADER_ROOM; /* INIT is not negotiated yet: room for what we will answer */
+  napi_valuetype t = napi_undefined;
+  if (argc >= 4) napi_typeof(env, argv[3], &t);
+  if (t == napi_object) {
+    napi_value v;
+    int32_t ptfd = -1;
+    if (napi_get_named_property(env, argv[3], "passthroughFd", &v) == napi_ok &&
+        napi_get_value_int32(env, v, &ptfd) == napi_ok && ptfd >= 0) {
+      fs->pt_fd = fcntl(ptfd, F_DUPFD_CLOEXEC, 3);
+      if (fs->pt_fd < 0) {
+        int err = errno;
+        blk_free_fs(fs);
+        napi_throw_error(env, "EBADF", err == EBADF ? "mount: passthroughFd is not open" : strerror(err));
+        return NULL;
+      }
+    }
+  }
   const char *msg = NULL;
   void *se = blk_mount(mnt, opts, &fs->fd, &msg);
   if (!se) {
@@ -78,6 +101,16 @@ blk_fs *blk_fs_arg(napi_env env, napi_value v) {
   }
   blk_fs *fs = p;
   return fs->ended ? NULL : fs;
+}
+
+blk_fs *blk_live_fs_arg(napi_env env, napi_value v) {
+  blk_fs *fs = blk_fs_arg(env, v);
+  if (!fs) {
+    bool pending = false;
+    napi_is_exception_pending(env, &pending);
+    if (!pending) napi_throw_error(env, "ENOTCONN", "the FUSE connection has ended");
+  }
+  return fs;
 }
 
 /* ---- the fast path ------------------------------------------------------------------- */
@@ -279,6 +312,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"fastInstallCompressed", NULL, js_fast_install_compressed, NULL, NULL, NULL, napi_default, NULL},
       {"inflateStats", NULL, js_inflate_stats, NULL, NULL, NULL, napi_default, NULL},
       {"inflateCluster", NULL, js_inflate_cluster, NULL, NULL, NULL, napi_default, NULL},
+      {"passthrough", NULL, blk_js_passthrough, NULL, NULL, NULL, napi_default, NULL},
+      {"backingClose", NULL, blk_js_backing_close, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

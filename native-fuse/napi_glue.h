@@ -1,6 +1,7 @@
 /*
  * What the N-API files share: napi_glue.c (the addon's exports), napi_requests.c
- * (a request's JavaScript side), napi_handover.c (connection() and adopt()).
+ * (a request's JavaScript side), napi_handover.c (connection() and adopt()),
+ * passthrough.c (passthrough() and backingClose()).
  */
 #ifndef BLKEXPORT_NAPI_GLUE_H
 #define BLKEXPORT_NAPI_GLUE_H
@@ -21,10 +22,16 @@ const char *blk_serve(napi_env env, blk_fs *fs, napi_value dispatch);
 void blk_free_fs(blk_fs *fs);
 /* The mount handle's blk_fs, or NULL once the loop has ended (throws when v is no handle). */
 blk_fs *blk_fs_arg(napi_env env, napi_value v);
+/* The same, but throws ENOTCONN (unless it threw already) once the loop has ended. */
+blk_fs *blk_live_fs_arg(napi_env env, napi_value v);
 
 /* napi_handover.c */
 napi_value blk_js_adopt(napi_env env, napi_callback_info info);
 napi_value blk_js_connection(napi_env env, napi_callback_info info);
+
+/* passthrough.c */
+napi_value blk_js_passthrough(napi_env env, napi_callback_info info);
+napi_value blk_js_backing_close(napi_env env, napi_callback_info info);
 
 /* napi_requests.c: the threadsafe function's call_js: dispatch(op, req, a, b, c, d, e, buf) for each queued request. */
 void blk_call_js(napi_env env, napi_value js_cb, void *context, void *data);

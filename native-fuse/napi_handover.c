@@ -42,6 +42,7 @@ static napi_value init_to_js(napi_env env, const blk_init *in) {
   set_num(env, o, "timeGran", in->time_gran);
   napi_get_boolean(env, in->resend, &b);
   napi_set_named_property(env, o, "resend", b);
+  set_num(env, o, "backingId", in->backing_id); /* passthrough.c: a successor answers OPEN with it */
   return o;
 }
 
@@ -76,6 +77,9 @@ static const char *init_from_js(napi_env env, napi_value o, blk_init *in) {
   bool resend = false;
   if (napi_get_named_property(env, o, "resend", &r) != napi_ok || napi_get_value_bool(env, r, &resend) != napi_ok)
     return "resend";
+  uint32_t backing = 0; /* absent in records from before passthrough: none */
+  if (!get_u32(env, o, "backingId", INT32_MAX, false, &backing)) return "backingId";
+  if (backing && !((v[5] | (uint64_t)v[6] << 32) & FUSE_PASSTHROUGH)) return "backingId";
   *in = (blk_init){
       .major = v[0],
       .minor = v[1],
@@ -89,6 +93,7 @@ static const char *init_from_js(napi_env env, napi_value o, blk_init *in) {
       .congestion_threshold = (uint16_t)v[11],
       .time_gran = v[12],
       .resend = resend,
+      .backing_id = (int32_t)backing,
   };
   return NULL;
 }
@@ -155,6 +160,7 @@ napi_value blk_js_adopt(napi_env env, napi_callback_info info) {
   fs->init = init;
   atomic_store(&fs->minor, init.minor);
   atomic_store(&fs->got_init, 1);
+  atomic_store(&fs->pt_done, 1); /* the backing id, if any, is the one the first server registered */
   const char *msg = blk_serve(env, fs, argv[2]);
   if (msg) {
     blk_free_fs(fs);
@@ -172,15 +178,10 @@ napi_value blk_js_connection(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1], out, fdv;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  blk_fs *fs = blk_fs_arg(env, argv[0]);
-  if (!fs) {
-    bool pending = false;
-    napi_is_exception_pending(env, &pending);
-    if (!pending) napi_throw_error(env, "ENOTCONN", "the FUSE connection has ended");
-    return NULL;
-  }
+  blk_fs *fs = blk_live_fs_arg(env, argv[0]);
+  if (!fs) return NULL;
   pthread_mutex_lock(&fs->lock);
-  int got = atomic_load(&fs->got_init);
+  int got = atomic_load(&fs->got_init) && atomic_load(&fs->pt_done); /* the record carries the backing id */
   blk_init init = fs->init;
   pthread_mutex_unlock(&fs->lock);
   if (!got) {

@@ -134,15 +134,17 @@ napi_value blk_js_reply_attr(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* reply_open(req, directIo, keepCache) */
+/* reply_open(req, directIo, keepCache, backingId): backingId > 0 opens the file in passthrough (passthrough.c) */
 napi_value blk_js_reply_open(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
-  blk_req *r = req_args(env, info, argv, 3);
+  napi_value argv[4];
+  blk_req *r = req_args(env, info, argv, 4);
   if (!r) return NULL;
   bool direct = false, keep = false;
+  int32_t backing = 0;
   napi_get_value_bool(env, argv[1], &direct);
   napi_get_value_bool(env, argv[2], &keep);
-  blk_reply_open(r, direct, keep);
+  napi_get_value_int32(env, argv[3], &backing);
+  blk_reply_open(r, direct, keep, backing);
   free_req(r);
   return NULL;
 }

@@ -51,6 +51,7 @@ export const Errno = {
   ENOSPC: 28,
   EROFS: 30,
   ENOSYS: 38,
+  ELOOP: 40,
   EOPNOTSUPP: 95,
   ENOTCONN: 107,
 } as const;

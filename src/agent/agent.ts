@@ -51,6 +51,8 @@ export interface StatusExport {
   servedSince?: string;
   /** This agent process adopted it from a previous one (the mount itself is older). */
   adopted?: boolean;
+  /** The kernel serves its reads and writes from the image file (FUSE passthrough); its counters miss them. */
+  passthrough?: boolean;
 }
 
 export interface StatusDocument {
@@ -170,6 +172,7 @@ export class Agent {
           chain: live.get(r.id)?.nodeChain ?? [],
           ...(live.get(r.id)?.servedSince !== undefined ? { servedSince: live.get(r.id)!.servedSince! } : {}),
           ...(live.has(r.id) ? { adopted: live.get(r.id)!.adopted } : {}),
+          ...(live.get(r.id)?.stats?.passthrough ? { passthrough: true } : {}),
         };
       }),
     };

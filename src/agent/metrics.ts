@@ -72,6 +72,16 @@ export function createAgentMetrics(exports: () => ExportSample[]): AgentMetrics 
   counter('blkexport_export_flush_ops_total', 'Flush and fsync requests', (s) => s.flushes);
   counter('blkexport_export_errors_total', 'Requests answered with an I/O error', (s) => s.errors);
   new Gauge({
+    name: 'blkexport_export_passthrough',
+    help: "1 when the kernel serves the export's reads and writes from the image file (FUSE passthrough): the counters above miss them",
+    labelNames: ['export'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const e of exports()) if (e.stats) this.set({ export: e.id }, e.stats.passthrough ? 1 : 0);
+    },
+  });
+  new Gauge({
     name: 'blkexport_export_ready',
     help: '1 when the export is ready, 0 when pending or failed',
     labelNames: ['export', 'state'],

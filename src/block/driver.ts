@@ -76,6 +76,8 @@ export interface BlockDriver<S = unknown> {
   blockStatus?(s: S, offset: number, length: number): Promise<BlockExtent>;
   /** Host extents from caches only (see BlockNode.mapHostCached); ranges are bounds-checked. */
   mapHostCached?(s: S, offset: number, length: number): HostExtent[] | null;
+  /** Re-reads a size someone else may have changed (see BlockNode.refreshLength). */
+  refreshLength?(s: S): void;
   allocatedSize?(s: S): Promise<number>;
 
   // --- capabilities (asked once by callers) -------------------------------

@@ -137,6 +137,12 @@ export function wrapNode<S>(
       if (driver.blockStatus) return driver.blockStatus(state, offset, len);
       return { offset, length: len, data: true, zero: false };
     },
+    refreshLength: driver.refreshLength
+      ? () => {
+          checkOpen();
+          driver.refreshLength!(state);
+        }
+      : undefined,
     mapHostCached: driver.mapHostCached
       ? (offset: number, length: number): HostExtent[] | null => {
           if (closed || offset < 0 || length <= 0 || offset + length > driver.length(state)) return null;

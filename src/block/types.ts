@@ -119,6 +119,13 @@ export interface BlockNode {
    * the fds are the ones open right now); null when not known or not mappable.
    */
   mapHostCached?(offset: number, length: number): HostExtent[] | null;
+  /**
+   * Re-reads the size from the host file, for when the kernel changed it
+   * behind the node (FUSE passthrough writes past the end of a growable
+   * export). Synchronous (fstat), like allocatedSize, so a getattr never
+   * waits for a pool thread. Absent: the size only changes through the node.
+   */
+  refreshLength?(): void;
   /** Format details (format nodes that have them, e.g. qcow2). */
   imageInfo?(): ImageInfo;
   /** Options the driver worked out when it opened (drivers that work some out, e.g. `partition`). */

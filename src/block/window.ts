@@ -53,6 +53,10 @@ export const windowOps = {
     return { ...e, offset: e.offset - s.offset };
   },
   mapHostCached: (s, off, len) => s.child.mapHostCached?.(s.offset + off, len) ?? null,
+  // A given window never follows its child; one that does, re-reads the child's size.
+  refreshLength: (s) => {
+    if (!s.fixed) s.child.refreshLength?.();
+  },
   allocatedSize: (s) => s.child.allocatedSize(),
 
   // --- capabilities and reopen

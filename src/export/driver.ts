@@ -18,6 +18,8 @@ export interface ExportStats {
   errors: number;
   readLatency: LatencyHistogram;
   writeLatency: LatencyHistogram;
+  /** The kernel does this export's reads and writes on the image file (FUSE passthrough): they are not counted here. */
+  passthrough?: boolean;
 }
 
 /** Options every export type has. */

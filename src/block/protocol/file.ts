@@ -160,6 +160,9 @@ export const fileProtocol = defineDriver<FileState>({
       throw ioError(s, `truncate to ${size}`, e);
     }
   },
+  refreshLength(s) {
+    s.size = fstatSync(s.fd).size;
+  },
   // Synchronous on purpose: a FUSE getattr of our own export asks for this, and it must not need a
   // libuv pool thread (the pool may be full of requests waiting on that very getattr).
   async allocatedSize(s) {

@@ -83,7 +83,14 @@ function describe(s: OneShot): string {
     ? `partition ${s.partition.index} (${s.partition.scheme}, offset ${s.partition.offset}) of ${s.image} (${s.format})`
     : `${s.image} (${s.format})`;
   const mode = s.export.isWritable ? (s.export.isGrowable ? 'writable, growable' : 'writable') : 'read-only';
-  return `exported ${what} on ${s.mountpoint} as raw, ${formatBytes(s.size)}, ${mode}`;
+  // The one line about passthrough; said only where a raw export could have it.
+  const pt = s.export.passthrough;
+  const how = pt.active
+    ? ' (FUSE passthrough)'
+    : pt.why === 'node'
+      ? ''
+      : ` (no FUSE passthrough: ${pt.reason})`;
+  return `exported ${what} on ${s.mountpoint} as raw, ${formatBytes(s.size)}, ${mode}${how}`;
 }
 
 /** Serves until a signal; resolves with the exit status. */

@@ -13,7 +13,8 @@ Asks the agent on the control socket (default ${DEFAULT_SOCKET}) for every
 manifest (valid or not, with errors as FILE:LINE:COL) and every export
 (its engine; ready, pending or failed, with the reason and since when; since
 when this agent process serves it, and whether it adopted it from a previous
-agent process).
+agent process; "passthrough" after the engine: the kernel serves its reads and
+writes from the image file, so its I/O counters stay still).
 `;
 
 function table(rows: string[][]): string {
@@ -21,6 +22,11 @@ function table(rows: string[][]): string {
   return rows
     .map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  '))
     .join('\n');
+}
+
+/** The engine column: with FUSE passthrough the kernel does the I/O, which the export's counters do not see. */
+function engineLabel(e: StatusDocument['exports'][number]): string {
+  return e.passthrough ? `${e.engine}, passthrough` : e.engine;
 }
 
 /** Renders the status document for people. */
@@ -51,7 +57,7 @@ export function renderStatus(s: StatusDocument): string {
     const served = e.servedSince === undefined ? '-' : `${e.servedSince}${e.adopted ? ' (adopted)' : ''}`;
     erows.push([
       e.id,
-      e.engine,
+      engineLabel(e),
       e.state,
       e.mountpoint,
       e.chain.join(' > ') || e.node,

@@ -14,6 +14,7 @@ import type { ExportStats, LiveExport } from '../../export/driver.js';
 import { findExportDriver } from '../../export/drivers.js';
 import { fuseExportDriver } from '../../export/fuse/driver.js';
 import type { FuseExport, FuseExportOptions } from '../../export/fuse/export.js';
+import { passthroughLogLine } from '../../export/fuse/passthrough.js';
 import {
   fsnameFor,
   type MountEntry,
@@ -81,6 +82,8 @@ class NativeDriver implements EngineDriver {
   private readonly live = new Map<string, LiveExportRecord>();
   readonly kept: KeptExports;
   private readonly log: LogFn;
+  /** Passthrough outcomes already logged (one line each, naming the first export). */
+  private readonly passthroughSaid = new Set<string>();
 
   constructor(opts: NativeEngineOptions) {
     this.graph = new BlockGraph(opts.policy);
@@ -180,10 +183,25 @@ class NativeDriver implements EngineDriver {
     this.pinCovered(e.mountpoint);
     const node = this.nodes.get(e['node-name'])!.node;
     const exp = await this.registry.add(driver, node, driverOptions(e));
+    this.notePassthrough(e.id, exp);
     const since = new Date().toISOString();
     const mountId = await this.mountIdOf(e.mountpoint);
     this.live.set(e.id, { options: e, createdMountpoint, exp, mountId, servedSince: since, adopted: false });
     await this.keep(e, exp, since, mountId, createdMountpoint);
+  }
+
+  /**
+   * Logs whether FUSE passthrough serves a raw export, once per outcome (the
+   * first export it applies to is named; status shows every export's).
+   * Nodes that never qualify (qcow2, windows) say nothing.
+   */
+  private notePassthrough(id: string, exp: LiveExport): void {
+    const pt = (exp as Partial<FuseExport>).passthrough;
+    if (!pt || (!pt.active && pt.why === 'node')) return;
+    const key = pt.active ? 'active' : pt.reason;
+    if (this.passthroughSaid.has(key)) return;
+    this.passthroughSaid.add(key);
+    this.log(pt.active || pt.why === 'options' ? 'info' : 'warn', passthroughLogLine(pt), { export: id });
   }
 
   /** The id of our mount on `mountpoint` in the mount table. */
@@ -233,6 +251,7 @@ class NativeDriver implements EngineDriver {
     }
     const held = { fd: h.fuseFd, init: h.meta.init, allowsOther: h.meta.allowsOther, resend: true };
     const exp = await this.registry.adopt(fuseExportDriver, node, driverOptions(h.meta.options), held);
+    this.notePassthrough(e.id, exp);
     if (h.pinFd !== undefined) closeSync(h.pinFd);
     const since = new Date().toISOString();
     this.live.set(e.id, {

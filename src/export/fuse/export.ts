@@ -17,9 +17,16 @@ import {
   type FileFsOps,
   FuseErrno,
   type FuseInit,
+  type OpenAnswer,
   remount,
 } from './file-fs.js';
 import { adoptFileFs, mountFileFs } from './mount.js';
+import {
+  describePassthrough,
+  identityFile,
+  type PassthroughStatus,
+  passthroughRefused,
+} from './passthrough.js';
 import { roundUpToSector, seekDataOrHole } from './seek.js';
 
 export type AllowOther = 'auto' | 'on' | 'off';
@@ -43,6 +50,8 @@ const FALLOC = { KEEP_SIZE: 0x01, PUNCH_HOLE: 0x02, ZERO_RANGE: 0x10 } as const;
 
 /** Largest request libfuse 2 hands us; also what we ask for with max_read/max_write. */
 const MAX_REQUEST = 128 * 1024;
+/** How long start() waits for the kernel's INIT to learn whether passthrough was granted. */
+const INIT_WAIT_MS = 5000;
 
 export class FuseExport implements LiveExport<FuseExportOptions> {
   readonly type = 'fuse';
@@ -75,6 +84,8 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
   private mount: FileFsMount | undefined;
   /** Serializes size changes (growing writes and truncates). */
   private resizing: Promise<void> = Promise.resolve();
+  /** FUSE passthrough: whether this mount has it (decided at mount, for the mount's life). */
+  private pt: PassthroughStatus = { active: false, why: 'options', reason: 'not mounted' };
 
   private constructor(node: BlockNode, opts: FuseExportOptions) {
     this.id = opts.id;
@@ -93,6 +104,20 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
    */
   static async start(node: BlockNode, opts: FuseExportOptions): Promise<FuseExport> {
     const exp = new FuseExport(node, opts);
+    const file = identityFile(node);
+    const optsRefused =
+      passthroughRefused(opts) ??
+      // A raw node with offset/size never follows its file: a passthrough write past the end would.
+      (opts.writable && !node.capabilities().truncate
+        ? 'the raw node cannot change size (offset/size)'
+        : undefined);
+    const refused: PassthroughStatus | undefined =
+      'reason' in file
+        ? { active: false, why: 'node', reason: file.reason }
+        : optsRefused !== undefined
+          ? { active: false, why: 'options', reason: optsRefused }
+          : undefined;
+    const passthroughFd = refused === undefined && 'fd' in file ? file.fd : undefined;
     const attempt = (allowOther: boolean) =>
       mountFileFs(opts.mountpoint, exp.ops(), {
         readOnly: !opts.writable,
@@ -100,6 +125,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
         fsname: opts.fsname,
         subtype: 'blkexport',
         maxRead: MAX_REQUEST,
+        passthroughFd,
       });
     try {
       exp.mount = await attempt(true);
@@ -111,6 +137,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
     exp.allowOther = opts.allowOther === 'on' || (opts.allowOther === 'auto' && exp.mountAllowsOther);
     exp.fast = new FastPathSync(node, exp.mount.fast);
     exp.fast.reset();
+    exp.pt = refused ?? (await settlePassthrough(exp.mount));
     return exp;
   }
 
@@ -131,7 +158,18 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
     exp.allowOther = opts.allowOther === 'on' || (opts.allowOther === 'auto' && held.allowsOther);
     exp.fast = new FastPathSync(node, exp.mount.fast);
     exp.fast.reset();
+    // The first server's backing id: files it opened in passthrough hold it, later opens must use it too.
+    const id = held.init.backingId ?? 0;
+    exp.pt =
+      id > 0
+        ? { active: true, backingId: id }
+        : { active: false, why: 'options', reason: 'the kept mount was made without passthrough' };
     return exp;
+  }
+
+  /** Whether the kernel serves this export's reads and writes itself (FUSE passthrough), or why not. */
+  get passthrough(): PassthroughStatus {
+    return this.pt;
   }
 
   /** The kernel connection, for keeping it outside this process (undefined: the binding cannot hand it over). */
@@ -156,12 +194,18 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
     this.setAllowOther(opts.allowOther);
   }
 
-  /** Counters, including the reads the binding served itself. */
+  /**
+   * Counters, including the reads the binding served itself. With
+   * passthrough, I/O the kernel does on the image file is not counted
+   * (`passthrough: true` says so).
+   */
   get stats(): ExportStats {
     const fast = this.fast.stats();
-    if (!fast) return this.jsStats;
+    const passthrough = this.pt.active ? { passthrough: true } : {};
+    if (!fast) return { ...this.jsStats, ...passthrough };
     return {
       ...this.jsStats,
+      ...passthrough,
       reads: this.jsStats.reads + fast.reads,
       readBytes: this.jsStats.readBytes + fast.bytes,
     };
@@ -216,8 +260,22 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
     if (this.closed) return;
     this.fast.enable(false);
     if (this.writable) await this.node.flush();
+    // Files still open in passthrough keep their own reference to the image file.
+    if (this.pt.active) this.mount?.closeBacking?.();
     await this.mount?.unmount();
     this.closed = true;
+  }
+
+  /**
+   * With passthrough, the kernel's writes past the end of a growable export
+   * grow the image file behind the node: ops that depend on the size re-read
+   * it first (one fstat).
+   */
+  private syncLength(): void {
+    if (!this.pt.active || !this.node.refreshLength) return;
+    const before = this.node.length();
+    this.node.refreshLength();
+    if (this.node.length() !== before) this.fast.reset();
   }
 
   private check(): void {
@@ -237,6 +295,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
     return {
       getattr: async (): Promise<FileAttr> => {
         this.check();
+        this.syncLength();
         const now = new Date();
         const allocated = await node.allocatedSize().catch(() => 0);
         return {
@@ -250,11 +309,18 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
           ctime: now,
         };
       },
-      open: (flags) => {
+      open: (flags): OpenAnswer | undefined => {
         this.check();
-        if (!this.writable && (flags & O_ACCMODE) !== constants.O_RDONLY) {
+        const writing = (flags & O_ACCMODE) !== constants.O_RDONLY;
+        if (!this.writable && writing) {
           throw new FuseErrno(Errno.EACCES, 'export is read-only');
         }
+        if (!this.pt.active) return undefined;
+        // Once a mount has passthrough every open must use it (the kernel refuses a mix). A writer
+        // of an export that became non-growable since the mount gets its reads and writes sent to
+        // us (direct I/O), so the size rule holds for it.
+        if (writing && !this.growable) return { backingId: this.pt.backingId, directIo: true };
+        return { backingId: this.pt.backingId };
       },
       read: async (buf, length, position) => {
         this.check();
@@ -295,6 +361,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
       },
       truncate: async (size) => {
         this.check();
+        this.syncLength();
         if (!this.writable) throw new FuseErrno(Errno.EACCES, 'export is read-only');
         if (size === node.length()) return;
         // Stricter than QSD on purpose: a stray `truncate -s 0` must not destroy a disk.
@@ -325,6 +392,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
       },
       fallocate: async (mode, offset, length) => {
         this.check();
+        this.syncLength();
         if (!this.writable) throw new FuseErrno(Errno.EACCES, 'export is read-only');
         const size = node.length();
         const keepSize = (mode & FALLOC.KEEP_SIZE) !== 0;
@@ -351,6 +419,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
       },
       seek: (offset, whence) => {
         this.check();
+        this.syncLength();
         return seekDataOrHole(node, offset, whence);
       },
       utimens: () => {
@@ -372,5 +441,21 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
         this.onError?.(op, err);
       },
     };
+  }
+}
+
+/** Waits for the kernel's INIT and reads how passthrough went on the new mount. */
+async function settlePassthrough(mount: FileFsMount): Promise<PassthroughStatus> {
+  if (!mount.passthrough) {
+    return { active: false, why: 'kernel', reason: 'the fuse-native binding has no passthrough' };
+  }
+  const deadline = Date.now() + INIT_WAIT_MS;
+  for (;;) {
+    const info = mount.passthrough();
+    if (info) return describePassthrough(info);
+    if (Date.now() > deadline) {
+      return { active: false, why: 'kernel', reason: 'the kernel did not send INIT in time' };
+    }
+    await new Promise((r) => setTimeout(r, 5));
   }
 }

@@ -27,10 +27,21 @@ export interface FileAttr {
   ctime: Date;
 }
 
+/**
+ * How an open is answered (the libfuse 3 binding only; fuse-native ignores it).
+ * backingId > 0: the kernel does this file's reads and writes on the backing
+ * file registered for passthrough (FOPEN_PASSTHROUGH); with directIo as well,
+ * reads and writes come to us uncached and only mmap goes to the backing file.
+ */
+export interface OpenAnswer {
+  backingId?: number;
+  directIo?: boolean;
+}
+
 /** What a single-file FUSE filesystem implements. Throw FuseErrno (or anything with a numeric `errno`) to fail. */
 export interface FileFsOps {
   getattr(): Promise<FileAttr>;
-  open(flags: number): void;
+  open(flags: number): OpenAnswer | undefined;
   read(buf: Buffer, length: number, position: number): Promise<number>;
   write(buf: Buffer, length: number, position: number): Promise<number>;
   truncate(size: number): Promise<void>;
@@ -56,6 +67,26 @@ export interface MountOptions {
   subtype: string;
   /** Largest read request in bytes (libfuse 2 caps requests at 128 KiB). */
   maxRead: number;
+  /**
+   * A descriptor of the image file to use for FUSE passthrough (libfuse 3
+   * binding only): FUSE_PASSTHROUGH is asked for at INIT and the file
+   * registered right after; passthrough() says how that went.
+   */
+  passthroughFd?: number;
+}
+
+/**
+ * How FUSE passthrough went on a connection (undefined from passthrough()
+ * until the kernel's INIT is answered): `offered` by the kernel at INIT,
+ * `negotiated` by us, and the backing id OPEN answers with (0: none, then
+ * `errno` says why: EOPNOTSUPP not offered or not asked, EPERM without
+ * CAP_SYS_ADMIN, ELOOP for an image on a stacked filesystem).
+ */
+export interface PassthroughInfo {
+  offered: boolean;
+  negotiated: boolean;
+  backingId: number;
+  errno: number;
 }
 
 /**
@@ -98,6 +129,13 @@ export interface FuseInit {
   timeGran: number;
   /** The kernel offered FUSE_HAS_RESEND (Linux 6.9+): a successor can have the dead server's requests resent. */
   resend: boolean;
+  /**
+   * The passthrough backing id the first server registered on the connection
+   * (0 or absent: none). A successor must answer OPEN with this one: the
+   * kernel refuses another backing file for the inode while files opened
+   * with this one are open.
+   */
+  backingId?: number;
 }
 
 /** A mounted single-file filesystem. */
@@ -116,6 +154,10 @@ export interface FileFsMount {
    * and after the connection has ended.
    */
   connection?(): { fd: number; init: FuseInit };
+  /** How FUSE passthrough went (libfuse 3 binding only); undefined until INIT is answered. */
+  passthrough?(): PassthroughInfo | undefined;
+  /** Lets go of the backing id (files opened with it keep it); 0 or an errno. */
+  closeBacking?(): number;
 }
 
 /** The negative errno a thrown value answers with (EIO unless it carries one). */

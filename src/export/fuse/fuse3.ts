@@ -17,6 +17,7 @@ import {
   type FuseInit,
   lazyUnmount,
   type MountOptions,
+  type PassthroughInfo,
   toErrno,
 } from './file-fs.js';
 
@@ -54,7 +55,7 @@ type Dispatch = (
 interface Fuse3Addon {
   /** The op codes, frozen: { GETATTR: 1, ... }. */
   readonly ops: OpCodes;
-  mount(mountpoint: string, options: string, dispatch: Dispatch): object;
+  mount(mountpoint: string, options: string, dispatch: Dispatch, extra?: { passthroughFd?: number }): object;
   /** Serves a connection another process negotiated; takes fd over when it returns. */
   adopt(fd: number, init: FuseInit, dispatch: Dispatch, options: { resend: boolean }): object;
   /** A new dup of the /dev/fuse descriptor (the caller's) and the negotiated INIT. */
@@ -69,7 +70,8 @@ interface Fuse3Addon {
     blocks: number,
     timeout: number,
   ): void;
-  replyOpen(req: ReqHandle, directIo: boolean, keepCache: boolean): void;
+  /** backingId > 0: FOPEN_PASSTHROUGH with that backing id. */
+  replyOpen(req: ReqHandle, directIo: boolean, keepCache: boolean, backingId: number): void;
   replyData(req: ReqHandle, n: number): void;
   replyWrite(req: ReqHandle, n: number): void;
   replyLseek(req: ReqHandle, offset: number): void;
@@ -94,6 +96,9 @@ interface Fuse3Addon {
     clusterBits: number,
     algorithm: number,
   ): Buffer | null;
+  /** undefined until INIT is answered (native-fuse/passthrough.c). */
+  passthrough(handle: object): PassthroughInfo | undefined;
+  backingClose(handle: object): number;
 }
 
 /** Compressed clusters inflated by the binding's workers, process-wide (native-fuse/inflate.h). */
@@ -127,7 +132,9 @@ export function loadFuse3(): Fuse3Addon | null {
           `${ADDON_PATH} has no op code for ${missing.join(', ')} (rebuild it: npm run build:native)`,
         );
       // A build from before the binding had its own loop lacks these.
-      const lacking = (['adopt', 'connection'] as const).filter((f) => typeof a[f] !== 'function');
+      const lacking = (['adopt', 'connection', 'passthrough'] as const).filter(
+        (f) => typeof a[f] !== 'function',
+      );
       if (lacking.length > 0)
         throw new BlkError(
           'INTERNAL',
@@ -180,7 +187,8 @@ export function mountFileFsFuse3(
     return Promise.reject(new BlkError('MOUNT_FAILED', `the libfuse 3 binding is not built: ${loadError}`));
   return serve(a, mountpoint, ops, (dispatch) => {
     try {
-      return a.mount(mountpoint, optionString(options), dispatch);
+      const extra = options.passthroughFd === undefined ? {} : { passthroughFd: options.passthroughFd };
+      return a.mount(mountpoint, optionString(options), dispatch, extra);
     } catch (e) {
       throw new BlkError('MOUNT_FAILED', `FUSE mount on '${mountpoint}' failed (${(e as Error).message})`);
     }
@@ -285,10 +293,11 @@ function serve(
             (e) => fail(req, 'setattr', e),
           );
           return;
-        case OP.OPEN:
-          ops.open(x);
-          a.replyOpen(req, false, false);
+        case OP.OPEN: {
+          const answer = ops.open(x);
+          a.replyOpen(req, answer?.directIo ?? false, false, answer?.backingId ?? 0);
           return;
+        }
         case OP.FLUSH:
           done(req, 'flush', ops.flush());
           return;
@@ -372,6 +381,8 @@ function serve(
         );
       }
     },
+    passthrough: () => a.passthrough(h),
+    closeBacking: () => a.backingClose(h),
     async unmount() {
       if (unmounted) return;
       await lazyUnmount(mountpoint);
