@@ -54,6 +54,9 @@ typedef struct {
   ino_t inos[MAX_SLOTS];
   int nfds;
   atomic_ullong reads, bytes; /* served without JavaScript; read lock-free */
+  /* The write fast path (fast_write.c): on only while JavaScript says the export may write. */
+  int writes_on;
+  atomic_ullong writes, wbytes; /* written without JavaScript; read lock-free */
 } fast_map;
 
 /* 0, or -1 when out of memory. The map starts enabled and empty. */
@@ -70,6 +73,16 @@ ssize_t fast_read(fast_map *m, char *out, size_t size, uint64_t off);
 uint64_t fast_gen(fast_map *m);
 void fast_invalidate(fast_map *m, double off, double len, double size);
 void fast_enable(fast_map *m, bool on);
-void fast_install(fast_map *m, double gen, double off, const double *x, size_t count);
+void fast_install(fast_map *m, double gen, double off, const double *x, size_t count, const uint8_t *wr);
+/* Whether workers may write installed writable granules (fast_write.c); off waits for writes in flight. */
+void fast_allow_writes(fast_map *m, bool on);
+
+/* For fast_write.c, with m->lock held: granule `key`'s host fd (-1: zeroes) and offset, and whether it
+ * may be overwritten in place; 0 when the granule is not in the map. */
+int fast_lookup(fast_map *m, uint64_t key, int *fd, uint64_t *host, int *writable);
+
+/* Writes data[0, size) at guest `off` in place through the map, in the calling worker thread: size, or -1
+ * to let JavaScript serve the write (some granule not known writable, past the size, disabled, an error). */
+ssize_t fast_write(fast_map *m, const char *data, size_t size, uint64_t off);
 
 #endif

@@ -111,6 +111,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
     exp.allowOther = opts.allowOther === 'on' || (opts.allowOther === 'auto' && exp.mountAllowsOther);
     exp.fast = new FastPathSync(node, exp.mount.fast);
     exp.fast.reset();
+    exp.fast.allowWrites(opts.writable);
     return exp;
   }
 
@@ -131,6 +132,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
     exp.allowOther = opts.allowOther === 'on' || (opts.allowOther === 'auto' && held.allowsOther);
     exp.fast = new FastPathSync(node, exp.mount.fast);
     exp.fast.reset();
+    exp.fast.allowWrites(opts.writable);
     return exp;
   }
 
@@ -156,7 +158,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
     this.setAllowOther(opts.allowOther);
   }
 
-  /** Counters, including the reads the binding served itself. */
+  /** Counters, including the reads and writes the binding served itself. */
   get stats(): ExportStats {
     const fast = this.fast.stats();
     if (!fast) return this.jsStats;
@@ -164,7 +166,14 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
       ...this.jsStats,
       reads: this.jsStats.reads + fast.reads,
       readBytes: this.jsStats.readBytes + fast.bytes,
+      writes: this.jsStats.writes + fast.writes,
+      writeBytes: this.jsStats.writeBytes + fast.writeBytes,
     };
+  }
+
+  /** What the binding served without JavaScript (undefined: a binding without a fast path). */
+  get nativeStats(): { reads: number; bytes: number; writes: number; writeBytes: number } | undefined {
+    return this.fast.stats();
   }
 
   get isWritable(): boolean {
@@ -200,6 +209,8 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
   async setWritable(writable: boolean): Promise<void> {
     if (writable === this.writable) return;
     if (!writable) {
+      // Native writes stop (and those in flight land) before the flush that must cover them.
+      this.fast.allowWrites(false);
       await this.node.flush();
       this.writable = false;
       this.mode &= ~0o222;
@@ -208,12 +219,14 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
       await remount(this.mountpoint, 'rw');
       this.writable = true;
       this.mode |= 0o200;
+      this.fast.allowWrites(true);
     }
   }
 
   /** Flushes the node (when writable), unmounts lazily; later requests on open descriptors get ENOTCONN. */
   async stop(): Promise<void> {
     if (this.closed) return;
+    this.fast.allowWrites(false);
     this.fast.enable(false);
     if (this.writable) await this.node.flush();
     await this.mount?.unmount();
@@ -369,6 +382,8 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
       },
       onError: (op, err) => {
         this.jsStats.errors++;
+        // An image found corrupt is not written again, by JavaScript or by the binding.
+        if ((err as { code?: unknown } | null)?.code === 'IMAGE_CORRUPT') this.fast.allowWrites(false);
         this.onError?.(op, err);
       },
     };

@@ -1,14 +1,27 @@
 /**
- * Keeps the binding's read fast path exact for one export: after a read
+ * Keeps the binding's fast path exact for one export: after a read or write
  * served in JavaScript it installs the host mapping of the granules around
- * it (from caches only), and around every change it invalidates what may
- * have moved. The map changes only through here.
+ * it (from caches only; pieces the node says are writable in place are
+ * marked so, and the binding's workers then write them with pwrite), and
+ * around every change it invalidates what may have moved. The map changes
+ * only through here.
+ *
+ * The rules that keep native writes exact (docs/fuse-export.md, "The write
+ * fast path"): a change that may move a range (write-zeroes, discard,
+ * truncate) invalidates it first, and the binding's invalidation returns only
+ * once no native write can still use the old mapping; while such a change
+ * runs nothing is installed over its range, so no native write can start
+ * there before the change is complete and invalidated again. A write served
+ * here never moves a range that was installed writable (only unallocated,
+ * zero, compressed or shared clusters move, and those are never writable).
  */
 import type { BlockNode, HostExtent } from '../../block/types.js';
 import type { FastPath } from './file-fs.js';
 
 /** The fast path's granule (GRANULE_BITS in native-fuse/fast_map.h). */
 const GRANULE = 64 * 1024;
+/** A length that covers any export. */
+const ALL = Number.MAX_SAFE_INTEGER;
 
 /** True when two host mappings are the same pieces. */
 function sameExtents(a: readonly HostExtent[], b: readonly HostExtent[]): boolean {
@@ -24,6 +37,10 @@ function sameExtents(a: readonly HostExtent[], b: readonly HostExtent[]): boolea
 export class FastPathSync {
   /** In use (reads teach it; writes keep it exact); size changes reach the binding regardless. */
   private on = true;
+  /** The binding may write writable granules (the export is writable). */
+  private writes = false;
+  /** Ranges [start, end) a change is moving right now: nothing is installed over them. */
+  private readonly moving = new Set<[number, number]>();
 
   constructor(
     private readonly node: BlockNode,
@@ -34,6 +51,19 @@ export class FastPathSync {
   enable(on: boolean): void {
     this.on = on;
     this.fast?.enable(on);
+  }
+
+  /**
+   * Lets the binding write granules installed writable (the export is
+   * writable), or stops it; either way the map is forgotten, so what is
+   * installed next carries the node's writability as it is now. Off returns
+   * once no native write is in flight.
+   */
+  allowWrites(on: boolean): void {
+    if (!this.fast) return;
+    this.writes = on;
+    this.fast.allowWrites(on);
+    this.fast.invalidate(0, ALL);
   }
 
   /** The generation to pass to learn() after a read, or -1 when nothing is to be learnt. */
@@ -48,8 +78,14 @@ export class FastPathSync {
     const size = this.node.length();
     const start = Math.floor(position / GRANULE) * GRANULE;
     const end = Math.min(Math.ceil((position + n) / GRANULE) * GRANULE, size);
-    const extents = end > start ? map.call(this.node, start, end - start) : null;
+    if (end <= start || this.isMoving(start, end)) return;
+    const extents = map.call(this.node, start, end - start);
     if (extents) this.fast.install(gen, start, extents);
+  }
+
+  private isMoving(start: number, end: number): boolean {
+    for (const [a, b] of this.moving) if (start < b && a < end) return true;
+    return false;
   }
 
   /** Forgets everything and bounds reads by the node's size (at mount). */
@@ -61,10 +97,13 @@ export class FastPathSync {
   async changing<T>(offset: number, length: number, fn: () => Promise<T>): Promise<T> {
     const fast = this.fast;
     if (!fast) return fn();
-    fast.invalidate(offset, length);
+    const range: [number, number] = [offset, offset + length];
+    this.moving.add(range);
     try {
+      fast.invalidate(offset, length);
       return await fn();
     } finally {
+      this.moving.delete(range);
       fast.invalidate(offset, length, this.node.length());
     }
   }
@@ -89,10 +128,12 @@ export class FastPathSync {
       if (!before || !after || !sameExtents(before, after))
         fast.invalidate(offset, length, this.node.length());
     }
+    // The write's own entries are in the file now: teach the map, so the next write here is native.
+    if (this.writes) this.learn(fast.gen(), offset, length);
   }
 
-  /** Reads and bytes the binding served without JavaScript. */
-  stats(): { reads: number; bytes: number } | undefined {
+  /** Reads, writes and bytes the binding served without JavaScript. */
+  stats(): { reads: number; bytes: number; writes: number; writeBytes: number } | undefined {
     return this.fast?.stats();
   }
 }

@@ -77,8 +77,15 @@ interface Fuse3Addon {
   fastGen(handle: object): number;
   fastInvalidate(handle: object, offset: number, length: number, size: number): void;
   fastEnable(handle: object, on: boolean): void;
-  fastInstall(handle: object, gen: number, offset: number, extents: Float64Array): void;
-  fastStats(handle: object): [number, number];
+  fastInstall(
+    handle: object,
+    gen: number,
+    offset: number,
+    extents: Float64Array,
+    writable?: Uint8Array,
+  ): void;
+  fastAllowWrites(handle: object, on: boolean): void;
+  fastStats(handle: object): [number, number, number, number];
 }
 
 const ADDON_PATH = new URL('../../../native-fuse/build/Release/blkexport_fuse3.node', import.meta.url)
@@ -301,18 +308,21 @@ function serve(
     gen: () => a.fastGen(h),
     install(gen, offset, extents: readonly HostExtent[]) {
       const triples = new Float64Array(extents.length * 3);
+      const writable = new Uint8Array(extents.length);
       extents.forEach((x, i) => {
         triples[i * 3] = x.length;
         triples[i * 3 + 1] = 'zero' in x ? -1 : x.fd;
         triples[i * 3 + 2] = 'zero' in x ? 0 : x.host;
+        writable[i] = 'fd' in x && x.writable === true ? 1 : 0;
       });
-      a.fastInstall(h, gen, offset, triples);
+      a.fastInstall(h, gen, offset, triples, writable);
     },
     invalidate: (offset, length, size) => a.fastInvalidate(h, offset, length, size ?? -1),
     enable: (on) => a.fastEnable(h, on),
+    allowWrites: (on) => a.fastAllowWrites(h, on),
     stats() {
-      const [reads, bytes] = a.fastStats(h);
-      return { reads, bytes };
+      const [reads, bytes, writes, writeBytes] = a.fastStats(h);
+      return { reads, bytes, writes, writeBytes };
     },
   };
   return Promise.resolve({
