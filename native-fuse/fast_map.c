@@ -52,8 +52,7 @@ static void fast_clear(fast_map *m) {
 }
 
 int fast_init(fast_map *m) {
-  /* Writers first: a native write holds the read lock across its pwrite, and an invalidation must not
-   * starve behind a stream of them (fast_write.c). */
+  /* Writers first: the JavaScript thread's changes must not starve behind a stream of worker lookups. */
   pthread_rwlockattr_t attr;
   pthread_rwlockattr_init(&attr);
   pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -269,6 +268,7 @@ void fast_invalidate(fast_map *m, double off, double len, double size) {
     last = UINT64_MAX;
   }
   fast_record(m, first, last);
+  unsigned old = m->wepoch++;
   if (size >= 0) m->fsize = (uint64_t)size;
   if (len > 0) {
     if (last - first > 256) {
@@ -281,13 +281,16 @@ void fast_invalidate(fast_map *m, double off, double len, double size) {
     }
   }
   pthread_rwlock_unlock(&m->lock);
+  fast_drain(m, old); /* no native write still uses what was forgotten */
 }
 
-/* Taking the write lock waits for every native write in flight (each holds the read lock). */
+/* Off returns once no native write is in flight. */
 void fast_allow_writes(fast_map *m, bool on) {
   pthread_rwlock_wrlock(&m->lock);
   m->writes_on = on;
+  unsigned old = m->wepoch++;
   pthread_rwlock_unlock(&m->lock);
+  fast_drain(m, old);
 }
 
 /* Off forgets everything and sends every read to JavaScript. */
@@ -296,7 +299,9 @@ void fast_enable(fast_map *m, bool on) {
   m->enabled = on;
   fast_record(m, 0, UINT64_MAX);
   if (!on) fast_clear(m);
+  unsigned old = m->wepoch++;
   pthread_rwlock_unlock(&m->lock);
+  fast_drain(m, old);
 }
 
 /*
@@ -312,6 +317,7 @@ void fast_install(fast_map *m, double gen, double off, const double *x, size_t c
   if (m->enabled && gen >= 0 && (uint64_t)gen <= m->gen && m->gen - (uint64_t)gen < RING) {
     uint64_t since = (uint64_t)gen;
     uint64_t pos = (uint64_t)off;
+    int last_fd = -1, last_slot = -1; /* pieces of one install mostly share one fd: fstat it once */
     for (size_t i = 0; i < count; i += 3) {
       uint64_t len = (uint64_t)x[i];
       int fd = (int)x[i + 1];
@@ -320,7 +326,9 @@ void fast_install(fast_map *m, double gen, double off, const double *x, size_t c
       int slot = fd < 0 ? SLOT_ZERO : -100;
       for (uint64_t g = (pos + G - 1) & ~(G - 1); g + G <= end; g += G) {
         if (slot == -100) {
-          slot = fast_slot(m, fd);
+          slot = fd == last_fd ? last_slot : fast_slot(m, fd);
+          last_fd = fd;
+          last_slot = slot;
           if (slot < 0) break;
         }
         if (changed_since(m, since, g >> GRANULE_BITS)) continue;

@@ -57,6 +57,9 @@ typedef struct {
   /* The write fast path (fast_write.c): on only while JavaScript says the export may write. */
   int writes_on;
   atomic_ullong writes, wbytes; /* written without JavaScript; read lock-free */
+  /* Native writes in flight, counted per epoch parity; the epoch moves under the write lock. */
+  unsigned wepoch;
+  atomic_int winflight[2];
 } fast_map;
 
 /* 0, or -1 when out of memory. The map starts enabled and empty. */
@@ -80,6 +83,10 @@ void fast_allow_writes(fast_map *m, bool on);
 /* For fast_write.c, with m->lock held: granule `key`'s host fd (-1: zeroes) and offset, and whether it
  * may be overwritten in place; 0 when the granule is not in the map. */
 int fast_lookup(fast_map *m, uint64_t key, int *fd, uint64_t *host, int *writable);
+
+/* Waits until every native write that looked the map up before epoch `old` ended has returned
+ * (fast_write.c). The caller moved the epoch under the write lock and released it. */
+void fast_drain(fast_map *m, unsigned old);
 
 /* Writes data[0, size) at guest `off` in place through the map, in the calling worker thread: size, or -1
  * to let JavaScript serve the write (some granule not known writable, past the size, disabled, an error). */

@@ -7,16 +7,21 @@
  * request, with pwrite to the host file: no trip to JavaScript. Allocation,
  * copy-on-write and metadata stay in JavaScript.
  *
- * Exactness: the worker holds the map's read lock from the lookup until its
- * last pwrite has returned. JavaScript changes a granule's mapping only after
- * invalidating it (fast_invalidate), which takes the write lock: so the
- * invalidation returns only once every native write that could have used the
- * old mapping has landed, and no native write starts on it afterwards. The
- * lock prefers writers (fast_init), so a stream of native writes cannot starve
- * an invalidation; what the JavaScript thread may wait is one pwrite per
- * worker. A per-range in-flight counter would spare that wait but needs an
- * asynchronous drain in JavaScript for every change; a pwrite of at most
- * max_write bytes into the host page cache is microseconds.
+ * Exactness: a worker looks the granules up under the map's read lock and,
+ * still under it, counts itself in flight for the current epoch; it counts
+ * itself out when its last pwrite has returned. JavaScript changes a
+ * granule's mapping only after invalidating it (fast_invalidate), which
+ * forgets the granules and moves the epoch under the write lock, then waits
+ * for the old epoch's count to reach zero (fast_drain): so the invalidation
+ * returns only once every native write that could have used the old mapping
+ * has landed, and no native write looks it up afterwards. Installs do not
+ * wait: they only add or restate mappings that are true (a mapping changes
+ * only after an invalidation), so a write in flight stays right. Two counters
+ * suffice because the JavaScript thread drains each epoch before it moves
+ * the next; the wait is at most one pwrite per worker, and only changes pay it.
+ * (Holding the read lock across the pwrite would be simpler, but every
+ * install from JavaScript would then wait for writes in flight: measured, a
+ * sixth of the JavaScript thread's time under allocating writes.)
  *
  * Bounds: the write must lie inside the size JavaScript gave (a write past it
  * goes to JavaScript, which refuses, shortens or grows). An error (EBADF on a
@@ -27,6 +32,8 @@
 #include "fast_map.h"
 
 #include <errno.h>
+#include <sched.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_SEGS 32
@@ -62,20 +69,38 @@ ssize_t fast_write(fast_map *m, const char *data, size_t size, uint64_t off) {
     }
     pos += len;
   }
+  atomic_int *inflight = &m->winflight[m->wepoch & 1];
+  atomic_fetch_add(inflight, 1);
+  pthread_rwlock_unlock(&m->lock);
   for (int i = 0; i < nseg; i++) {
     size_t done = 0;
     while (done < segs[i].len) {
       ssize_t r = pwrite(segs[i].fd, data + segs[i].at + done, segs[i].len - done, (off_t)(segs[i].host + done));
       if (r < 0 && errno == EINTR) continue;
-      if (r <= 0) goto slow;
+      if (r <= 0) {
+        atomic_fetch_sub(inflight, 1);
+        return -1;
+      }
       done += (size_t)r;
     }
   }
-  pthread_rwlock_unlock(&m->lock);
+  atomic_fetch_sub(inflight, 1);
   atomic_fetch_add(&m->writes, 1);
   atomic_fetch_add(&m->wbytes, size);
   return (ssize_t)size;
 slow:
   pthread_rwlock_unlock(&m->lock);
   return -1;
+}
+
+void fast_drain(fast_map *m, unsigned old) {
+  atomic_int *inflight = &m->winflight[old & 1];
+  for (int spins = 0; atomic_load(inflight) > 0; spins++) {
+    if (spins < 64) {
+      sched_yield();
+    } else {
+      struct timespec ts = {0, 20000}; /* a pwrite that waits for the disk: do not burn the CPU */
+      nanosleep(&ts, NULL);
+    }
+  }
 }

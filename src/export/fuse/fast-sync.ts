@@ -20,6 +20,8 @@ import type { FastPath } from './file-fs.js';
 
 /** The fast path's granule (GRANULE_BITS in native-fuse/fast_map.h). */
 const GRANULE = 64 * 1024;
+/** What one install maps around a request served in JavaScript (from caches only). */
+const WINDOW = 1024 * 1024;
 /** A length that covers any export. */
 const ALL = Number.MAX_SAFE_INTEGER;
 
@@ -73,14 +75,21 @@ export class FastPathSync {
 
   /** After a read served in JavaScript, tells the fast path where the surrounding granules live. */
   learn(gen: number, position: number, n: number): void {
-    const map = this.node.mapHostCached;
-    if (!map || gen < 0 || !this.fast) return;
+    if (!this.node.mapHostCached || gen < 0 || !this.fast) return;
+    // The whole window around the request when its tables are cached (a random workload then
+    // needs one trip to JavaScript per window, not per granule), else just the request's granules.
+    if (!this.install(gen, position, n, WINDOW)) this.install(gen, position, n, GRANULE);
+  }
+
+  /** Installs [position, position+n) rounded out to `unit`; false when caches could not map it. */
+  private install(gen: number, position: number, n: number, unit: number): boolean {
     const size = this.node.length();
-    const start = Math.floor(position / GRANULE) * GRANULE;
-    const end = Math.min(Math.ceil((position + n) / GRANULE) * GRANULE, size);
-    if (end <= start || this.isMoving(start, end)) return;
-    const extents = map.call(this.node, start, end - start);
-    if (extents) this.fast.install(gen, start, extents);
+    const start = Math.floor(position / unit) * unit;
+    const end = Math.min(Math.ceil((position + n) / unit) * unit, size);
+    if (end <= start || this.isMoving(start, end)) return true;
+    const extents = this.node.mapHostCached!(start, end - start);
+    if (extents) this.fast!.install(gen, start, extents);
+    return extents !== null;
   }
 
   private isMoving(start: number, end: number): boolean {
