@@ -1,8 +1,9 @@
 /*
- * The read fast path's extent map: what the block layer's caches know about
+ * The fast path's extent map: what the block layer's caches know about
  * where guest bytes live, per 64 KiB granule, so a read can be answered in the
  * worker thread that read the request, with preads instead of a trip to
- * JavaScript.
+ * JavaScript, and a write to a granule marked writable done there with pwrite
+ * (fast_write.c).
  *
  * Kept apart from the rest of the binding because it is the one part with its
  * own locking (a rwlock taken by the worker threads and by the JavaScript thread)
