@@ -256,7 +256,7 @@ uint64_t fast_gen(fast_map *m) {
 }
 
 /* Bumps the generation, forgets the range, sets the size (-1: keep). */
-void fast_invalidate(fast_map *m, double off, double len, double size) {
+void fast_invalidate(fast_map *m, double off, double len, double size, bool wait) {
   pthread_rwlock_wrlock(&m->lock);
   uint64_t first = 1, last = 0; /* empty */
   if (len > 0) {
@@ -268,7 +268,7 @@ void fast_invalidate(fast_map *m, double off, double len, double size) {
     last = UINT64_MAX;
   }
   fast_record(m, first, last);
-  unsigned old = m->wepoch++;
+  unsigned old = wait ? m->wepoch++ : 0;
   if (size >= 0) m->fsize = (uint64_t)size;
   if (len > 0) {
     if (last - first > 256) {
@@ -281,7 +281,7 @@ void fast_invalidate(fast_map *m, double off, double len, double size) {
     }
   }
   pthread_rwlock_unlock(&m->lock);
-  fast_drain(m, old); /* no native write still uses what was forgotten */
+  if (wait) fast_drain(m, old); /* no native write still uses what was forgotten */
 }
 
 /* Off returns once no native write is in flight. */

@@ -75,7 +75,9 @@ ssize_t fast_read(fast_map *m, char *out, size_t size, uint64_t off);
 /* The JavaScript thread's calls; each takes the lock itself. Numbers arrive as
  * JavaScript doubles and are converted here. */
 uint64_t fast_gen(fast_map *m);
-void fast_invalidate(fast_map *m, double off, double len, double size);
+/* wait: return only once no native write can still use what was forgotten (fast_drain); a caller
+ * whose change moved nothing that was installed writable passes 0. */
+void fast_invalidate(fast_map *m, double off, double len, double size, bool wait);
 void fast_enable(fast_map *m, bool on);
 void fast_install(fast_map *m, double gen, double off, const double *x, size_t count, const uint8_t *wr);
 /* Whether workers may write installed writable granules (fast_write.c); off waits for writes in flight. */

@@ -92,10 +92,11 @@ static napi_value js_fast_gen(napi_env env, napi_callback_info info) {
   return out;
 }
 
-/* fastInvalidate(handle, offset, length, size): bumps the generation, forgets the range, sets the size (-1: keep). */
+/* fastInvalidate(handle, offset, length, size[, wait]): bumps the generation, forgets the range, sets the size
+ * (-1: keep); unless wait is false, returns once no native write can still use what was forgotten. */
 static napi_value js_fast_invalidate(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
+  size_t argc = 5;
+  napi_value argv[5];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   blk_fs *fs = blk_fs_arg(env, argv[0]);
   if (!fs) return NULL;
@@ -103,7 +104,9 @@ static napi_value js_fast_invalidate(napi_env env, napi_callback_info info) {
   napi_get_value_double(env, argv[1], &off);
   napi_get_value_double(env, argv[2], &len);
   napi_get_value_double(env, argv[3], &size);
-  fast_invalidate(&fs->fast, off, len, size);
+  bool wait = true;
+  if (argc >= 5) napi_get_value_bool(env, argv[4], &wait); /* undefined leaves it true */
+  fast_invalidate(&fs->fast, off, len, size, wait);
   return NULL;
 }
 

@@ -113,7 +113,8 @@ export class FastPathSync {
       return await fn();
     } finally {
       this.moving.delete(range);
-      fast.invalidate(offset, length, this.node.length());
+      // Nothing was installed over the range since the first invalidation: no native write to wait for.
+      fast.invalidate(offset, length, this.node.length(), false);
     }
   }
 
@@ -134,8 +135,10 @@ export class FastPathSync {
       await fn();
     } finally {
       const after = map.call(this.node, offset, length);
+      // Only unallocated, zero, compressed or shared clusters move, and those are never writable:
+      // no native write can be using what changed, so nothing to wait for.
       if (!before || !after || !sameExtents(before, after))
-        fast.invalidate(offset, length, this.node.length());
+        fast.invalidate(offset, length, this.node.length(), false);
     }
     // The write's own entries are in the file now: teach the map, so the next write here is native.
     if (this.writes) this.learn(fast.gen(), offset, length);

@@ -74,9 +74,10 @@ export interface FastPath {
   /**
    * Forgets [offset, offset+length) and moves the generation; `size` (when
    * given) bounds reads and writes. Returns once no native write can still
-   * be using the old mapping.
+   * be using the old mapping, unless `wait` is false (for a caller whose
+   * change moved nothing that was installed writable).
    */
-  invalidate(offset: number, length: number, size?: number): void;
+  invalidate(offset: number, length: number, size?: number, wait?: boolean): void;
   enable(on: boolean): void;
   /** Whether writable granules are written by the binding; off returns once none is in flight. */
   allowWrites(on: boolean): void;

@@ -75,7 +75,7 @@ interface Fuse3Addon {
   replyLseek(req: ReqHandle, offset: number): void;
   unref(handle: object): void;
   fastGen(handle: object): number;
-  fastInvalidate(handle: object, offset: number, length: number, size: number): void;
+  fastInvalidate(handle: object, offset: number, length: number, size: number, wait?: boolean): void;
   fastEnable(handle: object, on: boolean): void;
   fastInstall(
     handle: object,
@@ -317,7 +317,7 @@ function serve(
       });
       a.fastInstall(h, gen, offset, triples, writable);
     },
-    invalidate: (offset, length, size) => a.fastInvalidate(h, offset, length, size ?? -1),
+    invalidate: (offset, length, size, wait) => a.fastInvalidate(h, offset, length, size ?? -1, wait ?? true),
     enable: (on) => a.fastEnable(h, on),
     allowWrites: (on) => a.fastAllowWrites(h, on),
     stats() {
