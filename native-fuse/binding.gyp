@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "blkexport_fuse3",
-      "sources": ["fuse_loop.c", "fuse3_ops.c", "fast_map.c", "inflate.c", "fuse_mount.c", "napi_glue.c", "napi_handover.c", "napi_requests.c", "passthrough.c"],
+      "sources": ["fuse_loop.c", "fuse3_ops.c", "fast_map.c", "fast_write.c", "inflate.c", "fuse_mount.c", "napi_glue.c", "napi_handover.c", "napi_requests.c", "passthrough.c"],
       "cflags": [
         "-O2",
         "-Wall",

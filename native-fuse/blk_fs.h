@@ -23,8 +23,8 @@
  *     one's stay for a successor) and reads requests, each worker into its
  *     own resident buffer of max_write (or max_pages pages) + 4 KiB; the
  *     workers block every signal. They
- *     answer INIT, lookup, statfs, release, unlink, destroy and fast-path
- *     reads themselves (fuse3_ops.c, fast_map.c) and turn the rest into a
+ *     answer INIT, lookup, statfs, release, unlink, destroy, fast-path
+ *     reads and in-place writes themselves (fuse3_ops.c, fast_map.c) and turn the rest into a
  *     small heap record queued to the JavaScript thread (a threadsafe
  *     function) without waiting; forget and interrupt get no answer.
  *   - JavaScript does the block-layer work and answers through reply_*
@@ -43,10 +43,12 @@
  *   fuse_abi.h       the protocol: <linux/fuse.h>, constants it lacks, what INIT answers
  *   fuse_loop.c      the worker threads, sending replies, the resend notification
  *   fuse3_ops.c      one request: INIT, the ops, queueing to JavaScript
- *   fast_map.c       the read fast path: reads served in the workers from an
+ *   fast_map.c       the fast path: reads served in the workers from an
  *                    extent map, without JavaScript (fast_map.h)
  *   passthrough.c    FUSE passthrough: the backing file registered after INIT,
  *                    so the kernel serves reads and writes without us
+ *   fast_write.c     the write fast path: writes to granules installed
+ *                    writable, pwritten in the workers
  *   fuse_mount.c     mounting through libfuse (its only use)
  *   napi_glue.c      JavaScript's side: mount, unref, the fast path, the module's exports
  *   napi_handover.c  connection() and adopt(): the descriptor and the INIT, out and back in

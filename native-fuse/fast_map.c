@@ -2,9 +2,11 @@
  * The read fast path. JavaScript installs what the block layer's caches know
  * about where guest bytes live (host fd + offset, or zeroes) per 64 KiB
  * granule; a read whose granules are all known is served here, in the worker
- * thread that read the request, with preads: no trip to JavaScript. Every write, truncate or
- * fallocate goes through JavaScript, which invalidates the range before and
- * after it (a generation counter drops installs computed meanwhile). Host fds
+ * thread that read the request, with preads: no trip to JavaScript. A write
+ * to granules installed writable is done in the worker too (fast_write.c);
+ * every other write, and every truncate or fallocate, goes through
+ * JavaScript, which invalidates whatever it may move before and after the
+ * change (a generation counter drops installs computed meanwhile). Host fds
  * are dup()ed on first use and kept until the mount ends, so a node reopening
  * or closing its own fd never leaves a stale number here.
  *
@@ -33,6 +35,7 @@
 struct map_entry {
   uint64_t key;
   int32_t slot;
+  uint8_t wr; /* every byte of the granule may be overwritten in place (fast_write.c) */
   uint64_t host;
   uint64_t comp; /* 0, or a compressed cluster (host: its compressed bytes): see comp_pack */
 };
@@ -77,7 +80,12 @@ static void fast_forget_all(fast_map *m) {
 }
 
 int fast_init(fast_map *m) {
-  pthread_rwlock_init(&m->lock, NULL);
+  /* Writers first: the JavaScript thread's changes must not starve behind a stream of worker lookups. */
+  pthread_rwlockattr_t attr;
+  pthread_rwlockattr_init(&attr);
+  pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  pthread_rwlock_init(&m->lock, &attr);
+  pthread_rwlockattr_destroy(&attr);
   m->cap = 1024;
   m->table = malloc(sizeof(map_entry) * m->cap);
   if (!m->table) return -1;
@@ -98,13 +106,14 @@ static map_entry *fast_find(fast_map *m, uint64_t key) {
 }
 
 /* Caller holds the write lock. Grows up to 1 << 16 entries, then starts over. */
-static void fast_put(fast_map *m, uint64_t key, int32_t slot, uint64_t host, uint64_t comp) {
+static void fast_put(fast_map *m, uint64_t key, int32_t slot, uint64_t host, uint64_t comp, uint8_t wr) {
   map_entry *old = fast_find(m, key);
   if (old) {
     if (old->comp != comp || old->host != host || old->slot != slot) comp_forget(m, old);
     old->slot = slot;
     old->host = host;
     old->comp = comp;
+    old->wr = wr;
     return;
   }
   if ((m->used + 1) * 2 > m->cap) {
@@ -118,7 +127,7 @@ static void fast_put(fast_map *m, uint64_t key, int32_t slot, uint64_t host, uin
       fast_clear(m);
       for (uint32_t i = 0; i < ocap; i++)
         if (ot[i].slot != SLOT_EMPTY && ot[i].slot != SLOT_TOMB)
-          fast_put(m, ot[i].key, ot[i].slot, ot[i].host, ot[i].comp);
+          fast_put(m, ot[i].key, ot[i].slot, ot[i].host, ot[i].comp, ot[i].wr);
       free(ot);
     } else {
       fast_forget_all(m);
@@ -133,6 +142,7 @@ static void fast_put(fast_map *m, uint64_t key, int32_t slot, uint64_t host, uin
       e->slot = slot;
       e->host = host;
       e->comp = comp;
+      e->wr = wr;
       return;
     }
   }
@@ -142,8 +152,15 @@ static void fast_put(fast_map *m, uint64_t key, int32_t slot, uint64_t host, uin
 static int fast_slot(fast_map *m, int fd) {
   struct stat st;
   if (fstat(fd, &st) != 0) return -1;
-  for (int i = 0; i < m->nfds; i++)
-    if (m->devs[i] == st.st_dev && m->inos[i] == st.st_ino) return i;
+  for (int i = 0; i < m->nfds; i++) {
+    if (m->devs[i] != st.st_dev || m->inos[i] != st.st_ino) continue;
+    /* The node was reopened read-write since this dup was made read-only: the write fast path needs a
+     * writable one. dup3 swaps it atomically, so a worker that copied the number out keeps a valid fd. */
+    int had = fcntl(m->fds[i], F_GETFL), has = fcntl(fd, F_GETFL);
+    if (had >= 0 && has >= 0 && (had & O_ACCMODE) == O_RDONLY && (has & O_ACCMODE) == O_RDWR)
+      dup3(fd, m->fds[i], O_CLOEXEC);
+    return i;
+  }
   if (m->nfds >= MAX_SLOTS) return -1;
   int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
   if (d < 0) return -1;
@@ -175,6 +192,16 @@ void fast_destroy(fast_map *m) {
   free(m->table);
   m->table = NULL;
   pthread_rwlock_destroy(&m->lock);
+}
+
+/* Caller holds the lock (fast_write.c). */
+int fast_lookup(fast_map *m, uint64_t key, int *fd, uint64_t *host, int *writable) {
+  map_entry *e = fast_find(m, key);
+  if (!e) return 0;
+  *fd = e->slot >= 0 ? m->fds[e->slot] : -1;
+  *host = e->host;
+  *writable = e->wr && e->slot >= 0;
+  return 1;
 }
 
 /* ---- the worker threads' side: serving a read ----------------------------------- */
@@ -327,7 +354,7 @@ uint64_t fast_gen(fast_map *m) {
 }
 
 /* Bumps the generation, forgets the range, sets the size (-1: keep). */
-void fast_invalidate(fast_map *m, double off, double len, double size) {
+void fast_invalidate(fast_map *m, double off, double len, double size, bool wait) {
   pthread_rwlock_wrlock(&m->lock);
   uint64_t first = 1, last = 0; /* empty */
   if (len > 0) {
@@ -339,6 +366,7 @@ void fast_invalidate(fast_map *m, double off, double len, double size) {
     last = UINT64_MAX;
   }
   fast_record(m, first, last);
+  unsigned old = wait ? m->wepoch++ : 0;
   if (size >= 0) m->fsize = (uint64_t)size;
   if (len > 0) {
     if (last - first > 256) {
@@ -354,6 +382,16 @@ void fast_invalidate(fast_map *m, double off, double len, double size) {
     }
   }
   pthread_rwlock_unlock(&m->lock);
+  if (wait) fast_drain(m, old); /* no native write still uses what was forgotten */
+}
+
+/* Off returns once no native write is in flight. */
+void fast_allow_writes(fast_map *m, bool on) {
+  pthread_rwlock_wrlock(&m->lock);
+  m->writes_on = on;
+  unsigned old = m->wepoch++;
+  pthread_rwlock_unlock(&m->lock);
+  fast_drain(m, old);
 }
 
 /* Off forgets everything and sends every read to JavaScript. */
@@ -362,20 +400,25 @@ void fast_enable(fast_map *m, bool on) {
   m->enabled = on;
   fast_record(m, 0, UINT64_MAX);
   if (!on) fast_forget_all(m);
+  unsigned old = m->wepoch++;
   pthread_rwlock_unlock(&m->lock);
+  fast_drain(m, old);
 }
 
 /*
  * `x` holds `count` doubles, triples [length, fd, host] (fd -1: zeroes)
- * describing guest bytes from `off`. Whole granules covered by one contiguous
- * piece are remembered; granules invalidated since generation `gen` are not.
+ * describing guest bytes from `off`; `wr` (NULL: none) one byte per triple,
+ * 1 when every byte of that piece may be overwritten in place. Whole granules
+ * covered by one contiguous piece are remembered; granules invalidated since
+ * generation `gen` are not.
  */
-void fast_install(fast_map *m, double gen, double off, const double *x, size_t count) {
+void fast_install(fast_map *m, double gen, double off, const double *x, size_t count, const uint8_t *wr) {
   const uint64_t G = 1ULL << GRANULE_BITS;
   pthread_rwlock_wrlock(&m->lock);
   if (m->enabled && gen >= 0 && (uint64_t)gen <= m->gen && m->gen - (uint64_t)gen < RING) {
     uint64_t since = (uint64_t)gen;
     uint64_t pos = (uint64_t)off;
+    int last_fd = -1, last_slot = -1; /* pieces of one install mostly share one fd: fstat it once */
     for (size_t i = 0; i < count; i += 3) {
       uint64_t len = (uint64_t)x[i];
       int fd = (int)x[i + 1];
@@ -384,11 +427,13 @@ void fast_install(fast_map *m, double gen, double off, const double *x, size_t c
       int slot = fd < 0 ? SLOT_ZERO : -100;
       for (uint64_t g = (pos + G - 1) & ~(G - 1); g + G <= end; g += G) {
         if (slot == -100) {
-          slot = fast_slot(m, fd);
+          slot = fd == last_fd ? last_slot : fast_slot(m, fd);
+          last_fd = fd;
+          last_slot = slot;
           if (slot < 0) break;
         }
         if (changed_since(m, since, g >> GRANULE_BITS)) continue;
-        fast_put(m, g >> GRANULE_BITS, slot, fd < 0 ? 0 : host + (g - pos), 0);
+        fast_put(m, g >> GRANULE_BITS, slot, fd < 0 ? 0 : host + (g - pos), 0, wr && fd >= 0 ? wr[i / 3] : 0);
       }
       pos = end;
     }
@@ -423,7 +468,7 @@ void fast_install_compressed(fast_map *m, double gen, const double *x, size_t co
       for (uint64_t g = (pos + G - 1) & ~(G - 1); g + G <= pos + len; g += G) {
         if (slot < 0 && (slot = fast_slot(m, fd)) < 0) break;
         if (changed_since(m, (uint64_t)gen, g >> GRANULE_BITS)) continue;
-        fast_put(m, g >> GRANULE_BITS, slot, host, comp_pack((uint32_t)clen, (uint32_t)(sk + (g - pos)), cbits, algo));
+        fast_put(m, g >> GRANULE_BITS, slot, host, comp_pack((uint32_t)clen, (uint32_t)(sk + (g - pos)), cbits, algo), 0);
       }
     }
   }

@@ -7,7 +7,7 @@
  * OPEN reply (FOPEN_PASSTHROUGH and the id).
  *
  * Each op either answers at once (INIT, lookup, release, statfs, unlink,
- * destroy; a read the fast map can serve) or turns the request into a blk_req
+ * destroy; a read the fast map can serve, a write it can do in place) or turns the request into a blk_req
  * and queues it to the JavaScript thread without waiting; napi_requests.c
  * takes it from there and answers with blk_reply_*. Forget, batch forget and
  * interrupt get no answer; any other opcode gets ENOSYS. Nothing here touches
@@ -167,6 +167,11 @@ static void do_write(blk_fs *fs, uint64_t unique, const char *arg, size_t alen) 
   const struct fuse_write_in *in = (const void *)arg;
   if (alen < inlen || alen - inlen < in->size) {
     answer(fs, unique, EIO);
+    return;
+  }
+  if (fast_write(&fs->fast, arg + inlen, in->size, in->offset) >= 0) { /* written in place, in this thread */
+    struct fuse_write_out out = {.size = in->size, .padding = 0};
+    answer_with(fs, unique, &out, sizeof(out));
     return;
   }
   blk_req *r = new_req_buf(fs, unique, OP_WRITE, in->size);

@@ -127,10 +127,11 @@ static napi_value js_fast_gen(napi_env env, napi_callback_info info) {
   return out;
 }
 
-/* fastInvalidate(handle, offset, length, size): bumps the generation, forgets the range, sets the size (-1: keep). */
+/* fastInvalidate(handle, offset, length, size[, wait]): bumps the generation, forgets the range, sets the size
+ * (-1: keep); unless wait is false, returns once no native write can still use what was forgotten. */
 static napi_value js_fast_invalidate(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
+  size_t argc = 5;
+  napi_value argv[5];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   blk_fs *fs = blk_fs_arg(env, argv[0]);
   if (!fs) return NULL;
@@ -138,7 +139,9 @@ static napi_value js_fast_invalidate(napi_env env, napi_callback_info info) {
   napi_get_value_double(env, argv[1], &off);
   napi_get_value_double(env, argv[2], &len);
   napi_get_value_double(env, argv[3], &size);
-  fast_invalidate(&fs->fast, off, len, size);
+  bool wait = true;
+  if (argc >= 5) napi_get_value_bool(env, argv[4], &wait); /* undefined leaves it true */
+  fast_invalidate(&fs->fast, off, len, size, wait);
   return NULL;
 }
 
@@ -156,14 +159,15 @@ static napi_value js_fast_enable(napi_env env, napi_callback_info info) {
 }
 
 /*
- * fastInstall(handle, gen, offset, extents): extents is a Float64Array of
+ * fastInstall(handle, gen, offset, extents[, writable]): extents is a Float64Array of
  * triples [length, fd, host] (fd -1: zeroes) describing guest bytes from
- * `offset`. Whole granules covered by one contiguous piece are remembered,
+ * `offset`; writable (a Uint8Array, one byte per triple) marks the pieces that
+ * may be overwritten in place. Whole granules covered by one contiguous piece are remembered,
  * except those invalidated since `gen` was read (fast_install in fast_map.c).
  */
 static napi_value js_fast_install(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
+  size_t argc = 5;
+  napi_value argv[5];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   blk_fs *fs = blk_fs_arg(env, argv[0]);
   if (!fs) return NULL;
@@ -176,7 +180,20 @@ static napi_value js_fast_install(napi_env env, napi_callback_info info) {
   if (napi_get_typedarray_info(env, argv[3], &type, &count, &data, NULL, NULL) != napi_ok ||
       type != napi_float64_array || count % 3 != 0)
     return NULL;
-  fast_install(&fs->fast, gen, off, data, count);
+  const uint8_t *wr = NULL;
+  if (argc >= 5) {
+    napi_valuetype vt;
+    napi_typeof(env, argv[4], &vt);
+    if (vt != napi_undefined) {
+      size_t wcount = 0;
+      void *wdata = NULL;
+      if (napi_get_typedarray_info(env, argv[4], &type, &wcount, &wdata, NULL, NULL) != napi_ok ||
+          type != napi_uint8_array || wcount != count / 3)
+        return NULL;
+      wr = wdata;
+    }
+  }
+  fast_install(&fs->fast, gen, off, data, count, wr);
   return NULL;
 }
 
@@ -245,7 +262,20 @@ static napi_value js_inflate_cluster(napi_env env, napi_callback_info info) {
   return inflate_cluster_once((int)v[0], &d, data) == 0 ? buf : out;
 }
 
-/* fastStats(handle) -> [reads, bytes] served without JavaScript */
+/* fastAllowWrites(handle, on): whether workers write writable granules themselves; off waits for those in flight. */
+static napi_value js_fast_allow_writes(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  blk_fs *fs = blk_fs_arg(env, argv[0]);
+  if (!fs) return NULL;
+  bool on = false;
+  napi_get_value_bool(env, argv[1], &on);
+  fast_allow_writes(&fs->fast, on);
+  return NULL;
+}
+
+/* fastStats(handle) -> [reads, bytes, writes, written bytes] served without JavaScript */
 static napi_value js_fast_stats(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1], out, v;
@@ -253,11 +283,15 @@ static napi_value js_fast_stats(napi_env env, napi_callback_info info) {
   void *p = NULL;
   NAPI_CALL(env, napi_get_value_external(env, argv[0], &p));
   blk_fs *fs = p;
-  napi_create_array_with_length(env, 2, &out);
+  napi_create_array_with_length(env, 4, &out);
   napi_create_double(env, fs->ended ? 0 : (double)atomic_load(&fs->fast.reads), &v);
   napi_set_element(env, out, 0, v);
   napi_create_double(env, fs->ended ? 0 : (double)atomic_load(&fs->fast.bytes), &v);
   napi_set_element(env, out, 1, v);
+  napi_create_double(env, fs->ended ? 0 : (double)atomic_load(&fs->fast.writes), &v);
+  napi_set_element(env, out, 2, v);
+  napi_create_double(env, fs->ended ? 0 : (double)atomic_load(&fs->fast.wbytes), &v);
+  napi_set_element(env, out, 3, v);
   return out;
 }
 
@@ -314,6 +348,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"inflateCluster", NULL, js_inflate_cluster, NULL, NULL, NULL, napi_default, NULL},
       {"passthrough", NULL, blk_js_passthrough, NULL, NULL, NULL, napi_default, NULL},
       {"backingClose", NULL, blk_js_backing_close, NULL, NULL, NULL, napi_default, NULL},
+      {"fastAllowWrites", NULL, js_fast_allow_writes, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

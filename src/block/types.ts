@@ -35,9 +35,13 @@ export interface CompressedHost {
  * Where guest bytes live on the host, as far as caches already know it: a
  * range of a host fd, zeroes, or part of one compressed cluster. For the FUSE
  * fast path, which reads mapped ranges itself (and inflates compressed ones).
+ * `writable`: a write of any part of the range may be done as a pwrite to fd
+ * at host, with no metadata change and nothing else to wait for (a raw file
+ * opened read-write; a qcow2 data cluster with COPIED set whose entries are
+ * already in the file). Absent means no; compressed pieces never are.
  */
 export type HostExtent =
-  | { length: number; fd: number; host: number }
+  | { length: number; fd: number; host: number; writable?: boolean }
   | { length: number; zero: true }
   | { length: number; compressed: CompressedHost };
 
@@ -117,6 +121,9 @@ export interface BlockNode {
   /**
    * Host extents for [offset, offset+length), from caches only (no I/O, so
    * the fds are the ones open right now); null when not known or not mappable.
+   * A `writable` extent stays writable in place until the range is changed
+   * through this node (write-zeroes, discard, truncate, a reopen): callers
+   * that let others write it directly stop them before such a change.
    */
   mapHostCached?(offset: number, length: number): HostExtent[] | null;
   /**

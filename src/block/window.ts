@@ -52,7 +52,11 @@ export const windowOps = {
     const e = await s.child.blockStatus(s.offset + off, len);
     return { ...e, offset: e.offset - s.offset };
   },
-  mapHostCached: (s, off, len) => s.child.mapHostCached?.(s.offset + off, len) ?? null,
+  mapHostCached: (s, off, len) => {
+    const x = s.child.mapHostCached?.(s.offset + off, len) ?? null;
+    // The node wrapper bounds the range by the window, so a writable piece lies inside it.
+    return x && s.readOnly ? x.map((e) => ('fd' in e ? { ...e, writable: false } : e)) : x;
+  },
   // A given window never follows its child; one that does, re-reads the child's size.
   refreshLength: (s) => {
     if (!s.fixed) s.child.refreshLength?.();

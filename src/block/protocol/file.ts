@@ -129,8 +129,8 @@ export const fileProtocol = defineDriver<FileState>({
 
   // --- I/O
   length: (s) => s.size,
-  // The whole file maps to itself: the FUSE fast path reads it directly.
-  mapHostCached: (s, offset, length) => [{ length, fd: s.fd, host: offset }],
+  // The whole file maps to itself: the FUSE fast path reads it directly, and writes it when opened read-write.
+  mapHostCached: (s, offset, length) => [{ length, fd: s.fd, host: offset, writable: !s.readOnly }],
   async read(s, offset, buf) {
     try {
       await preadFull(s.fd, buf, 0, buf.length, offset);

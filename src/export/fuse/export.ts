@@ -138,6 +138,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
     exp.fast = new FastPathSync(node, exp.mount.fast);
     exp.fast.reset();
     exp.pt = refused ?? (await settlePassthrough(exp.mount));
+    exp.fast.allowWrites(opts.writable);
     return exp;
   }
 
@@ -164,6 +165,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
       id > 0
         ? { active: true, backingId: id }
         : { active: false, why: 'options', reason: 'the kept mount was made without passthrough' };
+    exp.fast.allowWrites(opts.writable);
     return exp;
   }
 
@@ -195,7 +197,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
   }
 
   /**
-   * Counters, including the reads the binding served itself. With
+   * Counters, including the reads and writes the binding served itself. With
    * passthrough, I/O the kernel does on the image file is not counted
    * (`passthrough: true` says so).
    */
@@ -208,7 +210,14 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
       ...passthrough,
       reads: this.jsStats.reads + fast.reads,
       readBytes: this.jsStats.readBytes + fast.bytes,
+      writes: this.jsStats.writes + fast.writes,
+      writeBytes: this.jsStats.writeBytes + fast.writeBytes,
     };
+  }
+
+  /** What the binding served without JavaScript (undefined: a binding without a fast path). */
+  get nativeStats(): { reads: number; bytes: number; writes: number; writeBytes: number } | undefined {
+    return this.fast.stats();
   }
 
   get isWritable(): boolean {
@@ -244,6 +253,8 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
   async setWritable(writable: boolean): Promise<void> {
     if (writable === this.writable) return;
     if (!writable) {
+      // Native writes stop (and those in flight land) before the flush that must cover them.
+      this.fast.allowWrites(false);
       await this.node.flush();
       this.writable = false;
       this.mode &= ~0o222;
@@ -252,12 +263,14 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
       await remount(this.mountpoint, 'rw');
       this.writable = true;
       this.mode |= 0o200;
+      this.fast.allowWrites(true);
     }
   }
 
   /** Flushes the node (when writable), unmounts lazily; later requests on open descriptors get ENOTCONN. */
   async stop(): Promise<void> {
     if (this.closed) return;
+    this.fast.allowWrites(false);
     this.fast.enable(false);
     if (this.writable) await this.node.flush();
     // Files still open in passthrough keep their own reference to the image file.
@@ -438,6 +451,8 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
       },
       onError: (op, err) => {
         this.jsStats.errors++;
+        // An image found corrupt is not written again, by JavaScript or by the binding.
+        if ((err as { code?: unknown } | null)?.code === 'IMAGE_CORRUPT') this.fast.allowWrites(false);
         this.onError?.(op, err);
       },
     };

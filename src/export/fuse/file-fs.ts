@@ -90,19 +90,30 @@ export interface PassthroughInfo {
 }
 
 /**
- * Reads served by the binding itself from host extents the export installs
- * (see native-fuse/fast_map.c). The export invalidates around every change.
+ * Reads and in-place writes served by the binding itself from host extents
+ * the export installs (see native-fuse/fast_map.c, fast_write.c). The export
+ * invalidates around every change.
  */
 export interface FastPath {
   /** The current generation; an install computed at an older one skips the granules changed since. */
   gen(): number;
-  /** Remembers where guest bytes from `offset` live (whole 64 KiB granules only). */
+  /**
+   * Remembers where guest bytes from `offset` live (whole 64 KiB granules
+   * only); granules inside a `writable` extent may then be written in place.
+   */
   install(gen: number, offset: number, extents: readonly HostExtent[]): void;
-  /** Forgets [offset, offset+length) and moves the generation; `size` (when given) bounds reads. */
-  invalidate(offset: number, length: number, size?: number): void;
+  /**
+   * Forgets [offset, offset+length) and moves the generation; `size` (when
+   * given) bounds reads and writes. Returns once no native write can still
+   * be using the old mapping, unless `wait` is false (for a caller whose
+   * change moved nothing that was installed writable).
+   */
+  invalidate(offset: number, length: number, size?: number, wait?: boolean): void;
   enable(on: boolean): void;
-  /** Reads and bytes served without JavaScript. */
-  stats(): { reads: number; bytes: number };
+  /** Whether writable granules are written by the binding; off returns once none is in flight. */
+  allowWrites(on: boolean): void;
+  /** Reads, writes and their bytes served without JavaScript. */
+  stats(): { reads: number; bytes: number; writes: number; writeBytes: number };
 }
 
 /**

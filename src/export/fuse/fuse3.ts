@@ -77,10 +77,17 @@ interface Fuse3Addon {
   replyLseek(req: ReqHandle, offset: number): void;
   unref(handle: object): void;
   fastGen(handle: object): number;
-  fastInvalidate(handle: object, offset: number, length: number, size: number): void;
+  fastInvalidate(handle: object, offset: number, length: number, size: number, wait?: boolean): void;
   fastEnable(handle: object, on: boolean): void;
-  fastInstall(handle: object, gen: number, offset: number, extents: Float64Array): void;
-  fastStats(handle: object): [number, number];
+  fastInstall(
+    handle: object,
+    gen: number,
+    offset: number,
+    extents: Float64Array,
+    writable?: Uint8Array,
+  ): void;
+  fastAllowWrites(handle: object, on: boolean): void;
+  fastStats(handle: object): [number, number, number, number];
   /**
    * Records of [offset, length, fd, host, clen, clusterBits, skip, algorithm (0 zlib, 1 zstd)],
    * each a guest range inside one compressed cluster.
@@ -337,14 +344,16 @@ function serve(
   const fast: FastPath = {
     gen: () => a.fastGen(h),
     install(gen, offset, extents: readonly HostExtent[]) {
-      // Runs of plain pieces go as triples, compressed pieces all in one call.
+      // Runs of plain pieces go as triples (with their writability), compressed pieces all in one call.
       let pos = offset;
       let run: number[] = [];
+      let writable: number[] = [];
       let runAt = offset;
       const compressed: number[] = [];
       const flush = () => {
-        if (run.length > 0) a.fastInstall(h, gen, runAt, Float64Array.from(run));
+        if (run.length > 0) a.fastInstall(h, gen, runAt, Float64Array.from(run), Uint8Array.from(writable));
         run = [];
+        writable = [];
       };
       for (const x of extents) {
         if ('compressed' in x) {
@@ -353,18 +362,24 @@ function serve(
           const algorithm = c.algorithm === 'zstd' ? 1 : 0;
           compressed.push(pos, x.length, c.fd, c.host, c.clen, Math.log2(c.clusterSize), c.skip, algorithm);
           runAt = pos + x.length;
-        } else if ('zero' in x) run.push(x.length, -1, 0);
-        else run.push(x.length, x.fd, x.host);
+        } else if ('zero' in x) {
+          run.push(x.length, -1, 0);
+          writable.push(0);
+        } else {
+          run.push(x.length, x.fd, x.host);
+          writable.push(x.writable === true ? 1 : 0);
+        }
         pos += x.length;
       }
       flush();
       if (compressed.length > 0) a.fastInstallCompressed(h, gen, Float64Array.from(compressed));
     },
-    invalidate: (offset, length, size) => a.fastInvalidate(h, offset, length, size ?? -1),
+    invalidate: (offset, length, size, wait) => a.fastInvalidate(h, offset, length, size ?? -1, wait ?? true),
     enable: (on) => a.fastEnable(h, on),
+    allowWrites: (on) => a.fastAllowWrites(h, on),
     stats() {
-      const [reads, bytes] = a.fastStats(h);
-      return { reads, bytes };
+      const [reads, bytes, writes, writeBytes] = a.fastStats(h);
+      return { reads, bytes, writes, writeBytes };
     },
   };
   return Promise.resolve({

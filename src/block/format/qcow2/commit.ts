@@ -34,26 +34,36 @@ export function commit(s: Qcow2State): Promise<void> {
  * Called after the request's own changes, so they are included.
  */
 export function needCommit(s: Qcow2State, offset: number, length: number): Promise<void> | undefined {
+  return entriesInFile(s, offset, length) ? undefined : commit(s);
+}
+
+/**
+ * True when every L1 and L2 entry mapping guest [offset, offset+length) is in
+ * the file already (pwritten) and no resize waits for the header: a write
+ * there in place needs no commit before it is acknowledged (also the rule
+ * for the FUSE write fast path, map-host.ts).
+ */
+export function entriesInFile(s: Qcow2State, offset: number, length: number): boolean {
   const w = s.w!;
   const h = s.header;
   if (h.size !== w.diskSize || h.l1TableOffset !== w.diskL1.offset || h.l1Size !== w.diskL1.size) {
-    return commit(s); // a resize not in the header yet
+    return false; // a resize not in the header yet
   }
-  if (w.dirtyL2.size + w.writingL2.size + w.dirtyL1.size + w.writingL1.size === 0) return undefined;
+  if (w.dirtyL2.size + w.writingL2.size + w.dirtyL1.size + w.writingL1.size === 0) return true;
   const end = offset + length;
   for (let l1i = Math.floor(offset / h.l2Coverage); l1i * h.l2Coverage < end; l1i++) {
-    if (w.dirtyL1.has(l1i) || w.writingL1.has(l1i)) return commit(s);
+    if (w.dirtyL1.has(l1i) || w.writingL1.has(l1i)) return false;
     const off = readL1Entry(s, l1i).off;
     const a = w.dirtyL2.get(off);
     const b = w.writingL2.get(off);
     if (a === undefined && b === undefined) continue;
-    if (a === null || b === null) return commit(s);
+    if (a === null || b === null) return false;
     const base = l1i * h.l2Entries;
     const first = Math.max(0, Math.floor(offset / h.clusterSize) - base);
     const last = Math.min(h.l2Entries - 1, Math.floor((end - 1) / h.clusterSize) - base);
-    if (touches(a, first, last) || touches(b, first, last)) return commit(s);
+    if (touches(a, first, last) || touches(b, first, last)) return false;
   }
-  return undefined;
+  return true;
 }
 
 /** Whether the set holds an index in [first, last]. */
