@@ -304,7 +304,7 @@ export class Agent {
     now: number,
     scope: PassScope | undefined,
   ): Promise<{ exports: Map<string, string>; nodes: Set<string> }> {
-    const served = new Set(this.engines.flatMap((en) => en.exports().map((e) => e.id)));
+    const served = new Set(this.engines.flatMap((en) => en.exportIds()));
     const max = this.config.maxExports ?? DEFAULT_MAX_EXPORTS;
     const exports = exportsOverCap(
       all.exports.map((e) => e.options.id),

@@ -107,8 +107,9 @@ export class ManifestsInForce {
   }
 
   private logNewErrors(s: ManifestStatus): void {
+    if (s.valid) return; // before the look-up: it is linear, and this runs for every file
     const before = this.status.find((x) => x.file === s.file);
-    if (s.valid || JSON.stringify(before?.errors) === JSON.stringify(s.errors)) return;
+    if (JSON.stringify(before?.errors) === JSON.stringify(s.errors)) return;
     for (const e of s.errors) {
       this.log.error(`${e.file}${e.line !== null ? `:${e.line}:${e.col}` : ''}: ${e.message}`, {
         manifest: s.file,

@@ -177,6 +177,10 @@ export class StepEngine implements Engine {
     });
   }
 
+  exportIds(): string[] {
+    return this.driver.records().exports.map((e) => e.options.id);
+  }
+
   exports(): EngineExport[] {
     const { nodes, exports } = this.driver.records();
     const graph = new NodeGraph(nodes.map((n) => n.options));

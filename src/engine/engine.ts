@@ -38,6 +38,8 @@ export interface Engine {
   apply(step: Step): Promise<void>;
   /** Live exports (for status and metrics). */
   exports(): EngineExport[];
+  /** The ids of the live exports (cheap: no statistics, no node chains). */
+  exportIds(): string[];
   /** Removes every export (flush, unmount) and closes every node. */
   shutdown(): Promise<void>;
   /**
