@@ -21,6 +21,7 @@ import { type BenchImages, type ImagePair, makeFreshPair, makeImages, removePair
 import { describeMachine } from './machine.js';
 import { cpuSeconds, mountPoints, runCommand, unmountIfMounted } from './proc.js';
 import { type Cell, type RowResult, renderReport, SAME_AS_PLAIN } from './report.js';
+import { runScale } from './scale-run.js';
 import { makeServers, SERVER_IDS, type Server, type ServerId } from './servers.js';
 import { isDirect, WORKLOADS, type Workload } from './workloads.js';
 
@@ -36,8 +37,10 @@ interface Options {
   servers: ServerId[];
   baseDir: string;
   outDir: string;
-  /** run: fio rows then the agent figures; skip: fio only; only: the agent figures only. */
-  agent: 'run' | 'skip' | 'only';
+  /** run: fio rows then the agent figures; skip: fio only; only: the agent figures only; scale: the scale figures only. */
+  agent: 'run' | 'skip' | 'only' | 'scale';
+  /** Export counts of the agent scale figures (empty: none). */
+  agentScale: number[];
 }
 
 const USAGE = `usage: npm run bench -- [--quick] [--size SIZE] [--runtime SEC] [--reps N]
@@ -51,11 +54,13 @@ const USAGE = `usage: npm run bench -- [--quick] [--size SIZE] [--runtime SEC] [
   --dir        where the temporary images and mountpoints go (default: env BENCH_DIR, else the OS temp dir)
   --out        where the report goes (default bench/results)
   --agent      run (default): also the agent figures (200 exports ready, RSS, reconcile latency, CPU/GiB);
-               skip: fio rows only; only: the agent figures only`;
+               skip: fio rows only; only: the agent figures only; scale: the agent scale figures only
+  --agent-scale  export counts of the agent scale figures (distinct images; default 1000,5000; none to omit;
+               with --quick default none); each also measures validate of a 20000-export manifest once`;
 
 function agentMode(v: string): Options['agent'] {
-  if (v === 'run' || v === 'skip' || v === 'only') return v;
-  throw new BlkError('USAGE', `--agent takes run, skip or only, not '${v}'`);
+  if (v === 'run' || v === 'skip' || v === 'only' || v === 'scale') return v;
+  throw new BlkError('USAGE', `--agent takes run, skip, only or scale, not '${v}'`);
 }
 
 /** Parses 512, 64K, 256M, 1G (binary suffixes). */
@@ -88,6 +93,7 @@ function parseOptions(argv: string[]): Options | undefined {
       dir: { type: 'string' },
       out: { type: 'string' },
       agent: { type: 'string', default: 'run' },
+      'agent-scale': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
     strict: true,
@@ -120,6 +126,12 @@ function parseOptions(argv: string[]): Options | undefined {
     baseDir: values.dir ?? process.env.BENCH_DIR ?? tmpdir(),
     outDir: values.out ?? join(REPO, 'bench', 'results'),
     agent: agentMode(values.agent as string),
+    agentScale:
+      (values['agent-scale'] ?? (quick ? 'none' : '1000,5000')) === 'none'
+        ? []
+        : (values['agent-scale'] ?? '1000,5000')
+            .split(',')
+            .map((s) => positiveInt(s.trim(), '--agent-scale')),
   };
 }
 
@@ -200,10 +212,10 @@ async function main(argv: string[]): Promise<number> {
   const selects = (o: string, w: Workload): boolean =>
     WORKLOADS.some((x) => x.id === o) ? w.id === o : w.id.includes(o);
   const workloads =
-    opts.agent === 'only'
+    opts.agent === 'only' || opts.agent === 'scale'
       ? []
       : WORKLOADS.filter((w) => !opts.only.length || opts.only.some((o) => selects(o, w)));
-  if (!workloads.length && opts.agent !== 'only')
+  if (!workloads.length && opts.agent !== 'only' && opts.agent !== 'scale')
     throw new BlkError('USAGE', `--only matches no workload (${WORKLOADS.map((w) => w.id).join(', ')})`);
   await preflight(opts);
 
@@ -258,7 +270,7 @@ async function main(argv: string[]): Promise<number> {
     }
 
     let agent: AgentOutcome = { measured: false, reason: 'skipped (--agent skip)' };
-    if (opts.agent !== 'skip') {
+    if (opts.agent === 'run' || opts.agent === 'only') {
       try {
         agent = await measureAgent({
           dir,
@@ -281,14 +293,15 @@ async function main(argv: string[]): Promise<number> {
       quick: opts.quick,
       machine,
     };
-    const report = renderReport(meta, rows, agent);
+    const scale = opts.agent === 'skip' ? undefined : await runScale(opts.agentScale, dir, cleanup, log);
+    const report = renderReport(meta, rows, agent) + (scale?.section ?? '');
     await mkdir(opts.outDir, { recursive: true });
     const stamp = started.toISOString().slice(0, 16).replace(':', '').replace('T', '-');
     const base = join(opts.outDir, `${stamp}${opts.quick ? '-quick' : ''}`);
     await writeFile(`${base}.md`, report);
     await writeFile(
       `${base}.json`,
-      `${JSON.stringify({ meta, rows: rows.map((r) => ({ workload: r.workload.id, cells: r.cells })), agent }, null, 2)}\n`,
+      `${JSON.stringify({ meta, rows: rows.map((r) => ({ workload: r.workload.id, cells: r.cells })), agent, scale: scale?.json }, null, 2)}\n`,
     );
     console.log(report);
     log(`report written to ${base}.md (raw fio figures in ${base}.json)`);

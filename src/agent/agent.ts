@@ -3,7 +3,11 @@
  * Each pass is load → observe → plan → apply → record: it reads the manifests
  * fresh (last good version of invalid files), asks every engine what it has
  * (mounts, drift), makes one plan for all engines, carries it out, and records
- * each export's outcome. A failing step marks only the exports it touches
+ * each export's outcome. A full pass (start, resync timer, SIGHUP, POST
+ * /reconcile, retries) looks at everything; an incremental pass (a watch event
+ * naming manifest files) reads only those files and observes, plans and
+ * records only the nodes and exports their change can touch (pass-scope.ts);
+ * collisions and the export cap are still decided host-wide. A failing step marks only the exports it touches
  * `failed`; they are retried with backoff, or, for a terminal failure, when
  * their manifest or image changes. Events (file changes, SIGHUP, POST
  * /reconcile, the resync timer) only ask for a pass; never trusted for what
@@ -24,6 +28,7 @@ import { DEFAULT_MAX_EXPORTS, exportsOverCap, IoErrorWatch, withoutExports } fro
 import type { Logger } from './log.js';
 import { ManifestsInForce } from './manifest-cache.js';
 import type { ManifestStatus } from './manifest-state.js';
+import { desiredInScope, type PassScope, scopeOfChange } from './pass-scope.js';
 import { refusedByRoots } from './paths.js';
 
 export interface AgentConfig {
@@ -80,6 +85,8 @@ export class Agent {
   private lastPass: string | null = null;
   private running: Promise<PassResult> | undefined;
   private queued: Promise<PassResult> | undefined;
+  /** What the next pass reads again: the files named by the requests since, or 'all'. */
+  private wanted: Set<string> | 'all' | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
   private stopped = false;
   /** The engine that serves each desired export (from the last pass). */
@@ -99,20 +106,33 @@ export class Agent {
     return this.config.defaultEngine ?? 'native';
   }
 
-  /** Asks for a pass; passes never overlap, and requests during a pass coalesce into one more. */
-  requestPass(why: string): Promise<PassResult> {
+  /**
+   * Asks for a pass: a full one, or with `files` an incremental one for the
+   * changes of those manifest files. Passes never overlap; requests during a
+   * pass coalesce into one more (full if any of them asked for a full one).
+   */
+  requestPass(why: string, files?: readonly string[]): Promise<PassResult> {
     if (this.stopped) return Promise.resolve({ steps: 0, failed: 0, durationMs: 0 });
-    if (!this.running) {
-      this.running = this.pass(why).finally(() => {
-        this.running = undefined;
-      });
-      return this.running;
+    if (files === undefined || this.wanted === 'all') this.wanted = 'all';
+    else {
+      this.wanted ??= new Set();
+      for (const f of files) this.wanted.add(f);
     }
+    if (!this.running) return this.startPass(why);
     this.queued ??= this.running.then(() => {
       this.queued = undefined;
-      return this.requestPass(why);
+      return this.startPass(why);
     });
     return this.queued;
+  }
+
+  private startPass(why: string): Promise<PassResult> {
+    const wanted = this.wanted ?? 'all';
+    this.wanted = undefined;
+    this.running = this.pass(why, wanted === 'all' ? undefined : wanted).finally(() => {
+      this.running = undefined;
+    });
+    return this.running;
   }
 
   /** Waits for the pass in progress, then removes every export and closes every node. */
@@ -189,7 +209,8 @@ export class Agent {
     return all;
   }
 
-  private async pass(why: string): Promise<PassResult> {
+  /** One pass: a full one, or with `files` an incremental one (see the header comment). */
+  private async pass(why: string, files?: ReadonlySet<string>): Promise<PassResult> {
     const t0 = performance.now();
     const now = Date.now();
     let ok = true;
@@ -197,27 +218,31 @@ export class Agent {
     let failed = 0;
     try {
       // load
-      const { inForce, changedExports } = this.manifests.load();
+      const { inForce, changedExports, changedVersions } = this.manifests.load(files);
       // A manifest whose content in force changed gets its exports tried now, not after their backoff.
       for (const id of changedExports) this.book.retryNow(id);
       const all = desiredFromManifests(inForce, { hostname: this.config.hostname });
-      this.trackExports(all, now);
-      await this.retryChangedImages();
-      const refused = await this.refusals(all, now);
+      this.trackExports(all, now, files === undefined);
+      const scope = files === undefined ? undefined : scopeOfChange(changedVersions, all);
+      if (scope && scope.nodes.size === 0 && scope.exports.size === 0)
+        return this.finishPass(why, t0, 0, 0, true);
+      await this.retryChangedImages(scope);
+      const refused = await this.refusals(all, now, scope);
       // observe
       const inputs: EnginePlanInput[] = [];
       for (const engine of this.engines) {
+        const ofEngine = desiredFromManifests(inForce, {
+          hostname: this.config.hostname,
+          engine: { name: engine.name, fallback: this.defaultEngine },
+        });
         const desired = withoutExports(
-          desiredFromManifests(inForce, {
-            hostname: this.config.hostname,
-            engine: { name: engine.name, fallback: this.defaultEngine },
-          }),
+          scope ? desiredInScope(ofEngine, scope) : ofEngine,
           new Set(refused.exports.keys()),
           refused.nodes,
         );
         for (const e of desired.exports) this.engineOf.set(e.options.id, engine.name);
         try {
-          const observed = await engine.observe();
+          const observed = await engine.observe(scope);
           for (const n of observed.nodes)
             if (n.drift !== undefined)
               this.log.warn('image changed under a live node; replacing', {
@@ -240,46 +265,56 @@ export class Agent {
       const failedNow = await this.recordFailures(result.failures, desired, now);
       failed += failedNow.size;
       // record
-      await this.recordOutcome(inputs, failedNow, now);
+      await this.recordOutcome(inputs, failedNow, now, scope);
       this.scheduleRetry();
     } catch (e) {
       ok = false;
       this.log.error('reconcile pass failed', { why, error: describeError(e) });
     }
+    return this.finishPass(why, t0, applied, failed, ok);
+  }
+
+  private finishPass(_why: string, t0: number, steps: number, failed: number, ok: boolean): PassResult {
     this.passes++;
     this.lastPass = new Date().toISOString();
-    const result = { steps: applied, failed, durationMs: performance.now() - t0 };
+    const result = { steps, failed, durationMs: performance.now() - t0 };
     this.onPass?.(result, ok);
     return result;
   }
 
-  private trackExports(all: Desired, now: number): void {
+  private trackExports(all: Desired, now: number, full: boolean): void {
     for (const e of all.exports)
       this.book.track(e.options.id, e.origin.manifest, e.options.mountpoint, e.options['node-name'], now);
     this.book.retain(new Set(all.exports.map((e) => e.options.id)));
-    this.engineOf.clear();
+    if (full) this.engineOf.clear();
   }
 
-  /** Terminal failures whose image or mountpoint changed are tried again now. */
-  private async retryChangedImages(): Promise<void> {
+  /** Terminal failures (in scope) whose image or mountpoint changed are tried again now. */
+  private async retryChangedImages(scope: PassScope | undefined): Promise<void> {
     for (const r of this.book.terminal()) {
+      if (scope && !scope.exports.has(r.id)) continue;
       if ((await fingerprint(r.terminal!.files)) !== r.terminal!.fingerprint) this.book.retryNow(r.id);
     }
   }
 
-  /** Exports refused before planning (over --max-exports, outside the roots), marked failed; nodes of refused images. */
+  /**
+   * Exports refused before planning (over --max-exports, outside the roots),
+   * marked failed; nodes of refused images. The cap counts every export of
+   * the host; the roots are checked for the exports in scope.
+   */
   private async refusals(
     all: Desired,
     now: number,
+    scope: PassScope | undefined,
   ): Promise<{ exports: Map<string, string>; nodes: Set<string> }> {
-    const served = new Set(this.engines.flatMap((en) => en.exports().map((e) => e.id)));
+    const served = new Set(this.engines.flatMap((en) => en.exportIds()));
     const max = this.config.maxExports ?? DEFAULT_MAX_EXPORTS;
     const exports = exportsOverCap(
       all.exports.map((e) => e.options.id),
       served,
       max,
     );
-    const confined = await refusedByRoots(all, this.config.roots);
+    const confined = await refusedByRoots(scope ? desiredInScope(all, scope) : all, this.config.roots);
     for (const [id, why] of confined.exports) exports.set(id, why);
     for (const [id, why] of exports) {
       const before = this.book.get(id);
@@ -339,11 +374,16 @@ export class Agent {
   }
 
   /** Outcome per desired export, from what the engines report now. */
-  private async recordOutcome(inputs: EnginePlanInput[], failedNow: Set<string>, now: number): Promise<void> {
+  private async recordOutcome(
+    inputs: EnginePlanInput[],
+    failedNow: Set<string>,
+    now: number,
+    scope: PassScope | undefined,
+  ): Promise<void> {
     const mounted = new Set<string>();
     for (const i of inputs) {
       const engine = this.engines.find((e) => e.name === i.caps.engine)!;
-      const after = await engine.observe().catch(() => ({ exports: [] as Observed['exports'] }));
+      const after = await engine.observe(scope).catch(() => ({ exports: [] as Observed['exports'] }));
       for (const e of after.exports) if (e.state === 'mounted') mounted.add(e.options.id);
     }
     for (const e of inputs.flatMap((i) => i.desired.exports)) {

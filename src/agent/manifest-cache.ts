@@ -22,11 +22,17 @@ import {
 export class ManifestCache {
   private readonly byFile = new Map<string, { text: string; parsed: ManifestFile }>();
 
-  /** The files' current content, parsed when it changed; forgets files not listed. */
-  load(files: readonly string[]): ManifestFile[] {
+  /**
+   * The files' current content, parsed when it changed; forgets files not
+   * listed. With `only` (an incremental pass), a file read before and not in
+   * `only` is not read again: its last version is handed back.
+   */
+  load(files: readonly string[], only?: ReadonlySet<string>): ManifestFile[] {
     const seen = new Set(files);
     for (const f of [...this.byFile.keys()]) if (!seen.has(f)) this.byFile.delete(f);
     return files.map((file) => {
+      const known = only && !only.has(file) ? this.byFile.get(file) : undefined;
+      if (known) return known.parsed;
       let text: string;
       try {
         text = readFileSync(file, 'utf8');
@@ -63,12 +69,19 @@ export class ManifestsInForce {
 
   /**
    * The files in force now (a directory that cannot be read keeps the previous
-   * state), and the ids of exports whose file's content in force changed.
+   * state), the ids of exports whose file's content in force changed, and the
+   * versions before and after of every file whose content in force changed
+   * (came, went or was edited). With `only`, only those files are read again
+   * (the directory is still listed); collisions are still checked host-wide.
    */
-  load(): { inForce: ManifestFile[]; changedExports: string[] } {
+  load(only?: ReadonlySet<string>): {
+    inForce: ManifestFile[];
+    changedExports: string[];
+    changedVersions: ManifestFile[];
+  } {
     let fresh: ManifestFile[] | undefined;
     try {
-      fresh = this.cache.load(listManifestFiles(this.dir));
+      fresh = this.cache.load(listManifestFiles(this.dir), only);
     } catch (e) {
       this.log.error('cannot read the manifest directory; keeping the state in force', {
         dir: this.dir,
@@ -82,16 +95,21 @@ export class ManifestsInForce {
       this.status = mp.status;
     }
     const inForce = [...this.state.lastGood.values()];
-    const changedExports = inForce
-      .filter((f) => this.previous.get(f.file) !== f)
-      .flatMap((f) => f.documents.flatMap((d) => d.exports.map((e) => e.options.id)));
-    this.previous = new Map(inForce.map((f) => [f.file, f]));
-    return { inForce, changedExports };
+    const changed = inForce.filter((f) => this.previous.get(f.file) !== f);
+    const changedExports = changed.flatMap((f) =>
+      f.documents.flatMap((d) => d.exports.map((e) => e.options.id)),
+    );
+    const now = new Map(inForce.map((f) => [f.file, f]));
+    const changedVersions = [...changed];
+    for (const [file, before] of this.previous) if (now.get(file) !== before) changedVersions.push(before);
+    this.previous = now;
+    return { inForce, changedExports, changedVersions };
   }
 
   private logNewErrors(s: ManifestStatus): void {
+    if (s.valid) return; // before the look-up: it is linear, and this runs for every file
     const before = this.status.find((x) => x.file === s.file);
-    if (s.valid || JSON.stringify(before?.errors) === JSON.stringify(s.errors)) return;
+    if (JSON.stringify(before?.errors) === JSON.stringify(s.errors)) return;
     for (const e of s.errors) {
       this.log.error(`${e.file}${e.line !== null ? `:${e.line}:${e.col}` : ''}: ${e.message}`, {
         manifest: s.file,

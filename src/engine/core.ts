@@ -20,6 +20,7 @@ import type {
   NodeOptions,
   Observed,
   ObservedNode,
+  Scope,
   Step,
 } from '../reconcile/model.js';
 import type { Engine, EngineExport } from './engine.js';
@@ -143,10 +144,16 @@ export class StepEngine implements Engine {
     return run;
   }
 
-  observe(): Promise<Observed> {
+  observe(scope?: Scope): Promise<Observed> {
     return this.serial(async () => {
       await this.driver.refresh?.();
-      const { nodes, exports } = this.driver.records();
+      const records = this.driver.records();
+      const nodes = scope
+        ? records.nodes.filter((n) => scope.nodes.has(n.options['node-name']))
+        : records.nodes;
+      const exports = scope
+        ? records.exports.filter((e) => scope.exports.has(e.options.id))
+        : records.exports;
       const table = await readMountTable();
       const drift = await fileDrift(nodes, table);
       const observed: Observed = { nodes: [], exports: [] };
@@ -164,9 +171,14 @@ export class StepEngine implements Engine {
           observed.exports.push({ options: e.options, state: 'unmounted', reason: 'not in the mount table' });
       }
       for (const h of this.driver.held?.() ?? [])
-        observed.exports.push({ options: h.options, state: 'held', reason: h.reason });
+        if (!scope || scope.exports.has(h.options.id))
+          observed.exports.push({ options: h.options, state: 'held', reason: h.reason });
       return observed;
     });
+  }
+
+  exportIds(): string[] {
+    return this.driver.records().exports.map((e) => e.options.id);
   }
 
   exports(): EngineExport[] {
@@ -221,7 +233,7 @@ export class StepEngine implements Engine {
         .exports.filter((e) => e.createdMountpoint)
         .map((e) => e.options.mountpoint);
       await this.driver.shutdown();
-      for (const mp of created) await unlink(mp).catch(() => undefined);
+      await Promise.all(created.map((mp) => unlink(mp).catch(() => undefined)));
     });
   }
 

@@ -8,7 +8,7 @@
  * applied plan diffs to nothing), and only what plan steps created.
  */
 import type { ExportStats } from '../export/driver.js';
-import type { EngineCapabilities, EngineName, Observed, Step } from '../reconcile/model.js';
+import type { EngineCapabilities, EngineName, Observed, Scope, Step } from '../reconcile/model.js';
 
 /** A live export as status and metrics show it. */
 export interface EngineExport {
@@ -29,12 +29,17 @@ export interface Engine {
   readonly name: EngineName;
   /** What this engine changes in place; the plan reads it, the engine never decides. */
   readonly capabilities: EngineCapabilities;
-  /** The nodes and exports that plan steps created, each export's mount state, each node's drift. */
-  observe(): Promise<Observed>;
+  /**
+   * The nodes and exports that plan steps created, each export's mount state,
+   * each node's drift; with `scope`, only those it names (an incremental pass).
+   */
+  observe(scope?: Scope): Promise<Observed>;
   /** Carries out one step; throws a BlkError when it cannot, leaving the engine consistent. */
   apply(step: Step): Promise<void>;
   /** Live exports (for status and metrics). */
   exports(): EngineExport[];
+  /** The ids of the live exports (cheap: no statistics, no node chains). */
+  exportIds(): string[];
   /** Removes every export (flush, unmount) and closes every node. */
   shutdown(): Promise<void>;
   /**

@@ -70,14 +70,25 @@ export function mountOwner(entry: MountEntry): MountOwner | undefined {
  * The FUSE mount on top of `path`, if any: opening or stat-ing `path` would
  * reach that mount's server (maybe this very process), not the file under it.
  */
-export function fuseMountOn(entries: MountEntry[], path: string): MountEntry | undefined {
+export function fuseMountOn(entries: readonly MountEntry[], path: string): MountEntry | undefined {
   const top = topMountAt(entries, path);
   return top?.fstype.startsWith('fuse') ? top : undefined;
 }
 
+/**
+ * Each table's index (mountpoint → topmost mount), built on its first look-up:
+ * a scan per path is linear in the table, so quadratic over a thousand exports.
+ * A table is not changed after it was read (readMountTable gives a fresh one).
+ */
+const indexOf = new WeakMap<readonly MountEntry[], Map<string, MountEntry>>();
+
 /** The topmost mount on `mountpoint` (several can be stacked on one path), if any. */
-export function topMountAt(entries: MountEntry[], mountpoint: string): MountEntry | undefined {
-  let top: MountEntry | undefined;
-  for (const e of entries) if (e.mountpoint === mountpoint) top = e;
-  return top;
+export function topMountAt(entries: readonly MountEntry[], mountpoint: string): MountEntry | undefined {
+  let index = indexOf.get(entries);
+  if (!index) {
+    index = new Map();
+    for (const e of entries) index.set(e.mountpoint, e); // later entries are mounted on top
+    indexOf.set(entries, index);
+  }
+  return index.get(mountpoint);
 }

@@ -18,6 +18,8 @@ export class ExportRegistry {
   /** claim key → export id, for live and starting exports. */
   private readonly claims = new Map<string, string>();
   private readonly starting = new Set<string>();
+  /** What each live export was last told by setShared (told again only when it changes). */
+  private readonly toldShared = new WeakMap<LiveExport, boolean>();
 
   /** Checks, then starts an export of `node` with `driver`. */
   add<O extends ExportDriverOptions, E extends LiveExport<O>, H>(
@@ -113,12 +115,26 @@ export class ExportRegistry {
    * the other's changes). Called after every add, reopen and remove.
    */
   private refreshSharing(): void {
-    const all = this.list().map((e) => ({ e, nodes: new Set(nodesUnder(e.node)) }));
-    for (const a of all) {
-      const shared = all.some(
-        (b) => b !== a && (a.e.isWritable || b.e.isWritable) && [...a.nodes].some((n) => b.nodes.has(n)),
-      );
-      a.e.setShared(shared);
+    // Per node: how many exports use it, how many of them can write. Linear in exports × depth
+    // (the pairwise check was quadratic, and this runs after every add and remove).
+    const all = this.list().map((e) => ({ e, nodes: [...new Set(nodesUnder(e.node))] }));
+    const users = new Map<BlockNode, { all: number; writers: number }>();
+    for (const { e, nodes } of all)
+      for (const n of nodes) {
+        const u = users.get(n) ?? { all: 0, writers: 0 };
+        u.all++;
+        if (e.isWritable) u.writers++;
+        users.set(n, u);
+      }
+    for (const { e, nodes } of all) {
+      const shared = nodes.some((n) => {
+        const u = users.get(n)!;
+        const otherWriters = u.writers - (e.isWritable ? 1 : 0);
+        return u.all > 1 && (e.isWritable || otherWriters > 0);
+      });
+      if (this.toldShared.get(e) === shared) continue;
+      this.toldShared.set(e, shared);
+      e.setShared(shared);
     }
   }
 

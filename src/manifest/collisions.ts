@@ -50,7 +50,8 @@ export function checkCollisions(
   const accepted = new Map<string, Claim[]>();
   return files.map((f) => {
     if (!f.valid) return f;
-    const staged: Claim[] = [];
+    // Claims of this file, by key: accepted only if the whole file is.
+    const staged = new Map<string, Claim[]>();
     const problems: BlkError[] = [];
     for (const doc of f.documents) {
       if (opts.hostname !== undefined && !appliesToHost(doc, opts.hostname)) continue;
@@ -62,20 +63,25 @@ export function checkCollisions(
       );
       return { ...f, valid: false, problems: [...f.problems, ...problems] };
     }
-    for (const c of staged) {
-      const key = `${c.kind}|${c.value}`;
-      accepted.set(key, [...(accepted.get(key) ?? []), c]);
+    for (const [key, claims] of staged) {
+      const before = accepted.get(key);
+      if (before) before.push(...claims);
+      else accepted.set(key, claims);
     }
     return f;
   });
 }
 
-/** The collisions of one document's claims with accepted ones and those staged from its file; stages the rest. */
+/**
+ * The collisions of one document's claims with accepted ones and those staged
+ * from its file; stages the rest. Both are indexed by key, so a file of N
+ * claims costs O(N), not O(N²).
+ */
 function documentCollisions(
   file: string,
   doc: ManifestDocument,
   accepted: ReadonlyMap<string, Claim[]>,
-  staged: Claim[],
+  staged: Map<string, Claim[]>,
 ): BlkError[] {
   const problems: BlkError[] = [];
   const collidingIds = new Set<string>();
@@ -87,10 +93,12 @@ function documentCollisions(
     )
       continue;
     const key = `${claim.kind}|${claim.value}`;
-    const earlier = [...(accepted.get(key) ?? []), ...staged.filter((c) => `${c.kind}|${c.value}` === key)];
-    const other = earlier.find((c) => hostsOverlap(c.doc, doc));
+    const overlaps = (c: Claim) => hostsOverlap(c.doc, doc);
+    const other = accepted.get(key)?.find(overlaps) ?? staged.get(key)?.find(overlaps);
     if (!other) {
-      staged.push(claim);
+      const list = staged.get(key);
+      if (list) list.push(claim);
+      else staged.set(key, [claim]);
       continue;
     }
     if (claim.kind === 'export id') collidingIds.add(claim.value);

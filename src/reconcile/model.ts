@@ -72,6 +72,15 @@ export interface Observed {
   exports: ObservedExport[];
 }
 
+/**
+ * The names an incremental pass looks at (agent/pass-scope.ts): observe,
+ * plan and apply stay within them; absent, a pass looks at everything.
+ */
+export interface Scope {
+  nodes: ReadonlySet<string>;
+  exports: ReadonlySet<string>;
+}
+
 /** Nothing open, nothing mounted. */
 export const EMPTY_OBSERVED: Observed = Object.freeze({ nodes: [], exports: [] }) as Observed;
 
