@@ -22,6 +22,7 @@
 #include <node_api.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -238,6 +239,22 @@ static napi_value close_fd_js(napi_env env, napi_callback_info info) {
   return make_int(env, close((int)a[0]) == 0 ? 0 : -errno);
 }
 
+/*
+ * lazyUnmount(path) -> 0 or -errno: umount2(MNT_DETACH | UMOUNT_NOFOLLOW), what
+ * `umount -l` does, without starting a process (a fork of a large agent is
+ * slow and blocks its event loop). Root only; others use fusermount.
+ */
+static napi_value lazy_unmount_js(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  char path[4096];
+  size_t len = 0;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1 ||
+      napi_get_value_string_utf8(env, argv[0], path, sizeof path, &len) != napi_ok || len >= sizeof path - 1)
+    return make_int(env, -EINVAL);
+  return make_int(env, umount2(path, MNT_DETACH | UMOUNT_NOFOLLOW) == 0 ? 0 : -errno);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   struct {
     const char *name;
@@ -249,6 +266,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"holderServe", holder_serve_js},
       {"holderRequest", holder_request_js},
       {"closeFd", close_fd_js},
+      {"lazyUnmount", lazy_unmount_js},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

@@ -30,6 +30,8 @@ export interface NativeHelper {
   ): { ok: boolean; text: string; name?: string; mountpoint?: string; meta?: Buffer; fds: number[] };
   /** close(2): 0 or -errno. */
   closeFd(fd: number): number;
+  /** umount2(path, MNT_DETACH | UMOUNT_NOFOLLOW), as `umount -l` (root): 0 or -errno. */
+  lazyUnmount(path: string): number;
   readonly F_RDLCK: number;
   readonly F_WRLCK: number;
   readonly F_UNLCK: number;
