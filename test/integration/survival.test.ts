@@ -227,7 +227,7 @@ describe('native exports outlive the agent process', { concurrency: false }, () 
       .log()
       .split('\n')
       .filter((l) => /cleaned a stale mount.*stale\.raw/.test(l));
-    for (const line of cleanedStale) assert.match(line, /its FUSE connection is gone \(ENOTCONN\)/);
+    for (const line of cleanedStale) assert.match(line, /its FUSE connection is gone/);
     // Both of B's agents started while A's mount was kept with its agent dead.
     assert.equal(mountIdAt(kept), keptId, "A's kept mount is still there");
     for (const log of [b0.log(), b1.log()]) {

@@ -190,7 +190,7 @@ export async function run(args: string[]): Promise<number> {
     log.warn('cleaned a stale mount of a previous agent', {
       mountpoint: m.mountpoint,
       source: m.source,
-      why: 'its FUSE connection is gone (ENOTCONN)',
+      why: 'its FUSE connection is gone (the mount answers ENOTCONN)',
     });
   }
 

@@ -6,11 +6,17 @@
  * mount cleaning at an agent's start spares the mounts its own holder keeps,
  * but another agent's holder (another manifest directory and --fdstore on
  * the same host, or another test) is unknown to it: by the pid alone, such a
- * live mount looks stale. The kernel knows better: once every descriptor of
- * a FUSE connection is closed, the connection is aborted and the mount
- * answers ENOTCONN at once; a kept one answers, or waits for its next server.
+ * live mount looks stale. The kernel knows better: a FUSE connection lives
+ * while one descriptor of it is open, in any process (an agent, a holder).
+ * Where the kernel names each /dev/fuse descriptor's connection in
+ * /proc/<pid>/fdinfo (`fuse_connection`, the minor of the mount's device), a
+ * descriptor found there proves the mount alive without touching it. Any
+ * other mount is asked: a connection whose descriptors are all closed is
+ * aborted and answers ENOTCONN at once; a kept one answers, or waits for its
+ * next server.
  */
 import { execFile } from 'node:child_process';
+import { readdir, readFile, readlink } from 'node:fs/promises';
 import { type MountEntry, mountOwner, readMountTable } from '../../export/mount-table.js';
 
 /** How long a probe may wait for an answer; a mount still waiting then is kept (its next server is on the way). */
@@ -48,8 +54,39 @@ export async function liveAgentMounts(held: ReadonlySet<string>): Promise<MountE
   const candidates = (await readMountTable()).filter(
     (e) => mountOwner(e)?.kind === 'agent' && !held.has(e.mountpoint),
   );
-  const gone = await Promise.all(candidates.map((e) => connectionGone(e.mountpoint)));
+  if (candidates.length === 0) return [];
+  const open = await openConnections();
+  const gone = await Promise.all(
+    candidates.map((e) => (open.has(Number(e.device.split(':')[1])) ? false : connectionGone(e.mountpoint))),
+  );
   return candidates.filter((_, i) => !gone[i]);
+}
+
+/**
+ * The FUSE connections some process in sight holds a descriptor of, from
+ * /proc/<pid>/fdinfo: proof that they live. Not the whole truth (a holder in
+ * another pid namespace, another user's processes to a non-root agent, a
+ * kernel that does not name the connection there): a connection missing
+ * here is asked (connectionGone), never taken for gone.
+ */
+export async function openConnections(): Promise<Set<number>> {
+  const connections = new Set<number>();
+  const pids = (await readdir('/proc')).filter((p) => /^\d+$/.test(p));
+  await Promise.all(
+    pids.map(async (pid) => {
+      const fds = await readdir(`/proc/${pid}/fd`).catch(() => [] as string[]);
+      for (const fd of fds) {
+        try {
+          if ((await readlink(`/proc/${pid}/fd/${fd}`)) !== '/dev/fuse') continue;
+          const m = /^fuse_connection:\s*(\d+)$/m.exec(await readFile(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
+          if (m) connections.add(Number(m[1]));
+        } catch {
+          // closed meanwhile, or the process exited
+        }
+      }
+    }),
+  );
+  return connections;
 }
 
 /**
