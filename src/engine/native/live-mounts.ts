@@ -16,7 +16,7 @@
  * next server.
  */
 import { execFile } from 'node:child_process';
-import { readdir, readFile, readlink } from 'node:fs/promises';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { type MountEntry, mountOwner, readMountTable } from '../../export/mount-table.js';
 
 /** How long a probe may wait for an answer; a mount still waiting then is kept (its next server is on the way). */
@@ -55,7 +55,7 @@ export async function liveAgentMounts(held: ReadonlySet<string>): Promise<MountE
     (e) => mountOwner(e)?.kind === 'agent' && !held.has(e.mountpoint),
   );
   if (candidates.length === 0) return [];
-  const open = await openConnections();
+  const open = openConnections();
   const gone = await Promise.all(
     candidates.map((e) => (open.has(Number(e.device.split(':')[1])) ? false : connectionGone(e.mountpoint))),
   );
@@ -69,23 +69,28 @@ export async function liveAgentMounts(held: ReadonlySet<string>): Promise<MountE
  * kernel that does not name the connection there): a connection missing
  * here is asked (connectionGone), never taken for gone.
  */
-export async function openConnections(): Promise<Set<number>> {
+export function openConnections(): Set<number> {
+  // Synchronous: procfs answers from memory, several times faster than a
+  // thread pool round trip per descriptor, and the agent is only starting.
   const connections = new Set<number>();
-  const pids = (await readdir('/proc')).filter((p) => /^\d+$/.test(p));
-  await Promise.all(
-    pids.map(async (pid) => {
-      const fds = await readdir(`/proc/${pid}/fd`).catch(() => [] as string[]);
-      for (const fd of fds) {
-        try {
-          if ((await readlink(`/proc/${pid}/fd/${fd}`)) !== '/dev/fuse') continue;
-          const m = /^fuse_connection:\s*(\d+)$/m.exec(await readFile(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
-          if (m) connections.add(Number(m[1]));
-        } catch {
-          // closed meanwhile, or the process exited
-        }
+  for (const pid of readdirSync('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue; // exited, or not ours to read
+    }
+    for (const fd of fds) {
+      try {
+        if (readlinkSync(`/proc/${pid}/fd/${fd}`) !== '/dev/fuse') continue;
+        const m = /^fuse_connection:\s*(\d+)$/m.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
+        if (m) connections.add(Number(m[1]));
+      } catch {
+        // closed meanwhile, or the process exited
       }
-    }),
-  );
+    }
+  }
   return connections;
 }
 
