@@ -59,7 +59,9 @@ export async function liveAgentMounts(held: ReadonlySet<string>): Promise<MountE
   const gone = await Promise.all(
     candidates.map((e) => (open.has(Number(e.device.split(':')[1])) ? false : connectionGone(e.mountpoint))),
   );
-  return candidates.filter((_, i) => !gone[i]);
+  // One unmounted meanwhile (another agent cleaned it) was not probed but the file under it: drop it.
+  const still = new Set((await readMountTable()).map((e) => e.mountId));
+  return candidates.filter((e, i) => !gone[i] && still.has(e.mountId));
 }
 
 /**
