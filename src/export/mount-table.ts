@@ -8,6 +8,8 @@ import { readFile } from 'node:fs/promises';
 export interface MountEntry {
   mountId: number;
   parentId: number;
+  /** The mounted file system's device, `major:minor` (a FUSE mount's minor is its connection's number). */
+  device: string;
   mountpoint: string;
   fstype: string;
   source: string;
@@ -38,6 +40,7 @@ export function parseMountInfo(text: string): MountEntry[] {
     out.push({
       mountId: Number(a[0]),
       parentId: Number(a[1]),
+      device: a[2]!,
       mountpoint: unescapeMountField(a[4]!),
       mountOptions: a[5]!,
       fstype: b[0]!,

@@ -201,6 +201,46 @@ describe('native exports outlive the agent process', { concurrency: false }, () 
     assert.equal(fsck.status, 0, fsck.stdout + fsck.stderr);
   });
 
+  test("an agent starting beside another agent's kept mount leaves it alone, and still cleans a stale one", async (t) => {
+    if (!needTools(t, ...TOOLS)) return;
+    // Agent A's mount, kept by A's fd holder while no agent of A runs: the pid in its source is dead.
+    const a = agentDir(t);
+    const { mnt: kept } = writableExport(a, 'kept');
+    const a1 = await startAgent(t, a);
+    await ready(a1, 'kept', false);
+    const keptId = mountIdAt(kept);
+    a1.proc.kill('SIGKILL');
+    await a1.exited;
+    // Agent B (its own manifests and fd holder): its predecessor kept nothing, so its mount is truly stale.
+    const b = agentDir(t);
+    writableExport(b, 'stale');
+    const b0 = await startAgent(t, b, [], { BLKEXPORT_FUSE_RESEND: 'off' });
+    await ready(b0, 'stale', false);
+    b0.proc.kill('SIGKILL');
+    await b0.exited;
+    const b1 = await startAgent(t, b);
+    await ready(b1, 'stale', false);
+    // B1 could mount anew only once the stale mount was gone: cleaned by B1 itself, for its dead
+    // connection, unless an agent of a test running beside this one cleaned it first.
+    assert.doesNotMatch(b1.log(), /left alone[^\n]*stale\.raw/);
+    const cleanedStale = b1
+      .log()
+      .split('\n')
+      .filter((l) => /cleaned a stale mount.*stale\.raw/.test(l));
+    for (const line of cleanedStale) assert.match(line, /its FUSE connection is gone/);
+    // Both of B's agents started while A's mount was kept with its agent dead.
+    assert.equal(mountIdAt(kept), keptId, "A's kept mount is still there");
+    for (const log of [b0.log(), b1.log()]) {
+      assert.doesNotMatch(log, /cleaned a stale mount[^\n]*kept\.raw/);
+      assert.match(log, /left alone a mount whose agent is gone[^\n]*kept\.raw/);
+    }
+    // A's next agent adopts that very mount.
+    const a2 = await startAgent(t, a);
+    await ready(a2, 'kept', true);
+    assert.equal(mountIdAt(kept), keptId, 'the very same mount, adopted');
+    assert.doesNotMatch(a2.log(), /let go/);
+  });
+
   test('a restarted agent lets go what no manifest wants, and never serves a replaced image through a kept mount', async (t) => {
     if (!needTools(t, ...TOOLS)) return;
     const d = agentDir(t);

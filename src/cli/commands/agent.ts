@@ -16,6 +16,7 @@ import { watchManifests } from '../../agent/watch.js';
 import { makePathPolicy, type PathPolicy } from '../../block/path-policy.js';
 import { NativeEngine } from '../../engine/native/engine.js';
 import { ConnectionKeeper, DEFAULT_FDSTORE_SOCKET } from '../../engine/native/keeper.js';
+import { liveAgentMounts, ownerGone } from '../../engine/native/live-mounts.js';
 import { DEFAULT_QSD_DIR } from '../../engine/qemu/daemon.js';
 import { QemuEngine } from '../../engine/qemu/engine.js';
 import { BlkError, describeError } from '../../errors.js';
@@ -161,11 +162,36 @@ export async function run(args: string[]): Promise<number> {
     log.error('reading the fd holder failed; its mounts are left alone', { error: describeError(e) });
     return [] as string[];
   });
-  for (const m of await cleanStaleAgentMounts(new Set(held)).catch((e) => {
-    log.error('cleaning stale mounts failed', { error: describeError(e) });
-    return [];
-  })) {
-    log.warn('cleaned a stale mount of a previous agent', { mountpoint: m.mountpoint, source: m.source });
+  // A mount whose agent is gone may still be alive: another agent's fd holder keeps it.
+  const alive = await liveAgentMounts(new Set(held)).catch((e) => {
+    log.error('probing agent mounts failed; none is cleaned', { error: describeError(e) });
+    return undefined;
+  });
+  for (const m of alive ?? []) {
+    if (ownerGone(m)) {
+      log.info(
+        'left alone a mount whose agent is gone: its FUSE connection is still alive (kept by another fd holder)',
+        {
+          mountpoint: m.mountpoint,
+          source: m.source,
+        },
+      );
+    }
+  }
+  const spared = new Set([...held, ...(alive ?? []).map((m) => m.mountpoint)]);
+  const stale =
+    alive === undefined
+      ? []
+      : await cleanStaleAgentMounts(spared).catch((e) => {
+          log.error('cleaning stale mounts failed', { error: describeError(e) });
+          return [];
+        });
+  for (const m of stale) {
+    log.warn('cleaned a stale mount of a previous agent', {
+      mountpoint: m.mountpoint,
+      source: m.source,
+      why: 'its FUSE connection is gone (the mount answers ENOTCONN)',
+    });
   }
 
   const first = await agent.requestPass('start');

@@ -11,7 +11,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { FuseExport } from '../../export/fuse/export.js';
 import { type FuseInit, lazyUnmount } from '../../export/fuse/file-fs.js';
-import { readMountTable } from '../../export/mount-table.js';
+import { type MountEntry, readMountTable, topMountAt } from '../../export/mount-table.js';
 import type { ExportOptions } from '../../reconcile/model.js';
 import type { HeldExport } from '../core.js';
 import type { ConnectionKeeper, HeldConnection, HeldMeta } from './keeper.js';
@@ -48,6 +48,15 @@ async function connectionOf(
   }
 }
 
+/** What the mount table says instead of the kept mount (it was unmounted by someone, maybe mounted over). */
+function whyGone(table: MountEntry[], h: HeldConnection): string {
+  const top = topMountAt(table, h.mountpoint);
+  const elsewhere = table.find((m) => m.mountId === h.meta.mountId);
+  if (elsewhere) return `mount ${h.meta.mountId} is now on '${elsewhere.mountpoint}'`;
+  if (!top) return `mount ${h.meta.mountId} was unmounted: nothing is mounted on the mountpoint`;
+  return `mount ${h.meta.mountId} was unmounted: mount ${top.mountId} (${top.fstype}, ${top.source}) is on the mountpoint now`;
+}
+
 export class KeptExports {
   private readonly heldById = new Map<string, HeldConnection>();
   /** Set once a connection could not be kept, with why (logged once). */
@@ -74,6 +83,7 @@ export class KeptExports {
         this.log('warn', 'a kept connection has no mount any more; let go', {
           export: h.id,
           mountpoint: h.mountpoint,
+          why: whyGone(table, h),
         });
         this.closeFds(h);
         this.keeper.drop(h.id);
