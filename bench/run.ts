@@ -197,6 +197,7 @@ async function measureOnce(
         cell.cpu.push(((await cpuSeconds(exported.pid)) - cpu0) / (r.bytes / 2 ** 30));
       cell.values.push(headline(w, r));
       cell.raw.push(r);
+      if (exported.passthrough) cell.passthrough = true;
     } finally {
       await exported.stop();
     }

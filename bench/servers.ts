@@ -28,6 +28,8 @@ export interface Exported {
   pid?: number;
   /** Run the job through the page cache (`--direct=0`) even when the workload says O_DIRECT. */
   buffered?: boolean;
+  /** The kernel does the I/O on the image file itself (FUSE passthrough): O_DIRECT reaches the file. */
+  passthrough?: boolean;
 }
 
 export interface ServeOptions {
@@ -208,7 +210,9 @@ function blkexportServer(ctx: ServerContext): Server {
         }
         await waitUntil(() => mountedWithSize(mnt, size), 10_000, `blkexport's mount on ${mnt}`);
         const pid = await readPid(pidfile);
-        return { path: mnt, stop, ...(pid ? { pid } : {}) };
+        // The ready line says "(FUSE passthrough)" when the kernel serves the export's I/O itself.
+        const passthrough = /\(FUSE passthrough\)/.test(r.stdout + r.stderr);
+        return { path: mnt, stop, passthrough, ...(pid ? { pid } : {}) };
       } catch (e) {
         try {
           await stop();
