@@ -35,8 +35,12 @@ export async function cleanStaleAgentMounts(held: ReadonlySet<string> = new Set(
     const owner = mountOwner(e);
     if (owner?.kind !== 'agent' || held.has(e.mountpoint)) continue;
     if (owner.pid !== process.pid && (await isLiveAgent(owner.pid))) continue;
-    // Another agent starting beside this one may have cleaned it first: one refusal stops nothing.
-    if (await lazyUnmount(e.mountpoint).then(() => true, () => false)) cleaned.push(e);
+    try {
+      await lazyUnmount(e.mountpoint);
+      cleaned.push(e);
+    } catch {
+      // Another agent starting beside this one may have cleaned it first: one refusal stops nothing.
+    }
   }
   return cleaned;
 }
