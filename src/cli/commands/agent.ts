@@ -203,21 +203,26 @@ export async function run(args: string[]): Promise<number> {
 
   return new Promise<number>((resolveExit) => {
     let stopping = false;
+    /** Stops watching and serving around `work` (a stop or a handover); the exit code: 0, or 1 when it failed. */
+    const shutDown = async (what: string, work: () => Promise<void>): Promise<number> => {
+      clearInterval(resync);
+      let code = 0;
+      try {
+        await watcher.close();
+        await work();
+      } catch (e) {
+        log.error(`${what} failed`, { error: describeError(e) });
+        code = 1;
+      }
+      await server.close();
+      return code;
+    };
     const stop = async (sig: string) => {
       if (stopping) return;
       stopping = true;
       log.info('stopping: flushing and unmounting every export', { signal: sig });
       await notifySystemd('STOPPING=1');
-      clearInterval(resync);
-      let code = 0;
-      try {
-        await watcher.close();
-        await agent.stop();
-      } catch (e) {
-        log.error('stopping failed', { error: describeError(e) });
-        code = 1;
-      }
-      await server.close();
+      const code = await shutDown('stopping', () => agent.stop());
       log.info('stopped', { code });
       resolveExit(code);
     };
@@ -228,16 +233,7 @@ export async function run(args: string[]): Promise<number> {
         signal: 'SIGUSR2',
         fdstore,
       });
-      clearInterval(resync);
-      let code = 0;
-      try {
-        await watcher.close();
-        await agent.handover();
-      } catch (e) {
-        log.error('handing over failed', { error: describeError(e) });
-        code = 1;
-      }
-      await server.close();
+      const code = await shutDown('handing over', () => agent.handover());
       log.info('handed over', { code });
       // The mounts stay, so their threads would keep this process alive: exit now. 75
       // (EX_TEMPFAIL) tells a supervisor to start the next agent (systemd: RestartForceExitStatus).
