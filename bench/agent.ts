@@ -7,13 +7,13 @@
  * - CPU seconds (user + system) of the agent per GiB read through an export.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { nativeHelper } from '../src/block/lock-native.js';
 import { BlkError } from '../src/errors.js';
 import type { Cleanup } from './cleanup.js';
-import { isMounted, runCommand, unmountIfMounted, waitUntil } from './proc.js';
+import { cpuSeconds, isMounted, rssMiB, runCommand, unmountIfMounted, waitUntil } from './proc.js';
 
 const REPO = new URL('..', import.meta.url).pathname.replace(/\/$/, '');
 const BIN = join(REPO, 'bin', 'blkexport');
@@ -66,28 +66,24 @@ function manifest(name: string, exports: { id: string; image: string; mountpoint
   return `${lines.join('\n')}\n`;
 }
 
-function percentile(sorted: number[], p: number): number {
+/** The p-th percentile of an ascending list (nearest rank). */
+export function percentile(sorted: number[], p: number): number {
   const i = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
   return sorted[i]!;
 }
 
 async function procStat(pid: number): Promise<{ cpuS: number; rssMiB: number }> {
-  const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  const ticks = Number(fields[11]) + Number(fields[12]); // utime + stime (fields 14, 15)
-  const status = await readFile(`/proc/${pid}/status`, 'utf8');
-  const rssKb = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
-  return { cpuS: ticks / 100, rssMiB: rssKb / 1024 };
+  return { cpuS: await cpuSeconds(pid), rssMiB: await rssMiB(pid) };
 }
 
-/** Reads `path` from a child process (never from a serving one); resolves when it succeeded. */
 async function readableFromChild(path: string): Promise<boolean> {
   const r = await runCommand('head', ['-c', '512', path], { timeoutMs: 10_000 });
   return r.status === 0;
 }
 
-async function readyCount(socket: string): Promise<number> {
-  const r = await runCommand(BIN, ['status', '--socket', socket, '-o', 'json'], { timeoutMs: 20_000 });
+/** How many exports the agent on `socket` reports ready; -1 when it does not answer. */
+export async function readyCount(socket: string, timeoutMs = 20_000): Promise<number> {
+  const r = await runCommand(BIN, ['status', '--socket', socket, '-o', 'json'], { timeoutMs });
   if (r.status !== 0) return -1;
   const s = JSON.parse(r.stdout) as { exports: { state: string }[] };
   return s.exports.filter((e) => e.state === 'ready').length;

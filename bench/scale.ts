@@ -15,8 +15,9 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { nativeHelper } from '../src/block/lock-native.js';
 import { BlkError } from '../src/errors.js';
+import { percentile, readyCount } from './agent.js';
 import type { Cleanup } from './cleanup.js';
-import { isMounted, mountPoints, runCommand, unmountIfMounted, waitUntil } from './proc.js';
+import { isMounted, mountPoints, rssMiB, runCommand, unmountIfMounted, waitUntil } from './proc.js';
 
 const REPO = new URL('..', import.meta.url).pathname.replace(/\/$/, '');
 const BIN = join(REPO, 'bin', 'blkexport');
@@ -81,23 +82,6 @@ function manifest(name: string, id: string, image: string, mountpoint: string): 
     '      create-mountpoint: true',
     '',
   ].join('\n');
-}
-
-function percentile(sorted: number[], p: number): number {
-  const i = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
-  return sorted[i]!;
-}
-
-async function rssMiB(pid: number): Promise<number> {
-  const status = await readFile(`/proc/${pid}/status`, 'utf8');
-  return Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0) / 1024;
-}
-
-async function readyCount(socket: string): Promise<number> {
-  const r = await runCommand(BIN, ['status', '--socket', socket, '-o', 'json'], { timeoutMs: 60_000 });
-  if (r.status !== 0) return -1;
-  const s = JSON.parse(r.stdout) as { exports: { state: string }[] };
-  return s.exports.filter((e) => e.state === 'ready').length;
 }
 
 /** Sum (seconds) and count of the agent's reconcile pass durations, from GET /metrics. */
@@ -210,7 +194,7 @@ export async function measureScale(opts: ScaleBenchOptions): Promise<ScaleOutcom
   await waitUntil(
     async () => {
       if (agent.exitCode !== null) throw new BlkError('AGENT', `agent exited: ${stderr}`);
-      return (await readyCount(socket)) === n;
+      return (await readyCount(socket, 60_000)) === n;
     },
     600_000,
     `${n} exports ready`,

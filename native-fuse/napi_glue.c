@@ -146,15 +146,21 @@ static napi_value js_fast_invalidate(napi_env env, napi_callback_info info) {
 }
 
 /* fastEnable(handle, on): off forgets everything and sends every read to JavaScript. */
-static napi_value js_fast_enable(napi_env env, napi_callback_info info) {
+/* The (handle, on) pair both switches take: the mount, or NULL (an exception is pending). */
+static blk_fs *fs_and_flag(napi_env env, napi_callback_info info, bool *on) {
   size_t argc = 2;
   napi_value argv[2];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   blk_fs *fs = blk_fs_arg(env, argv[0]);
-  if (!fs) return NULL;
-  bool on = false;
-  napi_get_value_bool(env, argv[1], &on);
-  fast_enable(&fs->fast, on);
+  *on = false;
+  if (fs) napi_get_value_bool(env, argv[1], on);
+  return fs;
+}
+
+static napi_value js_fast_enable(napi_env env, napi_callback_info info) {
+  bool on;
+  blk_fs *fs = fs_and_flag(env, info, &on);
+  if (fs) fast_enable(&fs->fast, on);
   return NULL;
 }
 
@@ -264,14 +270,9 @@ static napi_value js_inflate_cluster(napi_env env, napi_callback_info info) {
 
 /* fastAllowWrites(handle, on): whether workers write writable granules themselves; off waits for those in flight. */
 static napi_value js_fast_allow_writes(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  blk_fs *fs = blk_fs_arg(env, argv[0]);
-  if (!fs) return NULL;
-  bool on = false;
-  napi_get_value_bool(env, argv[1], &on);
-  fast_allow_writes(&fs->fast, on);
+  bool on;
+  blk_fs *fs = fs_and_flag(env, info, &on);
+  if (fs) fast_allow_writes(&fs->fast, on);
   return NULL;
 }
 
