@@ -198,7 +198,9 @@ export async function run(args: string[]): Promise<number> {
   log.info('first pass done', { steps: first.steps, failed: first.failed, ms: Math.round(first.durationMs) });
   await notifySystemd('READY=1');
 
-  const watcher = watchManifests(dir, (files) => void agent.requestPass('manifest change', files));
+  const watcher = watchManifests(dir, (files) => void agent.requestPass('manifest change', files), {
+    log: (msg, fields) => log.warn(msg, fields),
+  });
   const resync = setInterval(() => void agent.requestPass('resync'), resyncSec * 1000);
 
   return new Promise<number>((resolveExit) => {
