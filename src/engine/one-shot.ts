@@ -8,10 +8,10 @@ import { dirname, resolve } from 'node:path';
 import { openImage } from '../block/open-image.js';
 import { isInsideRoot, makePathPolicy } from '../block/path-policy.js';
 import type { BlockNode } from '../block/types.js';
-import { BlkError } from '../errors.js';
+import { BlkError, describeError } from '../errors.js';
 import { createMountpoint, fuseExportDriver } from '../export/fuse/driver.js';
 import type { AllowOther, FuseExport } from '../export/fuse/export.js';
-import { fsnameFor, mountOwner, readMountTable, topMountAt } from '../export/mount-table.js';
+import { fsnameFor, mountedPath, mountOwner, readMountTable, topMountAt } from '../export/mount-table.js';
 import { probeFromChild } from '../export/probe.js';
 import { ExportRegistry } from '../export/registry.js';
 import { probedRawError } from './rules.js';
@@ -25,7 +25,7 @@ export interface OneShotOptions {
   allowOther: AllowOther;
   partition?: number;
   createMountpoint: boolean;
-  /** Directories image, backing files and mountpoint must lie in (default: the image's directory). */
+  /** Directories the image and the backing/data files it names must lie in (default: the image's directory). */
   allowRoots: string[];
 }
 
@@ -60,7 +60,8 @@ async function assertInsideRoots(path: string, roots: string[], what: string): P
 /** Opens the image, selects the partition, mounts the export and checks it from another process. */
 export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
   const image = resolve(o.image);
-  const mountpoint = resolve(o.mountpoint ?? image);
+  // Symlinks resolved as the kernel resolves them: the mount table (and `umount`) name the target.
+  const mountpoint = await mountedPath(o.mountpoint ?? image);
   const rootsGiven = o.allowRoots.length ? o.allowRoots : [dirname(image)];
   const policy = await makePathPolicy(rootsGiven);
   const roots = policy.allowedRoots === 'any' ? [] : [...policy.allowedRoots];
@@ -105,9 +106,10 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
       partition = { index: o.partition, offset, size: node.length(), scheme };
     }
 
+    // The mountpoint is the user's choice, typed on the command line like the image: it is not confined.
+    // Confinement is for paths read from images (backing and data files) and from manifests.
     const created = o.createMountpoint ? await createMountpoint(mountpoint) : false;
     if (created) cleanups.unshift(() => unlink(mountpoint).catch(() => undefined));
-    await assertInsideRoots(mountpoint, roots, 'mountpoint');
 
     const registry = new ExportRegistry();
     const exp = await registry.add(fuseExportDriver, node, {
@@ -118,13 +120,18 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
       allowOther: o.allowOther,
       fsname: fsnameFor('mount', process.pid),
     });
+    // The block layer's own reason for a failed probe read (which table, which offset) beats the
+    // child's "Input/output error".
+    let firstError: unknown;
+    exp.onError = (_op, err) => {
+      firstError ??= err;
+    };
     const probe = await probeFromChild(mountpoint);
+    exp.onError = undefined;
     if (!probe.ok) {
       await registry.remove('exp0').catch(() => undefined);
-      throw new BlkError(
-        'MOUNT_FAILED',
-        `export on '${mountpoint}' is mounted but not readable: ${probe.reason}`,
-      );
+      const why = firstError === undefined ? probe.reason : describeError(firstError);
+      throw new BlkError('MOUNT_FAILED', `'${image}' is mounted on '${mountpoint}' but not readable: ${why}`);
     }
     let stopped = false;
     return {

@@ -3,7 +3,8 @@
  * and how our own FUSE mounts are recognized in it: fstype `fuse.blkexport`,
  * source `blkexport:<pid>` (one-shot `mount`) or `blkexport-agent:<pid>`.
  */
-import { readFile } from 'node:fs/promises';
+import { readFile, readlink, realpath } from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
 
 export interface MountEntry {
   mountId: number;
@@ -94,4 +95,26 @@ export function topMountAt(entries: readonly MountEntry[], mountpoint: string): 
     indexOf.set(entries, index);
   }
   return index.get(mountpoint);
+}
+
+/**
+ * The path the kernel's mount table names for `path`: symlinks resolved, as the mount itself resolved
+ * them (a mount on a symlink covers its target). Never stats the final component, which
+ * may be a FUSE mount whose server is stuck: the directory part goes through realpath, the last name
+ * through readlink only (a bounded number of hops).
+ */
+export async function mountedPath(path: string): Promise<string> {
+  let p = resolve(path);
+  for (let hops = 0; hops < 40; hops++) {
+    const dir = await realpath(dirname(p)).catch(() => dirname(p));
+    p = join(dir, basename(p));
+    let target: string;
+    try {
+      target = await readlink(p);
+    } catch {
+      return p; // not a symlink (EINVAL), or gone: the name itself
+    }
+    p = resolve(dir, target);
+  }
+  return p;
 }

@@ -74,6 +74,27 @@ describe('blkexport mount', { concurrency: false }, () => {
     assert.equal(mountsUnder(dir).length, 0);
   });
 
+  test('--daemonize of an image whose first L2 table is unreadable names the image and the table', (t) => {
+    if (!needTools(t, ...TOOLS)) return;
+    const dir = workDir(t);
+    const img = join(dir, 'bad.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', img, '16M');
+    run('qemu-io', ['-c', 'write -P 0xab 0 64k', img]);
+    // L1 entry 0 (COPIED) pointed 1 TiB into a file of a few hundred KiB.
+    const buf = readFileSync(img);
+    const l1 = Number(buf.readBigUInt64BE(40));
+    buf.writeBigUInt64BE((1n << 63n) | (1n << 40n), l1);
+    writeFileSync(img, buf);
+    const m = blk('mount', img, '--daemonize');
+    assert.equal(m.status, 1, m.stderr);
+    assert.match(
+      m.stderr,
+      /'.*bad\.qcow2' is mounted on '.*bad\.qcow2' but not readable: .*L1 entry 0: L2 table at 1099511627776 lies beyond the end of the file/,
+    );
+    assert.doesNotMatch(m.stderr, /Input\/output error/);
+    assert.deepEqual(mountsUnder(dir), []);
+  });
+
   test('read-only export: identical bytes, mode 0400, size rounded to 512, writes and chmod +w refused', (t) => {
     if (!needTools(t, ...TOOLS)) return;
     const dir = workDir(t);

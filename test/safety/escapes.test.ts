@@ -1,6 +1,7 @@
 /**
  * Escapes tried and refused (docs/security.md), through the agent and through
- * `blkexport mount`: an image or mountpoint outside the allowed roots, a
+ * `blkexport mount`: an image or mountpoint outside the allowed roots (a
+ * mountpoint only through a manifest: on the command line it is the user's), a
  * symlink inside pointing out (image, mountpoint, backing file), a backing
  * file named /etc/shadow, through `..`, as a json: specification, a data file
  * outside the roots. Each is refused with a reason, nothing gets mounted, and
@@ -144,14 +145,34 @@ describe('escapes are refused', { concurrency: false }, () => {
     mkdirSync(root);
     const cases = hostileLayout(root, join(dir, 'outside'));
     for (const c of cases) {
-      const mnt = c.mountpoint ?? join(root, `${c.id}.mnt`);
-      if (!c.mountpoint) writeFileSync(mnt, '');
+      // A mountpoint typed on the command line is the user's choice, not an escape: see the next test.
+      if (c.mountpoint) continue;
+      const mnt = join(root, `${c.id}.mnt`);
+      writeFileSync(mnt, '');
       const args = ['mount', c.image, mnt, '--allow-root', root, '--daemonize'];
       if (c.format) args.push('--format', c.format);
       const r = run(BIN, args, { timeoutMs: 30_000 });
       assert.equal(r.status, 1, `${c.id}: exit ${r.status}: ${r.stderr}`);
       assert.match(r.stderr, c.reason, c.id);
       assert.deepEqual(mountsUnder(dir), [], `${c.id} mounted something`);
+    }
+  });
+
+  test('blkexport mount takes a mountpoint outside the roots when the user names it', (t) => {
+    if (!needTools(t, ...TOOLS)) return;
+    const dir = tempDir(t, 'blkexport-escape-', cleanupMountsUnder);
+    const root = join(dir, 'root');
+    mkdirSync(root);
+    const cases = hostileLayout(root, join(dir, 'outside')).filter((c) => c.mountpoint);
+    assert.equal(cases.length, 2);
+    for (const c of cases) {
+      const mnt = c.mountpoint as string;
+      const r = run(BIN, ['mount', c.image, mnt, '--format', 'raw', '--daemonize'], { timeoutMs: 30_000 });
+      assert.equal(r.status, 0, `${c.id}: exit ${r.status}: ${r.stderr}`);
+      assert.equal(mountsUnder(dir).length, 1, c.id);
+      const u = run(BIN, ['umount', mnt], { timeoutMs: 30_000 });
+      assert.equal(u.status, 0, `${c.id}: ${u.stderr}`);
+      assert.deepEqual(mountsUnder(dir), [], c.id);
     }
   });
 });

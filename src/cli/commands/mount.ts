@@ -28,8 +28,9 @@ options:
   --daemonize            return once the export is mounted and readable
   --pidfile F            write the serving process's pid to F once exported
   --create-mountpoint    create MOUNTPOINT as an empty file if missing (removed at unmount)
-  --allow-root DIR       image, backing files and mountpoint must lie inside DIR
-                         (repeatable; default: the image's directory)
+  --allow-root DIR       the image and the backing/data files it names must lie inside DIR
+                         (repeatable; default: the image's directory). MOUNTPOINT, typed by you,
+                         is not confined
 `;
 
 const DAEMON_ENV = 'BLKEXPORT_DAEMON_CHILD';

@@ -4,11 +4,10 @@
  * process is gone (stale: ENOTCONN) is cleaned with a lazy unmount.
  */
 import { readFile } from 'node:fs/promises';
-import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { BlkError } from '../../errors.js';
 import { lazyUnmount } from '../../export/fuse/file-fs.js';
-import { mountOwner, readMountTable, topMountAt } from '../../export/mount-table.js';
+import { mountedPath, mountOwner, readMountTable, topMountAt } from '../../export/mount-table.js';
 import { parseCommandArgs } from '../args.js';
 
 export const summary = 'flush and unmount what `blkexport mount` mounted';
@@ -45,7 +44,7 @@ export async function run(args: string[]): Promise<number> {
   });
   if (positionals.length !== 1)
     throw new BlkError('USAGE', 'expected MOUNTPOINT (see blkexport umount --help)');
-  const mountpoint = resolve(positionals[0]!);
+  const mountpoint = await mountedPath(positionals[0]!);
   const timeoutMs = Number(values.timeout) * 1000;
   if (!Number.isFinite(timeoutMs) || timeoutMs <= 0) throw new BlkError('USAGE', '--timeout takes seconds');
 
