@@ -13,13 +13,13 @@ export interface SchemaProblem {
 const PATTERN_MESSAGES: Readonly<Record<string, string>> = {
   '^/': 'must be an absolute path (starting with /)',
   '^[A-Za-z][A-Za-z0-9_.-]{0,30}$':
-    "must be a node-name: a letter, then at most 30 letters, digits, '-', '.' or '_'",
+    "must be a node-name: a letter, then at most 30 letters, digits, '-', '.' or '_' (QEMU's rule: the qemu engine passes node-names to QEMU, which takes at most 31 characters)",
   '^[A-Za-z][A-Za-z0-9_.-]{0,25}$':
-    "must be an export id: a letter, then at most 25 letters, digits, '-', '.' or '_'",
+    "must be an export id: a letter, then at most 25 letters, digits, '-', '.' or '_' (the shorthand names its nodes <id>-file, <id>-fmt, <id>-part, and node-names are at most 31 characters, QEMU's limit)",
   '^[0-9]+[KMGTPE]?$':
     'must be a size: an integer with an optional binary suffix K, M, G, T, P or E (e.g. 64K, 20G)',
   '^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$':
-    "must be a name of lowercase letters, digits, '-' and '.' (at most 63, starting and ending alphanumeric)",
+    "must be a name of lowercase letters, digits, '-' and '.' (at most 63, starting and ending alphanumeric: the DNS-subdomain rule of Kubernetes object names, since manifests are often kept as Kubernetes objects)",
 };
 
 function describeValue(v: unknown): string {

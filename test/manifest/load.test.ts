@@ -324,3 +324,23 @@ test('a metadata.name used twice on a host is a collision too', () => {
   assert.equal(rb!.valid, false);
   assert.match(rb!.problems[0]!.message, /manifest name "same" is already used by manifest "same"/);
 });
+
+test('name rules say why they exist: Kubernetes object names, QEMU node-name length', () => {
+  const m = loadManifestText(
+    'why.yaml',
+    manifest(
+      'Guest-Disks',
+      `  exports:
+    - id: a-very-long-export-id-of-27c
+      image: /srv/images/foo.qcow2
+`,
+    ),
+  );
+  const messages = m.problems.map((p) => p.message);
+  assert.equal(messages.length, 2, messages.join('\n'));
+  assert.match(messages.find((s) => s.includes('Guest-Disks')) ?? '', /lowercase.*Kubernetes object names/);
+  assert.match(
+    messages.find((s) => s.includes('a-very-long')) ?? '',
+    /at most 25 .*<id>-file.*31 characters, QEMU's limit/,
+  );
+});
