@@ -10,6 +10,11 @@ import { LATENCY_BUCKETS, type LatencyHistogram } from '../export/latency.js';
 export interface ExportSample {
   id: string;
   state: string;
+  /** The engine serving it (native, qemu). */
+  engine: string;
+  /** Its export type (fuse). */
+  type: string | undefined;
+  /** Request counters; undefined where the engine cannot count (the qemu engine: docs/engines.md). */
   stats: ExportStats | undefined;
 }
 
@@ -79,6 +84,20 @@ export function createAgentMetrics(exports: () => ExportSample[]): AgentMetrics 
     collect() {
       this.reset();
       for (const e of exports()) if (e.stats) this.set({ export: e.id }, e.stats.passthrough ? 1 : 0);
+    },
+  });
+  new Gauge({
+    name: 'blkexport_export_info',
+    help: 'Always 1: which engine serves the export, and its type; the request counters exist only where counted is "yes"',
+    labelNames: ['export', 'engine', 'type', 'counted'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const e of exports())
+        this.set(
+          { export: e.id, engine: e.engine, type: e.type ?? 'unknown', counted: e.stats ? 'yes' : 'no' },
+          1,
+        );
     },
   });
   new Gauge({

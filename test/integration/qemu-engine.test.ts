@@ -303,6 +303,14 @@ describe('the qemu engine', { concurrency: false }, () => {
     assert.equal(mountAt(join(d.images, 'n.raw'))?.fstype, 'fuse.blkexport');
     assert.equal(mountAt(join(d.images, 'q.raw'))?.fstype, 'fuse');
     assert.ok(readExport(join(d.images, 'q.raw')).equals(ref));
+    // Metrics name each export's engine; QSD 7.2 cannot count an export's requests (docs/engines.md).
+    const metrics = (await agent.get<string>('/metrics')).split('\n');
+    const info = (id: string) =>
+      metrics.find((l) => l.startsWith('blkexport_export_info{') && l.includes(`export="${id}"`));
+    assert.match(info('q') ?? '', /engine="qemu",type="fuse",counted="no"\} 1$/);
+    assert.match(info('n') ?? '', /engine="native",type="fuse",counted="yes"\} 1$/);
+    assert.ok(metrics.some((l) => l.startsWith('blkexport_export_read_ops_total{export="n"}')));
+    assert.ok(!metrics.some((l) => l.startsWith('blkexport_export_read_ops_total{export="q"}')));
 
     // Moving a manifest to the other engine: removed from one, added to the other.
     writeFileSync(

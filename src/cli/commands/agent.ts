@@ -136,7 +136,13 @@ export async function run(args: string[]): Promise<number> {
   agentRef = agent;
   const metrics = createAgentMetrics(() => {
     const live = new Map(engines.flatMap((en) => en.exports().map((e) => [e.id, e] as const)));
-    return agent.status().exports.map((e) => ({ id: e.id, state: e.state, stats: live.get(e.id)?.stats }));
+    return agent.status().exports.map((e) => ({
+      id: e.id,
+      state: e.state,
+      engine: e.engine,
+      type: live.get(e.id)?.type,
+      stats: live.get(e.id)?.stats,
+    }));
   });
   agent.onPass = (r, ok) => metrics.observePass(r.durationMs / 1000, ok ? 'ok' : 'error');
 
