@@ -20,6 +20,8 @@ command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
 if ! command -v fusermount >/dev/null 2>&1 && ! command -v fusermount3 >/dev/null 2>&1; then pkgs+=(fuse); fi
 if [[ "${1:-}" == "--test" ]]; then
   pkgs+=(qemu-utils qemu-system-common fio parted fdisk e2fsprogs util-linux)
+  # systemd-notify: the Type=notify test talks to a stand-in notification socket through it.
+  pkgs+=(systemd)
 fi
 
 missing=()
