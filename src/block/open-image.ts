@@ -24,6 +24,8 @@ export interface OpenImageOptions {
   allowedRoots?: string[];
   /** Bound of the qcow2 L2-table cache in bytes. */
   l2CacheBytes?: number;
+  /** qcow2: a read-only view of this internal snapshot (id, else name), like `qemu-nbd -l`. */
+  snapshot?: string;
   /** QEMU-compatible image locking of the image file (default auto); 'off' is qemu-img's -U. */
   locking?: 'auto' | 'on' | 'off';
 }
@@ -65,6 +67,12 @@ export async function openImage(opts: OpenImageOptions): Promise<OpenedImage> {
     if (format !== 'raw' && format !== 'qcow2') {
       throw new BlkError('USAGE', `unknown format '${String(format)}'`, { file: filename });
     }
+    if (opts.snapshot !== undefined && format !== 'qcow2') {
+      throw new BlkError('USAGE', `internal snapshots are a qcow2 feature; this image is ${format}`, {
+        file: filename,
+        field: 'snapshot',
+      });
+    }
     const node = await graph.openNode({
       driver: format,
       nodeName,
@@ -72,6 +80,7 @@ export async function openImage(opts: OpenImageOptions): Promise<OpenedImage> {
       readOnly: opts.readOnly,
       ...(format === 'qcow2' && opts.backing === 'none' ? { backing: null } : {}),
       ...(opts.l2CacheBytes !== undefined ? { l2CacheBytes: opts.l2CacheBytes } : {}),
+      ...(opts.snapshot !== undefined ? { snapshot: opts.snapshot } : {}),
     });
     return { node, format, graph, close: () => graph.close() };
   } catch (e) {

@@ -22,6 +22,8 @@ export interface NodeOptions {
   size?: number;
   /** partition: the partition of the child's MBR/GPT to show (Linux numbering: MBR logicals from 5, GPT by slot). */
   number?: number;
+  /** qcow2: a read-only view of this internal snapshot (its id, else its name). */
+  snapshot?: string;
   /** qcow2: bound of the L2-table cache in bytes. */
   l2CacheBytes?: number;
   /**

@@ -83,6 +83,8 @@ export interface ResolvedOptions {
   size?: number;
   /** The partition table the window came from. */
   scheme?: 'mbr' | 'gpt';
+  /** qcow2: the internal snapshot a snapshot view shows. */
+  snapshot?: { id: string; name: string };
 }
 
 export interface BlockNode {

@@ -24,6 +24,8 @@ export interface OneShotOptions {
   growable: boolean;
   allowOther: AllowOther;
   partition?: number;
+  /** qcow2: a read-only view of this internal snapshot (id, else name). */
+  snapshot?: string;
   createMountpoint: boolean;
   /** Directories the image and the backing/data files it names must lie in (default: the image's directory). */
   allowRoots: string[];
@@ -33,6 +35,8 @@ export interface OneShot {
   image: string;
   mountpoint: string;
   format: string;
+  /** The internal snapshot shown, when a snapshot view. */
+  snapshot: { id: string; name: string } | undefined;
   /** The partition exported, with its window in the image. */
   partition: { index: number; offset: number; size: number; scheme: 'mbr' | 'gpt' } | undefined;
   export: FuseExport;
@@ -81,6 +85,7 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
     format: o.format,
     readOnly: !o.writable,
     allowedRoots: roots,
+    ...(o.snapshot !== undefined ? { snapshot: o.snapshot } : {}),
   });
   const cleanups: Array<() => Promise<void>> = [() => opened.close()];
   const closeAll = async () => {
@@ -138,6 +143,7 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
       image,
       mountpoint,
       format: opened.format,
+      snapshot: opened.node.resolved?.().snapshot,
       partition,
       export: exp,
       size: node.length(),

@@ -114,6 +114,15 @@ function checkExports(
     }
     if (!e.options.writable) continue;
     // A writable export needs every node it writes through (node, then its file chain) writable.
+    const view = graph.fileChain(top).find((name) => nodes.get(name)?.options.snapshot !== undefined);
+    if (view !== undefined) {
+      problems.push({
+        pointer: `${e.source.path}/writable`,
+        at: 'value',
+        message: `writable export "${id}" over node "${view}", a view of internal snapshot "${nodes.get(view)!.options.snapshot}": snapshot views are read-only`,
+      });
+      continue;
+    }
     const readOnly = graph.fileChain(top).find((name) => nodes.get(name)?.options['read-only']);
     if (readOnly !== undefined) {
       problems.push({

@@ -39,6 +39,7 @@ interface RawBlockdev {
   offset?: number | string;
   size?: number | string;
   number?: number;
+  snapshot?: string;
 }
 
 interface RawExport {
@@ -48,6 +49,7 @@ interface RawExport {
   image?: string;
   format?: 'auto' | 'raw' | 'qcow2' | QemuOnlyDriver;
   partition?: number;
+  snapshot?: string;
   mountpoint?: string;
   'create-mountpoint'?: boolean;
   writable?: boolean;
@@ -116,6 +118,7 @@ class Expander {
       }
     }
     if (b.driver === 'partition') opts.number = b.number!;
+    if (b.snapshot !== undefined) opts.snapshot = b.snapshot; // the schema allows it on qcow2 only
     if (b.cache) opts.cache = { direct: b.cache.direct ?? false, 'no-flush': b.cache['no-flush'] ?? false };
     const spec: NodeSpec = { options: opts, source: this.locate(pointer) };
     if (generatedFor !== undefined && b['node-name'] === undefined) spec.generatedFor = generatedFor;
@@ -161,6 +164,16 @@ class Expander {
     };
     if (format === 'auto') fmt.unresolved = ['driver'];
     if (format === 'raw') fmt.offset = 0;
+    if (e.snapshot !== undefined) {
+      fmt.snapshot = e.snapshot;
+      if (format !== 'auto' && format !== 'qcow2') {
+        this.problems.push({
+          pointer: `${pointer}/snapshot`,
+          at: 'key',
+          message: `snapshot: internal snapshots are a qcow2 feature, and this export's format is ${format}`,
+        });
+      }
+    }
     this.nodes.push({ options: fmt, source, generatedFor: why });
     let top = names.format;
     if (e.partition !== undefined) {

@@ -52,6 +52,8 @@ export interface NodeOptions {
   size?: number;
   /** partition: the partition number (MBR or GPT, Linux numbering); the window comes from the table. */
   number?: number;
+  /** qcow2: a read-only view of this internal snapshot (id, else name). */
+  snapshot?: string;
   /** Options the engine fills in when it applies the node ("resolved when applied"). */
   unresolved?: Unresolved[];
 }

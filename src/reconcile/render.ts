@@ -22,6 +22,7 @@ export function describeNode(n: NodeOptions): string {
   if (n.backing === null) parts.push('backing=none');
   else if (n.backing !== undefined) parts.push(`backing=${n.backing}`);
   if (n.number !== undefined) parts.push(`number=${n.number} (window read from the partition table)`);
+  if (n.snapshot !== undefined) parts.push(`snapshot=${n.snapshot} (read-only view)`);
   if (n.offset !== undefined && n.offset !== 0) parts.push(`offset=${formatSize(n.offset)}`);
   if (n.size !== undefined) parts.push(`size=${formatSize(n.size)}`);
   if (n.locking !== undefined && n.locking !== 'auto') parts.push(`locking=${n.locking}`);

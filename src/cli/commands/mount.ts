@@ -25,6 +25,7 @@ options:
   --growable             writes past the end grow the image; allows truncate
   --allow-other          let other users open the export (default: try, fall back)
   --partition N          export only partition N of the MBR or GPT table
+  --snapshot NAME        qcow2: a read-only view of internal snapshot NAME (its id, else its name)
   --daemonize            return once the export is mounted and readable
   --pidfile F            write the serving process's pid to F once exported
   --create-mountpoint    create MOUNTPOINT as an empty file if missing (removed at unmount)
@@ -42,6 +43,7 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
     growable: { type: 'boolean', default: false },
     'allow-other': { type: 'boolean' },
     partition: { type: 'string' },
+    snapshot: { type: 'string' },
     daemonize: { type: 'boolean', default: false },
     pidfile: { type: 'string' },
     'create-mountpoint': { type: 'boolean', default: false },
@@ -65,6 +67,8 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
     partition = Number(values.partition);
   }
   if (values.growable && !values.writable) throw new BlkError('USAGE', '--growable needs --writable');
+  if (values.snapshot !== undefined && values.writable)
+    throw new BlkError('USAGE', '--snapshot shows an internal snapshot read-only: it cannot be --writable');
   const opts: OneShotOptions = {
     image: resolve(positionals[0]!),
     format,
@@ -76,6 +80,7 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
   };
   if (positionals[1] !== undefined) opts.mountpoint = resolve(positionals[1]);
   if (partition !== undefined) opts.partition = partition;
+  if (values.snapshot !== undefined) opts.snapshot = values.snapshot as string;
   return { opts, daemonize: values.daemonize as boolean, pidfile: values.pidfile && resolve(values.pidfile) };
 }
 
@@ -83,6 +88,9 @@ function describe(s: OneShot): string {
   const what = s.partition
     ? `partition ${s.partition.index} (${s.partition.scheme}, offset ${s.partition.offset}) of ${s.image} (${s.format})`
     : `${s.image} (${s.format})`;
+  const view = s.snapshot
+    ? ` at internal snapshot ${JSON.stringify(s.snapshot.name)} (id ${s.snapshot.id})`
+    : '';
   const mode = s.export.isWritable ? (s.export.isGrowable ? 'writable, growable' : 'writable') : 'read-only';
   // The one line about passthrough; said only where a raw export could have it.
   const pt = s.export.passthrough;
@@ -91,7 +99,7 @@ function describe(s: OneShot): string {
     : pt.why === 'node'
       ? ''
       : ` (no FUSE passthrough: ${pt.reason})`;
-  return `exported ${what} on ${s.mountpoint} as raw, ${formatBytes(s.size)}, ${mode}${how}`;
+  return `exported ${what}${view} on ${s.mountpoint} as raw, ${formatBytes(s.size)}, ${mode}${how}`;
 }
 
 /** Serves until a signal; resolves with the exit status. */

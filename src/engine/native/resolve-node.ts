@@ -56,13 +56,21 @@ export async function resolveNode(
           ...base,
           file: file(),
           ...(n.backing !== undefined ? { backing: n.backing } : {}),
+          ...(n.snapshot !== undefined ? { snapshot: n.snapshot } : {}),
         },
       };
     case 'partition':
       return { options: { driver: 'partition', ...base, file: file(), number: n.number! } };
     case 'auto': {
       const driver = await probeNode(lookup(file())!);
-      return { options: { driver, ...base, file: n.file! }, driver };
+      if (n.snapshot === undefined) return { options: { driver, ...base, file: n.file! }, driver };
+      if (driver !== 'qcow2') {
+        throw new BlkError(
+          'USAGE',
+          `node '${name}': snapshot: internal snapshots are a qcow2 feature; the image is ${driver}`,
+        );
+      }
+      return { options: { driver, ...base, file: n.file!, snapshot: n.snapshot }, driver };
     }
     default:
       throw new BlkError(

@@ -81,6 +81,13 @@ export function blockdevArgs(n: NodeOptions, driver: string): Record<string, unk
     if (n.locking !== undefined) a.locking = n.locking;
     return a;
   }
+  if (n.snapshot !== undefined) {
+    // qemu-nbd -l and qemu-img convert -l load a snapshot through an internal call; QMP has no way.
+    throw new BlkError(
+      'NOT_SUPPORTED',
+      `node '${n['node-name']}': snapshot views need the native engine (QEMU 7.2's blockdev-add has no option to open an internal snapshot)`,
+    );
+  }
   if (n.file !== undefined) a.file = n.file;
   if (driver === 'raw') {
     if (n.offset !== undefined && n.offset !== 0) a.offset = n.offset;

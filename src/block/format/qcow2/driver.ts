@@ -25,6 +25,7 @@ import {
   MAX_CLUSTER_BITS,
   MIN_CLUSTER_BITS,
   parseHeader,
+  type Qcow2Header,
   roundUp,
 } from './header.js';
 import { markCorrupt, setDirtyBit } from './header-write.js';
@@ -34,7 +35,8 @@ import { COMPRESSED, DATA, type MappedExtent, mapRange, UNALLOCATED, ZERO } from
 import { readGuest } from './read.js';
 import { Refcounts } from './refcount.js';
 import { resizeImage } from './resize.js';
-import { readSnapshots } from './snapshots.js';
+import { readSnapshotL1, selectSnapshot, snapshotViewReadOnly } from './snapshot-view.js';
+import { type Qcow2Snapshot, readSnapshots } from './snapshots.js';
 import type { Qcow2State, WriteState } from './state.js';
 import { TableCache } from './table-cache.js';
 import { prepareWritable, refuseWriting } from './writable.js';
@@ -48,6 +50,28 @@ async function readAt(node: BlockNode, offset: number, length: number): Promise<
   const b = Buffer.allocUnsafe(length);
   await node.read(offset, b);
   return b;
+}
+
+/**
+ * The L1 table reads go through: only the entries that map the virtual size (bounded by the file and
+ * 32 MiB), the active one's or, for a snapshot view (option `snapshot`), the snapshot's.
+ */
+async function readL1(
+  ctx: OpenContext,
+  file: BlockNode,
+  header: Qcow2Header,
+  snapshots: readonly Qcow2Snapshot[],
+  path: string,
+): Promise<{ l1: Buffer; view: Qcow2Snapshot | undefined }> {
+  const want = ctx.options.snapshot;
+  if (want === undefined) {
+    const l1 =
+      header.l1Needed > 0 ? await readAt(file, header.l1TableOffset, header.l1Needed * 8) : Buffer.alloc(0);
+    return { l1, view: undefined };
+  }
+  const view = selectSnapshot(snapshots, want, path);
+  if (!ctx.readOnly) throw snapshotViewReadOnly(path, view);
+  return { l1: await readSnapshotL1(file, header, view), view };
 }
 
 async function openQcow2(ctx: OpenContext): Promise<Qcow2State> {
@@ -72,12 +96,10 @@ async function openQcow2(ctx: OpenContext): Promise<Qcow2State> {
   const ext = parseExtensions(head, header, path);
   const cs = header.clusterSize;
 
-  // Active L1 table: only the entries that map the virtual size (bounded by the file and 32 MiB).
-  const l1 =
-    header.l1Needed > 0 ? await readAt(file, header.l1TableOffset, header.l1Needed * 8) : Buffer.alloc(0);
   const rtBytes = header.refcountTableClusters * cs;
   const refTable = await readAt(file, header.refcountTableOffset, rtBytes);
   const { snapshots, tableBytes } = await readSnapshots(header, file, fileLength, path);
+  const { l1, view } = await readL1(ctx, file, header, snapshots, path);
   const bitmaps = await readBitmaps(header, ext, file, fileLength, path);
 
   const metadata: [string, number, number][] = [['header', 0, cs]];
@@ -130,6 +152,7 @@ async function openQcow2(ctx: OpenContext): Promise<Qcow2State> {
     externalData,
     backing: null,
     l1,
+    snapshotView: view,
     l2Cache: new TableCache(ctx.options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES, (off) =>
       readAt(file, off, cs),
     ),
@@ -328,5 +351,6 @@ export const qcow2Format = defineDriver<Qcow2State>({
   isReadOnly: (s) => s.readOnly,
   describe: (s) => ({ filename: s.file.filename, fileKey: s.file.fileKey }),
   imageInfo: info,
+  resolved: (s) => (s.snapshotView ? { snapshot: { id: s.snapshotView.id, name: s.snapshotView.name } } : {}),
   attach: (s, node) => registerQcow2Node(node, s),
 });

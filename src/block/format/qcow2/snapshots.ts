@@ -1,7 +1,7 @@
 /**
  * The internal snapshot table: parsed at open for `info` and checked (each
- * snapshot's L1 table aligned, capped and inside the file). Reads always use
- * the active L1 table.
+ * snapshot's L1 table aligned, capped and inside the file). Reads use the
+ * active L1 table, or a snapshot's for a snapshot view (snapshot-view.ts).
  */
 import { BlkError } from '../../../errors.js';
 import type { BlockNode } from '../../types.js';

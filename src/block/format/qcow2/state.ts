@@ -21,8 +21,10 @@ export interface Qcow2State {
   dataLength: number;
   externalData: boolean;
   backing: BlockNode | null;
-  /** The active L1 table (only the entries that map the virtual size). */
+  /** The active L1 table (only the entries that map the virtual size), or the viewed snapshot's. */
   l1: Buffer;
+  /** The internal snapshot this node is a read-only view of (option `snapshot`). */
+  snapshotView: Qcow2Snapshot | undefined;
   l2Cache: TableCache;
   compressedCache: TableCache;
   refcounts: Refcounts;

@@ -4,6 +4,7 @@
  * collect the metadata clusters for overlap protection, hook the allocator
  * to the file, and repair a dirty lazy-refcount image before the first write.
  */
+
 import { BlkError, Errno } from '../../../errors.js';
 import {
   AUTOCLEAR_BITMAPS,
@@ -15,6 +16,7 @@ import {
 import { setDirtyBit, writeAutoclear } from './header-write.js';
 import { rebuildRefcounts } from './rebuild.js';
 import { RwLock } from './rwlock.js';
+import { snapshotViewReadOnly } from './snapshot-view.js';
 import type { Qcow2State, WriteState } from './state.js';
 
 const TWO32 = 2 ** 32;
@@ -66,6 +68,7 @@ async function markBitmapsInUse(s: Qcow2State): Promise<void> {
 
 /** Why this image cannot be written, or undefined. */
 export function refuseWriting(s: Qcow2State): BlkError | undefined {
+  if (s.snapshotView) return snapshotViewReadOnly(s.path, s.snapshotView);
   if (((s.header.incompatible & INCOMPAT_CORRUPT) !== 0n || s.corrupt) && !s.repairing) {
     return new BlkError(
       'IMAGE_CORRUPT',
