@@ -22,6 +22,8 @@ if [[ "${1:-}" == "--test" ]]; then
   pkgs+=(qemu-utils qemu-system-common fio parted fdisk e2fsprogs util-linux)
   # systemd-notify: the Type=notify test talks to a stand-in notification socket through it.
   pkgs+=(systemd)
+  # kubectl renders the Kustomize files in test/deploy (any kubectl will do; Debian's is kubernetes-client).
+  command -v kubectl >/dev/null 2>&1 || pkgs+=(kubernetes-client)
 fi
 
 missing=()
