@@ -1,19 +1,10 @@
-/**
- * Agent figures (docs/benchmarks.md, "Agent figures"), measured on a real agent process:
- * - time from start until N exports (default 200) are `ready`, and the
- *   agent's RSS with them;
- * - reconcile latency: a manifest saved → its export readable from this
- *   (non-serving) process, over M edits (default 100), p50 and p99;
- * - CPU seconds (user + system) of the agent per GiB read through an export.
- */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { nativeHelper } from '../src/block/lock-native.js';
 import { BlkError } from '../src/errors.js';
+import { startBenchAgent } from './agent-process.js';
 import type { Cleanup } from './cleanup.js';
-import { cpuSeconds, isMounted, rssMiB, runCommand, unmountIfMounted, waitUntil } from './proc.js';
+import { cpuSeconds, isMounted, rssMiB, runCommand, waitUntil } from './proc.js';
 
 const REPO = new URL('..', import.meta.url).pathname.replace(/\/$/, '');
 const BIN = join(REPO, 'bin', 'blkexport');
@@ -123,49 +114,22 @@ export async function measureAgent(opts: AgentBenchOptions): Promise<AgentOutcom
     await writeFile(join(manifests, `set${String(f).padStart(3, '0')}.yaml`), manifest(`set${f}`, ex));
   }
 
-  const socket = join(root, 'agent.sock');
   const t0 = performance.now();
-  const agent: ChildProcess = spawn(
-    BIN,
-    [
-      'agent',
-      '--manifests',
-      manifests,
-      '--socket',
-      socket,
-      '--allow-root',
-      images,
-      '--resync',
-      '3600',
-      '--fdstore',
-      join(root, 'fdstore.sock'),
-    ],
-    { stdio: ['ignore', 'ignore', 'pipe'] },
-  );
-  let stderr = '';
-  agent.stderr!.on('data', (d) => {
-    stderr = (stderr + d).slice(-4000);
+  const {
+    proc: agent,
+    socket,
+    stderr,
+  } = startBenchAgent({
+    root,
+    manifests,
+    allowRoot: images,
+    cleanup: opts.cleanup,
+    label: 'agent',
+    stopTimeoutMs: 60_000,
   });
-  const exited = new Promise<void>((res) => agent.on('exit', () => res()));
-  opts.cleanup.add('agent', async () => {
-    if (agent.exitCode === null && agent.signalCode === null) {
-      agent.kill('SIGTERM');
-      await Promise.race([exited, sleep(60_000)]);
-      if (agent.exitCode === null) agent.kill('SIGKILL');
-    }
-    // An agent that had to be killed leaves its fd holder: stop it (it unmounts what it holds).
-    try {
-      nativeHelper().holderRequest(join(root, 'fdstore.sock'), 'QUIT', '', '', Buffer.alloc(0), []);
-    } catch {
-      // none runs
-    }
-    for (let i = 0; i < n + 1; i++) await unmountIfMounted(join(images, `e${i}.raw`));
-    await unmountIfMounted(join(images, 'edit.raw'));
-  });
-
   await waitUntil(
     async () => {
-      if (agent.exitCode !== null) throw new BlkError('AGENT', `agent exited: ${stderr}`);
+      if (agent.exitCode !== null) throw new BlkError('AGENT', `agent exited: ${stderr()}`);
       return (await readyCount(socket)) === n;
     },
     120_000,
@@ -187,7 +151,7 @@ export async function measureAgent(opts: AgentBenchOptions): Promise<AgentOutcom
       if (performance.now() - start > 10_000)
         throw new BlkError(
           'AGENT',
-          `edit ${i} not readable within 10 s; the agent said: ${stderr.slice(-1500)}`,
+          `edit ${i} not readable within 10 s; the agent said: ${stderr().slice(-1500)}`,
         );
       await sleep(5);
     }

@@ -1,23 +1,12 @@
-/**
- * Agent scale figures (docs/benchmarks.md, "Agent at scale"), on a real agent
- * process serving N distinct qcow2 images, one manifest file each:
- * - seconds from agent start until all N exports are `ready`, and the RSS then;
- * - reconcile latency of manifest edits (a new manifest saved → its export
- *   readable from this non-serving process; then the file removed → unmounted),
- *   the first edit after start included, p50 and p99;
- * - seconds from SIGTERM until the agent exited with every mount gone;
- * and `blkexport validate` of one manifest file with many shorthand exports.
- */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { nativeHelper } from '../src/block/lock-native.js';
 import { BlkError } from '../src/errors.js';
 import { percentile, readyCount } from './agent.js';
+import { mountsUnder, startBenchAgent } from './agent-process.js';
 import type { Cleanup } from './cleanup.js';
-import { isMounted, mountPoints, rssMiB, runCommand, unmountIfMounted, waitUntil } from './proc.js';
+import { isMounted, rssMiB, runCommand, waitUntil } from './proc.js';
 
 const REPO = new URL('..', import.meta.url).pathname.replace(/\/$/, '');
 const BIN = join(REPO, 'bin', 'blkexport');
@@ -106,11 +95,6 @@ function passTotals(socket: string): Promise<{ sum: number; count: number }> {
   });
 }
 
-/** Mountpoints under `dir` in the kernel's table. */
-async function mountsUnder(dir: string): Promise<string[]> {
-  return (await mountPoints()).filter((m) => m.startsWith(`${dir}/`));
-}
-
 /** One small qcow2 made by qemu-img, copied to `n` distinct files (4 KiB clusters keep them ~20 KiB). */
 async function makeImages(images: string, n: number): Promise<void> {
   const first = join(images, 'img0.qcow2');
@@ -146,54 +130,24 @@ export async function measureScale(opts: ScaleBenchOptions): Promise<ScaleOutcom
     );
   }
 
-  const socket = join(root, 'agent.sock');
-  const fdstore = join(root, 'fdstore.sock');
   const t0 = performance.now();
-  // BENCH_CPU_PROF=DIR: the agent writes a V8 CPU profile there on exit (docs/benchmarks.md).
-  const prof = process.env.BENCH_CPU_PROF;
-  const agent: ChildProcess = spawn(
-    process.execPath,
-    [
-      ...(prof ? ['--cpu-prof', '--cpu-prof-dir', prof] : []),
-      BIN,
-      'agent',
-      '--manifests',
-      manifests,
-      '--socket',
-      socket,
-      '--allow-root',
-      root,
-      '--resync',
-      '3600',
-      '--max-exports',
-      String(n + 10),
-      '--fdstore',
-      fdstore,
-    ],
-    { stdio: ['ignore', 'ignore', 'pipe'] },
-  );
-  let stderr = '';
-  agent.stderr!.on('data', (d) => {
-    stderr = (stderr + d).slice(-4000);
+  const {
+    proc: agent,
+    socket,
+    stderr,
+    exited,
+  } = startBenchAgent({
+    root,
+    manifests,
+    allowRoot: root,
+    cleanup: opts.cleanup,
+    label: `scale ${n} agent`,
+    args: ['--max-exports', String(n + 10)],
+    stopTimeoutMs: 120_000,
   });
-  const exited = new Promise<void>((res) => agent.on('exit', () => res()));
-  opts.cleanup.add(`scale ${n} agent`, async () => {
-    if (agent.exitCode === null && agent.signalCode === null) {
-      agent.kill('SIGTERM');
-      await Promise.race([exited, sleep(120_000)]);
-      if (agent.exitCode === null && agent.signalCode === null) agent.kill('SIGKILL');
-    }
-    try {
-      nativeHelper().holderRequest(fdstore, 'QUIT', '', '', Buffer.alloc(0), []);
-    } catch {
-      // none runs
-    }
-    for (const m of await mountsUnder(root)) await unmountIfMounted(m);
-  });
-
   await waitUntil(
     async () => {
-      if (agent.exitCode !== null) throw new BlkError('AGENT', `agent exited: ${stderr}`);
+      if (agent.exitCode !== null) throw new BlkError('AGENT', `agent exited: ${stderr()}`);
       return (await readyCount(socket, 60_000)) === n;
     },
     600_000,
@@ -216,7 +170,7 @@ export async function measureScale(opts: ScaleBenchOptions): Promise<ScaleOutcom
       if ((await isMounted(editMnt)) && (await runCommand('head', ['-c', '512', editMnt])).status === 0)
         break;
       if (performance.now() - start > 120_000)
-        throw new BlkError('AGENT', `edit ${i} not readable within 120 s: ${stderr.slice(-1500)}`);
+        throw new BlkError('AGENT', `edit ${i} not readable within 120 s: ${stderr().slice(-1500)}`);
       await sleep(5);
     }
     lat.push(performance.now() - start);
@@ -248,7 +202,7 @@ export async function measureScale(opts: ScaleBenchOptions): Promise<ScaleOutcom
   await Promise.race([exited, sleep(300_000)]);
   const sigtermSeconds = (performance.now() - s0) / 1000;
   if (agent.exitCode !== 0)
-    throw new BlkError('AGENT', `agent exit ${agent.exitCode}: ${stderr.slice(-1500)}`);
+    throw new BlkError('AGENT', `agent exit ${agent.exitCode}: ${stderr().slice(-1500)}`);
   const left = await mountsUnder(root);
   if (left.length) throw new BlkError('AGENT', `${left.length} mounts left after SIGTERM`);
   log(`scale ${n}: SIGTERM → exit, all unmounted, in ${sigtermSeconds.toFixed(2)} s`);
