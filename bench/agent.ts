@@ -119,6 +119,7 @@ export async function measureAgent(opts: AgentBenchOptions): Promise<AgentOutcom
     proc: agent,
     socket,
     stderr,
+    stop,
   } = startBenchAgent({
     root,
     manifests,
@@ -127,70 +128,74 @@ export async function measureAgent(opts: AgentBenchOptions): Promise<AgentOutcom
     label: 'agent',
     stopTimeoutMs: 60_000,
   });
-  await waitUntil(
-    async () => {
-      if (agent.exitCode !== null) throw new BlkError('AGENT', `agent exited: ${stderr()}`);
-      return (await readyCount(socket)) === n;
-    },
-    120_000,
-    `${n} exports ready`,
-  );
-  const exportsReadySeconds = (performance.now() - t0) / 1000;
-  const { rssMiB } = await procStat(agent.pid!);
-  log(`${n} exports ready in ${exportsReadySeconds.toFixed(2)} s, RSS ${rssMiB.toFixed(0)} MiB`);
+  try {
+    await waitUntil(
+      async () => {
+        if (agent.exitCode !== null) throw new BlkError('AGENT', `agent exited: ${stderr()}`);
+        return (await readyCount(socket)) === n;
+      },
+      120_000,
+      `${n} exports ready`,
+    );
+    const exportsReadySeconds = (performance.now() - t0) / 1000;
+    const { rssMiB } = await procStat(agent.pid!);
+    log(`${n} exports ready in ${exportsReadySeconds.toFixed(2)} s, RSS ${rssMiB.toFixed(0)} MiB`);
 
-  // Reconcile latency: add one export (save a manifest), wait until it reads from here; then remove it.
-  const editFile = join(manifests, 'edit.yaml');
-  const editMnt = join(images, 'edit.raw');
-  const lat: number[] = [];
-  for (let i = 0; i < edits; i++) {
-    const start = performance.now();
-    await writeFile(editFile, manifest('edit', [{ id: `edit${i}`, image: img, mountpoint: editMnt }]));
-    // Poll every 5 ms (waitUntil's 50 ms would be a large part of the figure).
-    while (!((await isMounted(editMnt)) && (await readableFromChild(editMnt)))) {
-      if (performance.now() - start > 10_000)
-        throw new BlkError(
-          'AGENT',
-          `edit ${i} not readable within 10 s; the agent said: ${stderr().slice(-1500)}`,
-        );
-      await sleep(5);
+    // Reconcile latency: add one export (save a manifest), wait until it reads from here; then remove it.
+    const editFile = join(manifests, 'edit.yaml');
+    const editMnt = join(images, 'edit.raw');
+    const lat: number[] = [];
+    for (let i = 0; i < edits; i++) {
+      const start = performance.now();
+      await writeFile(editFile, manifest('edit', [{ id: `edit${i}`, image: img, mountpoint: editMnt }]));
+      // Poll every 5 ms (waitUntil's 50 ms would be a large part of the figure).
+      while (!((await isMounted(editMnt)) && (await readableFromChild(editMnt)))) {
+        if (performance.now() - start > 10_000)
+          throw new BlkError(
+            'AGENT',
+            `edit ${i} not readable within 10 s; the agent said: ${stderr().slice(-1500)}`,
+          );
+        await sleep(5);
+      }
+      lat.push(performance.now() - start);
+      await rm(editFile);
+      await waitUntil(async () => !(await isMounted(editMnt)), 10_000, `edit ${i} removed`);
     }
-    lat.push(performance.now() - start);
-    await rm(editFile);
-    await waitUntil(async () => !(await isMounted(editMnt)), 10_000, `edit ${i} removed`);
-  }
-  lat.sort((a, b) => a - b);
-  log(
-    `reconcile latency over ${edits} edits: p50 ${percentile(lat, 50).toFixed(0)} ms, p99 ${percentile(lat, 99).toFixed(0)} ms`,
-  );
+    lat.sort((a, b) => a - b);
+    log(
+      `reconcile latency over ${edits} edits: p50 ${percentile(lat, 50).toFixed(0)} ms, p99 ${percentile(lat, 99).toFixed(0)} ms`,
+    );
 
-  // CPU per GiB: read the whole image through one export, a few times.
-  const before = await procStat(agent.pid!);
-  const passes = Math.max(1, Math.round(2 ** 30 / readBytes));
-  for (let i = 0; i < passes; i++) {
-    r = await runCommand('dd', [`if=${join(images, 'e0.raw')}`, 'of=/dev/null', 'bs=1M', 'status=none'], {
-      timeoutMs: 300_000,
-    });
-    if (r.status !== 0) throw new BlkError('IO', `dd: ${r.stderr}`);
-  }
-  const after = await procStat(agent.pid!);
-  const readGiB = (passes * readBytes) / 2 ** 30;
-  const cpuSecondsPerGiB = (after.cpuS - before.cpuS) / readGiB;
-  log(`CPU ${cpuSecondsPerGiB.toFixed(2)} s per GiB read`);
+    // CPU per GiB: read the whole image through one export, a few times.
+    const before = await procStat(agent.pid!);
+    const passes = Math.max(1, Math.round(2 ** 30 / readBytes));
+    for (let i = 0; i < passes; i++) {
+      r = await runCommand('dd', [`if=${join(images, 'e0.raw')}`, 'of=/dev/null', 'bs=1M', 'status=none'], {
+        timeoutMs: 300_000,
+      });
+      if (r.status !== 0) throw new BlkError('IO', `dd: ${r.stderr}`);
+    }
+    const after = await procStat(agent.pid!);
+    const readGiB = (passes * readBytes) / 2 ** 30;
+    const cpuSecondsPerGiB = (after.cpuS - before.cpuS) / readGiB;
+    log(`CPU ${cpuSecondsPerGiB.toFixed(2)} s per GiB read`);
 
-  return {
-    measured: true,
-    figures: {
-      exports: n,
-      exportsReadySeconds,
-      rssMiB,
-      edits,
-      reconcileP50Ms: percentile(lat, 50),
-      reconcileP99Ms: percentile(lat, 99),
-      cpuSecondsPerGiB,
-      readGiB,
-    },
-  };
+    return {
+      measured: true,
+      figures: {
+        exports: n,
+        exportsReadySeconds,
+        rssMiB,
+        edits,
+        reconcileP50Ms: percentile(lat, 50),
+        reconcileP99Ms: percentile(lat, 99),
+        cpuSecondsPerGiB,
+        readGiB,
+      },
+    };
+  } finally {
+    await stop();
+  }
 }
 
 /** The report's "Agent" section. */

@@ -136,6 +136,7 @@ export async function measureScale(opts: ScaleBenchOptions): Promise<ScaleOutcom
     socket,
     stderr,
     exited,
+    stop,
   } = startBenchAgent({
     root,
     manifests,
@@ -145,68 +146,72 @@ export async function measureScale(opts: ScaleBenchOptions): Promise<ScaleOutcom
     args: ['--max-exports', String(n + 10)],
     stopTimeoutMs: 120_000,
   });
-  await waitUntil(
-    async () => {
-      if (agent.exitCode !== null) throw new BlkError('AGENT', `agent exited: ${stderr()}`);
-      return (await readyCount(socket, 60_000)) === n;
-    },
-    600_000,
-    `${n} exports ready`,
-  );
-  const readySeconds = (performance.now() - t0) / 1000;
-  const rss = await rssMiB(agent.pid!);
-  log(`scale ${n}: ready in ${readySeconds.toFixed(2)} s, RSS ${rss.toFixed(0)} MiB`);
+  try {
+    await waitUntil(
+      async () => {
+        if (agent.exitCode !== null) throw new BlkError('AGENT', `agent exited: ${stderr()}`);
+        return (await readyCount(socket, 60_000)) === n;
+      },
+      600_000,
+      `${n} exports ready`,
+    );
+    const readySeconds = (performance.now() - t0) / 1000;
+    const rss = await rssMiB(agent.pid!);
+    log(`scale ${n}: ready in ${readySeconds.toFixed(2)} s, RSS ${rss.toFixed(0)} MiB`);
 
-  // Edits: a new manifest (one export of a distinct image) saved → readable here; removed → unmounted.
-  const editFile = join(manifests, 'zz-edit.yaml');
-  const editMnt = join(mnt, 'edit.raw');
-  const editImg = join(images, `img${n}.qcow2`);
-  const lat: number[] = [];
-  const passesBefore = await passTotals(socket);
-  for (let i = 0; i < edits; i++) {
-    const start = performance.now();
-    await writeFile(editFile, manifest('zz-edit', `edit${i}`, editImg, editMnt));
-    for (;;) {
-      if ((await isMounted(editMnt)) && (await runCommand('head', ['-c', '512', editMnt])).status === 0)
-        break;
-      if (performance.now() - start > 120_000)
-        throw new BlkError('AGENT', `edit ${i} not readable within 120 s: ${stderr().slice(-1500)}`);
-      await sleep(5);
+    // Edits: a new manifest (one export of a distinct image) saved → readable here; removed → unmounted.
+    const editFile = join(manifests, 'zz-edit.yaml');
+    const editMnt = join(mnt, 'edit.raw');
+    const editImg = join(images, `img${n}.qcow2`);
+    const lat: number[] = [];
+    const passesBefore = await passTotals(socket);
+    for (let i = 0; i < edits; i++) {
+      const start = performance.now();
+      await writeFile(editFile, manifest('zz-edit', `edit${i}`, editImg, editMnt));
+      for (;;) {
+        if ((await isMounted(editMnt)) && (await runCommand('head', ['-c', '512', editMnt])).status === 0)
+          break;
+        if (performance.now() - start > 120_000)
+          throw new BlkError('AGENT', `edit ${i} not readable within 120 s: ${stderr().slice(-1500)}`);
+        await sleep(5);
+      }
+      lat.push(performance.now() - start);
+      await rm(editFile);
+      await waitUntil(async () => !(await isMounted(editMnt)), 120_000, `edit ${i} removed`);
     }
-    lat.push(performance.now() - start);
-    await rm(editFile);
-    await waitUntil(async () => !(await isMounted(editMnt)), 120_000, `edit ${i} removed`);
-  }
-  const passesAfter = await passTotals(socket);
-  const passMeanMs =
-    (1000 * (passesAfter.sum - passesBefore.sum)) / Math.max(1, passesAfter.count - passesBefore.count);
-  const firstEditMs = lat[0]!;
-  const sorted = [...lat].sort((a, b) => a - b);
-  const figures: Omit<ScaleFigures, 'sigtermSeconds'> = {
-    exports: n,
-    readySeconds,
-    rssMiB: rss,
-    edits,
-    firstEditMs,
-    passMeanMs,
-    reconcileP50Ms: percentile(sorted, 50),
-    reconcileP99Ms: percentile(sorted, 99),
-  };
-  log(
-    `scale ${n}: first edit ${firstEditMs.toFixed(0)} ms; agent pass mean ${passMeanMs.toFixed(1)} ms; ${edits} edits p50 ${figures.reconcileP50Ms.toFixed(0)} ms, p99 ${figures.reconcileP99Ms.toFixed(0)} ms`,
-  );
+    const passesAfter = await passTotals(socket);
+    const passMeanMs =
+      (1000 * (passesAfter.sum - passesBefore.sum)) / Math.max(1, passesAfter.count - passesBefore.count);
+    const firstEditMs = lat[0]!;
+    const sorted = [...lat].sort((a, b) => a - b);
+    const figures: Omit<ScaleFigures, 'sigtermSeconds'> = {
+      exports: n,
+      readySeconds,
+      rssMiB: rss,
+      edits,
+      firstEditMs,
+      passMeanMs,
+      reconcileP50Ms: percentile(sorted, 50),
+      reconcileP99Ms: percentile(sorted, 99),
+    };
+    log(
+      `scale ${n}: first edit ${firstEditMs.toFixed(0)} ms; agent pass mean ${passMeanMs.toFixed(1)} ms; ${edits} edits p50 ${figures.reconcileP50Ms.toFixed(0)} ms, p99 ${figures.reconcileP99Ms.toFixed(0)} ms`,
+    );
 
-  // SIGTERM: flush and unmount everything, then exit.
-  const s0 = performance.now();
-  agent.kill('SIGTERM');
-  await Promise.race([exited, sleep(300_000)]);
-  const sigtermSeconds = (performance.now() - s0) / 1000;
-  if (agent.exitCode !== 0)
-    throw new BlkError('AGENT', `agent exit ${agent.exitCode}: ${stderr().slice(-1500)}`);
-  const left = await mountsUnder(root);
-  if (left.length) throw new BlkError('AGENT', `${left.length} mounts left after SIGTERM`);
-  log(`scale ${n}: SIGTERM → exit, all unmounted, in ${sigtermSeconds.toFixed(2)} s`);
-  return { exports: n, measured: true, figures: { ...figures, sigtermSeconds } };
+    // SIGTERM: flush and unmount everything, then exit.
+    const s0 = performance.now();
+    agent.kill('SIGTERM');
+    await Promise.race([exited, sleep(300_000)]);
+    const sigtermSeconds = (performance.now() - s0) / 1000;
+    if (agent.exitCode !== 0)
+      throw new BlkError('AGENT', `agent exit ${agent.exitCode}: ${stderr().slice(-1500)}`);
+    const left = await mountsUnder(root);
+    if (left.length) throw new BlkError('AGENT', `${left.length} mounts left after SIGTERM`);
+    log(`scale ${n}: SIGTERM → exit, all unmounted, in ${sigtermSeconds.toFixed(2)} s`);
+    return { exports: n, measured: true, figures: { ...figures, sigtermSeconds } };
+  } finally {
+    await stop();
+  }
 }
 
 /** `blkexport validate` of one manifest file with `exports` shorthand exports. */
