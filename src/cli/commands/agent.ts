@@ -202,7 +202,6 @@ export async function run(args: string[]): Promise<number> {
 
   const first = await agent.requestPass('start');
   log.info('first pass done', { steps: first.steps, failed: first.failed, ms: Math.round(first.durationMs) });
-  await notifySystemd('READY=1');
 
   const watcher = watchManifests(dir, (files) => void agent.requestPass('manifest change', files), {
     log: (msg, fields) => log.warn(msg, fields),
@@ -254,5 +253,7 @@ export async function run(args: string[]): Promise<number> {
       log.info('SIGHUP: reloading');
       void agent.requestPass('SIGHUP');
     });
+    // Ready only once the signals are ours: a supervisor may send SIGTERM the moment it reads READY=1.
+    void notifySystemd('READY=1');
   });
 }
