@@ -330,10 +330,11 @@ class NativeDriver implements EngineDriver {
     if (!live) return;
     try {
       await this.registry.remove(e.id);
+      // What was written through the export goes with it (a failed unmount leaves it to the next start).
+      if (live.overlay) await this.overlays.drop(this.graph, live.overlay);
     } finally {
       this.live.delete(e.id);
       this.kept.forget(e.id);
-      if (live.overlay) await this.overlays.drop(this.graph, live.overlay);
     }
   }
 
