@@ -42,8 +42,15 @@ export interface LockPerms {
   shared: number;
 }
 
-/** The permissions a user of an image takes: QEMU's qcow2 profile for a read-only or read-write open. */
-export function lockPermsFor(readOnly: boolean): LockPerms {
+/**
+ * The permissions a user of an image takes: QEMU's qcow2 profile for a
+ * read-only or read-write open. With `forceShare` (QEMU's `force-share=on`,
+ * what `qemu-img -U` and `qemu-nbd --shared`-style readers use; read-only
+ * only) the reader still takes "consistent read" but refuses nobody anything,
+ * so it can open an image a running VM writes and the VM can open it after.
+ */
+export function lockPermsFor(readOnly: boolean, forceShare = false): LockPerms {
+  if (forceShare) return { perm: PERM_CONSISTENT_READ, shared: PERM_ALL };
   const shared = PERM_ALL & ~(PERM_WRITE | PERM_RESIZE);
   return readOnly
     ? { perm: PERM_CONSISTENT_READ, shared }

@@ -28,6 +28,8 @@ export interface OpenImageOptions {
   snapshot?: string;
   /** QEMU-compatible image locking of the image file (default auto); 'off' is qemu-img's -U. */
   locking?: 'auto' | 'on' | 'off';
+  /** QEMU's force-share (read-only only): lock as a reader that refuses others nothing. */
+  forceShare?: boolean;
 }
 
 export interface OpenedImage {
@@ -61,6 +63,7 @@ export async function openImage(opts: OpenImageOptions): Promise<OpenedImage> {
       filename,
       readOnly: opts.readOnly,
       ...(opts.locking !== undefined ? { locking: opts.locking } : {}),
+      ...(opts.forceShare ? { forceShare: true } : {}),
     });
     const requested = opts.format ?? 'auto';
     const format = requested === 'auto' ? await probeNode(file) : requested;

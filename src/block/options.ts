@@ -12,6 +12,11 @@ export interface NodeOptions {
   filename?: string;
   /** `file` driver: QEMU-compatible image locking (default auto: lock when OFD locks exist). */
   locking?: 'auto' | 'on' | 'off';
+  /**
+   * `file` driver: QEMU's `force-share` (read-only nodes only): lock as a
+   * reader that refuses others nothing, so an image a VM holds writable opens.
+   */
+  forceShare?: boolean;
   /** Format and filter drivers: the child, as a node-name or inline options. */
   file?: string | NodeOptions;
   /** qcow2: a node-name, inline options, `null` for none; absent = follow the image's own backing file. */

@@ -277,12 +277,18 @@ export class StepEngine implements Engine {
     const { nodes, exports } = this.driver.records();
     const graph = new NodeGraph(nodes.map((x) => x.options));
     return exports
-      .filter((e) => e.options.writable && graph.fileChain(e.options['node-name']).includes(name))
+      .filter(
+        (e) =>
+          e.options.writable &&
+          e.options.overlay === undefined &&
+          graph.fileChain(e.options['node-name']).includes(name),
+      )
       .map((e) => e.options.id);
   }
 
   /** A writable export writes through writable nodes only, none of them a format only probed as raw. */
   private checkWritable(e: ExportOptions): void {
+    if (e.overlay !== undefined) return; // it writes into its overlay; the nodes stay read-only
     const nodes = this.driver.records().nodes;
     const graph = new NodeGraph(nodes.map((n) => n.options));
     for (const name of graph.fileChain(e['node-name'])) {

@@ -5,7 +5,7 @@
  */
 import { realpath, unlink } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
-import { openImage } from '../block/open-image.js';
+import { type OpenedImage, openImage } from '../block/open-image.js';
 import { isInsideRoot, makePathPolicy } from '../block/path-policy.js';
 import type { BlockNode } from '../block/types.js';
 import { BlkError, describeError } from '../errors.js';
@@ -14,6 +14,7 @@ import type { AllowOther, FuseExport } from '../export/fuse/export.js';
 import { fsnameFor, mountedPath, mountOwner, readMountTable, topMountAt } from '../export/mount-table.js';
 import { probeFromChild } from '../export/probe.js';
 import { ExportRegistry } from '../export/registry.js';
+import { EphemeralOverlays } from './overlays.js';
 import { probedRawError } from './rules.js';
 
 export interface OneShotOptions {
@@ -27,6 +28,12 @@ export interface OneShotOptions {
   /** qcow2: a read-only view of this internal snapshot (id, else name). */
   snapshot?: string;
   createMountpoint: boolean;
+  /**
+   * A writable view whose writes go to a throwaway qcow2 overlay in `dir`
+   * (unlinked as soon as it is open: gone with the process, however it ends);
+   * the image is opened read-only with force-share.
+   */
+  overlay?: { dir: string };
   /** Directories the image and the backing/data files it names must lie in (default: the image's directory). */
   allowRoots: string[];
 }
@@ -40,6 +47,8 @@ export interface OneShot {
   /** The partition exported, with its window in the image. */
   partition: { index: number; offset: number; size: number; scheme: 'mbr' | 'gpt' } | undefined;
   export: FuseExport;
+  /** overlay: the directory the (already unlinked) overlay file was made in. */
+  overlayDir: string | undefined;
   /** Bytes presented at the mountpoint. */
   size: number;
   /** Flushes, unmounts, closes the image, removes a mountpoint we created. */
@@ -61,6 +70,27 @@ async function assertInsideRoots(path: string, roots: string[], what: string): P
   }
 }
 
+/** The partition filter over the format node (the graph closes it with the image), or the format node. */
+async function selectPartition(
+  opened: OpenedImage,
+  index: number | undefined,
+  readOnly: boolean,
+  image: string,
+): Promise<{ node: BlockNode; partition: OneShot['partition'] }> {
+  if (index === undefined) return { node: opened.node, partition: undefined };
+  const node = await opened.graph.openNode({
+    driver: 'partition',
+    nodeName: `${opened.node.nodeName}-part${index}`,
+    file: opened.node.nodeName,
+    number: index,
+    readOnly,
+  });
+  const { offset, scheme } = node.resolved?.() ?? {};
+  if (offset === undefined || scheme === undefined)
+    throw new BlkError('INTERNAL', `the partition filter reported no window for '${image}'`);
+  return { node, partition: { index, offset, size: node.length(), scheme } };
+}
+
 /** Opens the image, selects the partition, mounts the export and checks it from another process. */
 export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
   const image = resolve(o.image);
@@ -80,10 +110,14 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
       throw new BlkError('EXPORT_EXISTS', `There already is a FUSE export on '${path}'`);
   }
 
+  const overlay = o.overlay;
+  // An overlay export writes into its overlay only: the image (and every node under the overlay) is read-only.
+  const writesImage = o.writable && overlay === undefined;
   const opened = await openImage({
     filename: image,
     format: o.format,
-    readOnly: !o.writable,
+    readOnly: !writesImage,
+    ...(overlay !== undefined ? { forceShare: true } : {}),
     allowedRoots: roots,
     ...(o.snapshot !== undefined ? { snapshot: o.snapshot } : {}),
   });
@@ -92,23 +126,16 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
     for (const c of cleanups.reverse()) await c().catch(() => undefined);
   };
   try {
-    if (o.writable && o.format === 'auto' && opened.format === 'raw')
+    if (writesImage && o.format === 'auto' && opened.format === 'raw')
       throw probedRawError(`'${image}'`, '--format raw');
-    let node: BlockNode = opened.node;
-    let partition: OneShot['partition'];
-    if (o.partition !== undefined) {
-      // The partition filter over the format node; the graph closes it with the image.
-      node = await opened.graph.openNode({
-        driver: 'partition',
-        nodeName: `${opened.node.nodeName}-part${o.partition}`,
-        file: opened.node.nodeName,
-        number: o.partition,
-        readOnly: !o.writable,
-      });
-      const { offset, scheme } = node.resolved?.() ?? {};
-      if (offset === undefined || scheme === undefined)
-        throw new BlkError('INTERNAL', `the partition filter reported no window for '${image}'`);
-      partition = { index: o.partition, offset, size: node.length(), scheme };
+    const { node: partNode, partition } = await selectPartition(opened, o.partition, !writesImage, image);
+    let node = partNode;
+
+    if (overlay !== undefined) {
+      const overlays = new EphemeralOverlays(overlay.dir, true);
+      const ov = await overlays.create(opened.graph, 'mount', node);
+      cleanups.push(() => overlays.drop(opened.graph, ov));
+      node = ov.node;
     }
 
     // The mountpoint is the user's choice, typed on the command line like the image: it is not confined.
@@ -120,7 +147,7 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
     const exp = await registry.add(fuseExportDriver, node, {
       id: 'exp0',
       mountpoint,
-      writable: o.writable,
+      writable: o.writable || overlay !== undefined,
       growable: o.growable,
       allowOther: o.allowOther,
       fsname: fsnameFor('mount', process.pid),
@@ -145,6 +172,7 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
       format: opened.format,
       snapshot: opened.node.resolved?.().snapshot,
       partition,
+      overlayDir: overlay?.dir,
       export: exp,
       size: node.length(),
       async stop() {

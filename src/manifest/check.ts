@@ -54,6 +54,14 @@ function checkNodes(doc: ManifestDocument, problems: DocumentProblem[]): Map<str
       message: `driver "${n.options.driver}" needs the qemu engine (spec.engine: qemu); the native engine cannot open it`,
     });
   }
+  for (const n of doc.nodes) {
+    if (n.options['force-share'] && !n.options['read-only'])
+      problems.push({
+        pointer: `${n.source.path}/force-share`,
+        at: 'key',
+        message: `force-share is for read-only nodes (as in QEMU): set read-only: true on "${n.options['node-name']}"`,
+      });
+  }
   const graph = new NodeGraph(doc.nodes.map((n) => n.options));
   for (const n of doc.nodes) {
     for (const c of childrenOf(n.options)) {
@@ -110,6 +118,23 @@ function checkExports(
         at: 'value',
         message: `export "${id}" refers to node-name "${top}", which is not defined in this manifest`,
       });
+      continue;
+    }
+    if (e.options.overlay !== undefined && doc.engine === 'qemu')
+      problems.push({
+        pointer: `${e.source.path}/overlay`,
+        at: 'key',
+        message: `overlay: ephemeral needs the native engine; the qemu engine does not build the overlay graph yet`,
+      });
+    if (e.options.overlay !== undefined) {
+      // An overlay export writes into its overlay, never through the node: the image stays read-only.
+      const writable = graph.fileChain(top).find((name) => !nodes.get(name)?.options['read-only']);
+      if (writable !== undefined)
+        problems.push({
+          pointer: `${e.source.path}/overlay`,
+          at: 'key',
+          message: `overlay export "${id}" over writable node "${writable}" (defined at ${at(nodes.get(writable)!.source)}): an overlay reads the image read-only; set read-only: true on it (and force-share: true on its file node to share the image with a running VM)`,
+        });
       continue;
     }
     if (!e.options.writable) continue;

@@ -33,6 +33,7 @@ interface RawBlockdev {
   filename?: string;
   'read-only'?: boolean;
   locking?: OnOffAuto;
+  'force-share'?: boolean;
   cache?: { direct?: boolean; 'no-flush'?: boolean };
   file?: string | RawBlockdev;
   backing?: string | RawBlockdev | null;
@@ -55,6 +56,7 @@ interface RawExport {
   writable?: boolean;
   growable?: boolean;
   'allow-other'?: OnOffAuto;
+  overlay?: 'ephemeral';
 }
 
 /** The document shape the schema admits. */
@@ -71,6 +73,13 @@ const HAS_BACKING: readonly string[] = ['qcow2', 'vmdk', 'qed'];
 /** Node-names of the nodes a shorthand export expands to. */
 export function shorthandNodeNames(id: string): { file: string; format: string; partition: string } {
   return { file: `${id}-file`, format: `${id}-fmt`, partition: `${id}-part` };
+}
+
+/** A file node's own options: the path and how it locks. */
+function fileOptions(b: RawBlockdev, opts: NodeOptions): void {
+  opts.filename = b.filename!;
+  opts.locking = b.locking ?? 'auto';
+  if (b['force-share']) opts['force-share'] = true;
 }
 
 class Expander {
@@ -97,8 +106,7 @@ class Expander {
     };
     const opts: NodeOptions = { 'node-name': name, driver: b.driver, 'read-only': b['read-only'] ?? false };
     if (b.driver === 'file') {
-      opts.filename = b.filename!;
-      opts.locking = b.locking ?? 'auto';
+      fileOptions(b, opts);
     } else {
       const file = child(b.file, 'file');
       if (file !== undefined && file !== null) opts.file = file;
@@ -126,14 +134,40 @@ class Expander {
     return name;
   }
 
+  /**
+   * An overlay export is writable by definition: `writable:` may be left out
+   * or say true; `writable: false` contradicts it, and a size change of a
+   * throwaway view has no meaning (`growable: true` is refused).
+   */
+  private overlayProblems(e: RawExport, pointer: string): void {
+    if (e.overlay === undefined) return;
+    if (e.writable === false)
+      this.problems.push({
+        pointer: `${pointer}/writable`,
+        at: 'value',
+        message:
+          'overlay: ephemeral is a writable view (writes go to a throwaway overlay); writable: false contradicts it: leave writable: out, or drop overlay: for a read-only export',
+      });
+    if (e.growable === true)
+      this.problems.push({
+        pointer: `${pointer}/growable`,
+        at: 'value',
+        message:
+          "overlay: ephemeral keeps the image's size (the overlay is a qcow2 image of the same size): growable: true is refused",
+      });
+  }
+
   export(e: RawExport, pointer: string): void {
+    const overlay = e.overlay;
+    this.overlayProblems(e, pointer);
     const common = {
       type: e.type ?? 'fuse',
       id: e.id,
       'create-mountpoint': e['create-mountpoint'] ?? false,
-      writable: e.writable ?? false,
+      writable: overlay !== undefined || (e.writable ?? false),
       growable: e.growable ?? false,
       'allow-other': e['allow-other'] ?? 'auto',
+      ...(overlay !== undefined ? { overlay } : {}),
     } as const;
     const source = this.locate(pointer);
     if (e.image === undefined) {
@@ -142,7 +176,8 @@ class Expander {
       return;
     }
     const names = shorthandNodeNames(e.id);
-    const readOnly = !common.writable;
+    // An overlay reads the image read-only, sharing it as QEMU's force-share does (a running VM may hold it).
+    const readOnly = overlay !== undefined || !common.writable;
     const format = e.format ?? 'auto';
     const why = `shorthand export ${e.id}`;
     this.nodes.push({
@@ -152,6 +187,7 @@ class Expander {
         'read-only': readOnly,
         filename: e.image,
         locking: 'auto',
+        ...(overlay !== undefined ? { 'force-share': true } : {}),
       },
       source,
       generatedFor: why,

@@ -41,6 +41,8 @@ export interface NodeOptions {
   filename?: string;
   /** file: QEMU-compatible image locking. */
   locking?: OnOffAuto;
+  /** file: QEMU's force-share (read-only only): a reader that refuses others nothing. Absent: false. */
+  'force-share'?: boolean;
   cache?: { direct: boolean; 'no-flush': boolean };
   /** Format drivers: the node-name of the protocol child. */
   file?: string;
@@ -68,6 +70,8 @@ export interface ExportOptions {
   writable: boolean;
   growable: boolean;
   'allow-other': OnOffAuto;
+  /** ephemeral: writes go to a temporary qcow2 overlay over the (read-only) node; `writable` is then true. */
+  overlay?: 'ephemeral';
   /** Shorthand only: the image the export was written with. */
   image?: string;
   /** Shorthand only: the requested format (auto: probed when applied). */

@@ -26,6 +26,7 @@ export function describeNode(n: NodeOptions): string {
   if (n.offset !== undefined && n.offset !== 0) parts.push(`offset=${formatSize(n.offset)}`);
   if (n.size !== undefined) parts.push(`size=${formatSize(n.size)}`);
   if (n.locking !== undefined && n.locking !== 'auto') parts.push(`locking=${n.locking}`);
+  if (n['force-share']) parts.push('force-share');
   if (n.cache?.direct) parts.push('cache.direct');
   if (n.cache?.['no-flush']) parts.push('cache.no-flush');
   if (n['read-only']) parts.push('read-only');
@@ -34,7 +35,9 @@ export function describeNode(n: NodeOptions): string {
 
 /** `exp0 (fuse) /srv/images/foo.qcow2 writable (node fmt0)`. */
 export function describeExport(e: ExportOptions): string {
-  const parts = [`${e.id} (${e.type}) ${e.mountpoint}`, e.writable ? 'writable' : 'read-only'];
+  const mode =
+    e.overlay !== undefined ? `writable into an ${e.overlay} overlay (image read-only)` : undefined;
+  const parts = [`${e.id} (${e.type}) ${e.mountpoint}`, mode ?? (e.writable ? 'writable' : 'read-only')];
   if (e.growable) parts.push('growable');
   if (e['allow-other'] !== 'auto') parts.push(`allow-other=${e['allow-other']}`);
   if (e['create-mountpoint']) parts.push('create-mountpoint');

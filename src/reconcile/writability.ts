@@ -13,7 +13,9 @@ export function deriveWritability(desired: Desired): Desired {
   const graph = new NodeGraph(desired.nodes.map((n) => n.options));
   const written = new Set<string>();
   for (const e of desired.exports) {
-    if (e.options.writable) for (const name of graph.fileChain(e.options['node-name'])) written.add(name);
+    // An overlay export writes into its overlay, never through its nodes.
+    if (e.options.writable && e.options.overlay === undefined)
+      for (const name of graph.fileChain(e.options['node-name'])) written.add(name);
   }
   return {
     exports: desired.exports,

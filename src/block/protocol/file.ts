@@ -23,6 +23,8 @@ interface FileState {
   pendingFd: number | undefined;
   /** QEMU-compatible image locks (absent with `locking: off`). */
   lock: ImageLock | undefined;
+  /** force-share: a reader that refuses others nothing; never reopened writable. */
+  forceShare: boolean;
 }
 
 function ioError(s: { path: string }, op: string, e: unknown): BlkError {
@@ -43,6 +45,12 @@ async function openFile(ctx: OpenContext): Promise<FileState> {
   }
   if (name.includes('\0')) throw new BlkError('IMAGE_INVALID', 'filename contains a NUL byte');
   const path = resolve(name);
+  const forceShare = ctx.options.forceShare === true;
+  if (forceShare && !ctx.readOnly) {
+    throw new BlkError('USAGE', `node '${ctx.nodeName}': force-share is for read-only nodes (as in QEMU)`, {
+      file: path,
+    });
+  }
   let fd: number;
   try {
     fd = openFd(path, ctx.readOnly);
@@ -68,7 +76,7 @@ async function openFile(ctx: OpenContext): Promise<FileState> {
       throw new BlkError('NOT_SUPPORTED', `block devices are not supported yet: '${path}'`, { file: path });
     }
     const mode = parseLockingMode(ctx.options.locking, path);
-    const lock = ImageLock.acquire(fd, path, mode, lockPermsFor(ctx.readOnly));
+    const lock = ImageLock.acquire(fd, path, mode, lockPermsFor(ctx.readOnly, forceShare));
     return {
       fd,
       path,
@@ -77,6 +85,7 @@ async function openFile(ctx: OpenContext): Promise<FileState> {
       key: `${st.dev}:${st.ino}`,
       pendingFd: undefined,
       lock,
+      forceShare,
     };
   } catch (e) {
     closeSync(fd);
@@ -101,6 +110,10 @@ export const fileProtocol = defineDriver<FileState>({
   // The locks move with the mode: prepare takes the new ones (and checks them), commit drops the old.
   async reopenPrepare(s, opts) {
     if (opts.readOnly === undefined || opts.readOnly === s.readOnly) return;
+    if (s.forceShare && !opts.readOnly)
+      throw new BlkError('USAGE', `'${s.path}': a force-share node stays read-only (as in QEMU)`, {
+        file: s.path,
+      });
     s.lock?.prepare(lockPermsFor(opts.readOnly));
     try {
       s.pendingFd = openFd(`/proc/self/fd/${s.fd}`, opts.readOnly);

@@ -17,6 +17,7 @@ import { makePathPolicy, type PathPolicy } from '../../block/path-policy.js';
 import { NativeEngine } from '../../engine/native/engine.js';
 import { ConnectionKeeper, DEFAULT_FDSTORE_SOCKET } from '../../engine/native/keeper.js';
 import { liveAgentMounts, ownerGone } from '../../engine/native/live-mounts.js';
+import { DEFAULT_AGENT_OVERLAY_DIR } from '../../engine/overlays.js';
 import { DEFAULT_QSD_DIR } from '../../engine/qemu/daemon.js';
 import { QemuEngine } from '../../engine/qemu/engine.js';
 import { BlkError, describeError } from '../../errors.js';
@@ -54,9 +55,21 @@ options:
   --fdstore PATH           the fd holder's socket (default ${DEFAULT_FDSTORE_SOCKET})
   --fdstore-external       never start the fd holder: another process runs it (a sidecar
                            container: in a pod the holder must outlive the agent's container)
+  --overlay-dir DIR        where overlay: ephemeral exports keep their overlay files (default
+                           ${DEFAULT_AGENT_OVERLAY_DIR}); the agent's own: at start it deletes
+                           the overlays a previous agent left, except those of exports it adopts
   --log-format text|json   log lines on stderr (default text)
   --hostname NAME          the host name manifests' hosts: are matched against (default: this host's)
 `;
+
+/** Deletes the overlays a previous agent left (a crash), but for those of exports about to be adopted. */
+async function cleanOverlays(native: NativeEngine, log: ReturnType<typeof createLogger>): Promise<void> {
+  const gone = await native.cleanOverlayLeftovers().catch((e) => {
+    log.error('cleaning leftover overlays failed', { dir: native.overlayDir, error: describeError(e) });
+    return [] as string[];
+  });
+  for (const f of gone) log.warn('deleted the overlay file a previous agent left', { file: f });
+}
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs('agent', args, {
@@ -70,6 +83,7 @@ export async function run(args: string[]): Promise<number> {
     'qsd-dir': { type: 'string', default: DEFAULT_QSD_DIR },
     fdstore: { type: 'string', default: DEFAULT_FDSTORE_SOCKET },
     'fdstore-external': { type: 'boolean', default: false },
+    'overlay-dir': { type: 'string', default: DEFAULT_AGENT_OVERLAY_DIR },
     'log-format': { type: 'string', default: 'text' },
     hostname: { type: 'string' },
   });
@@ -114,6 +128,7 @@ export async function run(args: string[]): Promise<number> {
   const native = new NativeEngine({
     policy,
     keeper,
+    overlayDir: resolve(values['overlay-dir'] as string),
     log: (level, msg, fields) => (level === 'warn' ? log.warn(msg, fields) : log.info(msg, fields)),
   });
   let agentRef: Agent | undefined;
@@ -168,6 +183,7 @@ export async function run(args: string[]): Promise<number> {
     log.error('reading the fd holder failed; its mounts are left alone', { error: describeError(e) });
     return [] as string[];
   });
+  await cleanOverlays(native, log);
   // A mount whose agent is gone may still be alive: another agent's fd holder keeps it.
   const alive = await liveAgentMounts(new Set(held)).catch((e) => {
     log.error('probing agent mounts failed; none is cleaned', { error: describeError(e) });

@@ -7,6 +7,7 @@ import { spawn } from 'node:child_process';
 import { unlink, writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { type OneShot, type OneShotOptions, startOneShot } from '../../engine/one-shot.js';
+import { defaultOneShotOverlayDir } from '../../engine/overlays.js';
 import { BlkError, describeError } from '../../errors.js';
 import { parseCommandArgs } from '../args.js';
 import { formatBytes } from '../format.js';
@@ -26,6 +27,12 @@ options:
   --allow-other          let other users open the export (default: try, fall back)
   --partition N          export only partition N of the MBR or GPT table
   --snapshot NAME        qcow2: a read-only view of internal snapshot NAME (its id, else its name)
+  --overlay              a writable view that never writes the image: writes go to a throwaway
+                         qcow2 overlay, deleted when the export ends (however it ends); the image
+                         is opened read-only and shared (QEMU's force-share), so it may be in use
+                         by a running VM. Implies --writable
+  --overlay-dir DIR      where the overlay file is made (default $TMPDIR, else /var/tmp); its name
+                         is removed at once, its space is freed when the export ends
   --daemonize            return once the export is mounted and readable
   --pidfile F            write the serving process's pid to F once exported
   --create-mountpoint    create MOUNTPOINT as an empty file if missing (removed at unmount)
@@ -44,6 +51,8 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
     'allow-other': { type: 'boolean' },
     partition: { type: 'string' },
     snapshot: { type: 'string' },
+    overlay: { type: 'boolean', default: false },
+    'overlay-dir': { type: 'string' },
     daemonize: { type: 'boolean', default: false },
     pidfile: { type: 'string' },
     'create-mountpoint': { type: 'boolean', default: false },
@@ -66,8 +75,15 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
     }
     partition = Number(values.partition);
   }
+  if (values.overlay && values.growable)
+    throw new BlkError(
+      'USAGE',
+      "--overlay keeps the image's size (the overlay is a qcow2 image of that size): no --growable",
+    );
+  if (values['overlay-dir'] !== undefined && !values.overlay)
+    throw new BlkError('USAGE', '--overlay-dir needs --overlay');
   if (values.growable && !values.writable) throw new BlkError('USAGE', '--growable needs --writable');
-  if (values.snapshot !== undefined && values.writable)
+  if (values.snapshot !== undefined && values.writable && !values.overlay)
     throw new BlkError('USAGE', '--snapshot shows an internal snapshot read-only: it cannot be --writable');
   const opts: OneShotOptions = {
     image: resolve(positionals[0]!),
@@ -80,6 +96,10 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
   };
   if (positionals[1] !== undefined) opts.mountpoint = resolve(positionals[1]);
   if (partition !== undefined) opts.partition = partition;
+  if (values.overlay)
+    opts.overlay = {
+      dir: resolve((values['overlay-dir'] as string | undefined) ?? defaultOneShotOverlayDir()),
+    };
   if (values.snapshot !== undefined) opts.snapshot = values.snapshot as string;
   return { opts, daemonize: values.daemonize as boolean, pidfile: values.pidfile && resolve(values.pidfile) };
 }
@@ -91,7 +111,14 @@ function describe(s: OneShot): string {
   const view = s.snapshot
     ? ` at internal snapshot ${JSON.stringify(s.snapshot.name)} (id ${s.snapshot.id})`
     : '';
-  const mode = s.export.isWritable ? (s.export.isGrowable ? 'writable, growable' : 'writable') : 'read-only';
+  const mode =
+    s.overlayDir !== undefined
+      ? `writable into a throwaway overlay in ${s.overlayDir} (the image is not written)`
+      : s.export.isWritable
+        ? s.export.isGrowable
+          ? 'writable, growable'
+          : 'writable'
+        : 'read-only';
   // The one line about passthrough; said only where a raw export could have it.
   const pt = s.export.passthrough;
   const how = pt.active

@@ -33,6 +33,7 @@ import {
   type Resolved,
   StepEngine,
 } from '../core.js';
+import { DEFAULT_AGENT_OVERLAY_DIR, EphemeralOverlays, type LiveOverlay } from '../overlays.js';
 import { nativeCapabilities } from './capabilities.js';
 import type { ConnectionKeeper } from './keeper.js';
 import { KeptExports, type LogFn } from './kept-exports.js';
@@ -55,6 +56,8 @@ interface LiveExportRecord extends ExportRecord {
   exp: LiveExport;
   /** The mount's id in the mount table (how an adopted mount, made by another pid, is recognized). */
   mountId: number | undefined;
+  /** overlay: ephemeral: the overlay node the export serves, and its file. */
+  overlay?: LiveOverlay;
 }
 
 /** What the native engine is built with. */
@@ -63,6 +66,8 @@ export interface NativeEngineOptions {
   /** Keeps FUSE connections outside the process (the agent's fd holder); absent: exports end with the process. */
   keeper?: ConnectionKeeper;
   log?: LogFn;
+  /** Where `overlay: ephemeral` exports keep their overlay files (default DEFAULT_AGENT_OVERLAY_DIR). */
+  overlayDir?: string;
 }
 
 /** The export driver's options for a manifest export (QAPI spelling → the driver's). */
@@ -85,6 +90,7 @@ class NativeDriver implements EngineDriver {
   private readonly nodes = new Map<string, LiveNode>();
   private readonly live = new Map<string, LiveExportRecord>();
   readonly kept: KeptExports;
+  readonly overlays: EphemeralOverlays;
   private readonly log: LogFn;
   /** Passthrough outcomes already logged (one line each, naming the first export). */
   private readonly passthroughSaid = new Set<string>();
@@ -93,6 +99,7 @@ class NativeDriver implements EngineDriver {
     this.graph = new BlockGraph(opts.policy);
     this.log = opts.log ?? (() => undefined);
     this.kept = new KeptExports(opts.keeper, this.log);
+    this.overlays = new EphemeralOverlays(opts.overlayDir ?? DEFAULT_AGENT_OVERLAY_DIR);
   }
 
   records(): { nodes: NodeRecord[]; exports: ExportRecord[] } {
@@ -185,12 +192,29 @@ class NativeDriver implements EngineDriver {
     const driver = findExportDriver(e.type);
     if (!driver) throw new BlkError('NOT_SUPPORTED', `export '${e.id}': type '${e.type}' is not supported`);
     this.pinCovered(e.mountpoint);
-    const node = this.nodes.get(e['node-name'])!.node;
-    const exp = await this.registry.add(driver, node, driverOptions(e));
+    const base = this.nodes.get(e['node-name'])!.node;
+    const overlay =
+      e.overlay === 'ephemeral' ? await this.overlays.create(this.graph, e.id, base) : undefined;
+    let exp: LiveExport;
+    try {
+      exp = await this.registry.add(driver, overlay?.node ?? base, driverOptions(e));
+    } catch (err) {
+      if (overlay) await this.overlays.drop(this.graph, overlay).catch(() => undefined);
+      throw err;
+    }
     this.notePassthrough(e.id, exp);
     const since = new Date().toISOString();
     const mountId = await this.mountIdOf(e.mountpoint);
-    this.live.set(e.id, { options: e, createdMountpoint, exp, mountId, servedSince: since, adopted: false });
+    const record: LiveExportRecord = {
+      options: e,
+      createdMountpoint,
+      exp,
+      mountId,
+      servedSince: since,
+      adopted: false,
+    };
+    if (overlay) record.overlay = overlay;
+    this.live.set(e.id, record);
     await this.keep(e, exp, since, mountId, createdMountpoint);
   }
 
@@ -228,7 +252,9 @@ class NativeDriver implements EngineDriver {
     );
     await this.kept.keep(exp as FuseExport, e, {
       pinFd: pin?.pin,
-      imageKey: exp.node.fileKey,
+      // The image's file, not the overlay's (an overlay export serves its overlay node).
+      imageKey: this.nodes.get(e['node-name'])?.node.fileKey ?? exp.node.fileKey,
+      overlayFile: this.live.get(e.id)?.overlay?.path,
       since,
       mountId,
       createdMountpoint,
@@ -245,40 +271,67 @@ class NativeDriver implements EngineDriver {
     if (!h) throw new BlkError('STATE', `export '${e.id}' is not held`);
     const node = this.nodes.get(e['node-name'])!.node;
     const createdMountpoint = h.meta.createdMountpoint ?? false;
-    if (h.meta.imageKey !== node.fileKey) {
-      this.log('warn', 'the image under a kept mount was replaced; unmounting it and mounting anew', {
-        export: e.id,
-      });
+    const anew = async (why: string) => {
+      this.log('warn', `${why}; unmounting it and mounting anew`, { export: e.id });
       await this.kept.releaseTaken(h);
+      if (h.meta.overlayFile !== undefined) await this.overlays.remove(h.meta.overlayFile);
       await this.addExport(e, createdMountpoint);
-      return;
+    };
+    if (h.meta.imageKey !== node.fileKey) return anew('the image under a kept mount was replaced');
+    // An overlay export keeps what was written: its overlay file is reopened, never made anew.
+    let overlay: LiveOverlay | undefined;
+    if (h.meta.options.overlay !== undefined) {
+      if (h.meta.overlayFile === undefined) return anew('a kept overlay export names no overlay file');
+      try {
+        overlay = await this.overlays.reopen(this.graph, e.id, node, h.meta.overlayFile);
+      } catch (err) {
+        return anew(`its overlay could not be reopened (${(err as Error).message})`);
+      }
     }
     const held = { fd: h.fuseFd, init: h.meta.init, allowsOther: h.meta.allowsOther, resend: true };
-    const exp = await this.registry.adopt(fuseExportDriver, node, driverOptions(h.meta.options), held);
+    let exp: LiveExport;
+    try {
+      exp = await this.registry.adopt(
+        fuseExportDriver,
+        overlay?.node ?? node,
+        driverOptions(h.meta.options),
+        held,
+      );
+    } catch (err) {
+      if (overlay) await this.graph.closeNode(overlay.node.nodeName).catch(() => undefined);
+      throw err;
+    }
     this.notePassthrough(e.id, exp);
     if (h.pinFd !== undefined) closeSync(h.pinFd);
     const since = new Date().toISOString();
-    this.live.set(e.id, {
+    const record: LiveExportRecord = {
       options: h.meta.options,
       exp,
       mountId: h.meta.mountId,
       servedSince: since,
       adopted: true,
       createdMountpoint,
-    });
+    };
+    if (overlay) record.overlay = overlay;
+    this.live.set(e.id, record);
     // Options that changed while nobody served it are applied now, like a reopen.
     await this.reopenExport(e);
     await this.keep(e, exp, h.meta.since, h.meta.mountId, createdMountpoint);
   }
 
   async releaseHeld(id: string): Promise<void> {
+    const overlay = this.kept.overlayFileOf(id);
     await this.kept.release(id);
+    if (overlay !== undefined) await this.overlays.remove(overlay);
   }
 
   async removeExport(e: ExportOptions): Promise<void> {
-    if (!this.live.has(e.id)) return;
+    const live = this.live.get(e.id);
+    if (!live) return;
     try {
       await this.registry.remove(e.id);
+      // What was written through the export goes with it (a failed unmount leaves it to the next start).
+      if (live.overlay) await this.overlays.drop(this.graph, live.overlay);
     } finally {
       this.live.delete(e.id);
       this.kept.forget(e.id);
@@ -306,9 +359,15 @@ class NativeDriver implements EngineDriver {
     });
     for (const n of this.nodes.values()) if (n.pin !== undefined) closeSync(n.pin);
     this.nodes.clear();
+    const heldOverlays = this.kept.overlayFiles();
     await this.kept.stop().catch((err) => {
       first ??= err;
     });
+    // Held exports nobody adopted were unmounted just now: their overlays go with them.
+    for (const f of heldOverlays)
+      await this.overlays.remove(f).catch((err) => {
+        first ??= err;
+      });
     if (first !== undefined) throw first;
   }
 
@@ -335,5 +394,19 @@ export class NativeEngine extends StepEngine {
   /** Takes the connections the fd holder kept (before stale mounts are cleaned): their mountpoints. */
   loadHeld(): Promise<string[]> {
     return this.native.kept.load();
+  }
+
+  /**
+   * Deletes the overlay files a previous agent left (after loadHeld): every
+   * file of ours in the overlay directory but those held exports will reopen
+   * and those a live process has open. Returns the paths deleted.
+   */
+  cleanOverlayLeftovers(): Promise<string[]> {
+    return this.native.overlays.cleanLeftovers(new Set(this.native.kept.overlayFiles()));
+  }
+
+  /** The overlay directory. */
+  get overlayDir(): string {
+    return this.native.overlays.dir;
   }
 }

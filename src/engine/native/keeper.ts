@@ -39,6 +39,8 @@ export interface HeldMeta {
   pid: number;
   /** The agent created the mountpoint (and removes it with the export). */
   createdMountpoint?: boolean;
+  /** overlay: ephemeral: the overlay file the export writes into (the successor reopens it). */
+  overlayFile?: string;
 }
 
 /** A connection handed back by the holder: the descriptors are now this process's. */

@@ -111,6 +111,18 @@ export class KeptExports {
     return h;
   }
 
+  /** The overlay files held exports use (the leftover clean-up spares them). */
+  overlayFiles(): string[] {
+    return [...this.heldById.values()].flatMap((h) =>
+      h.meta.overlayFile === undefined ? [] : [h.meta.overlayFile],
+    );
+  }
+
+  /** The overlay file of held export `id`, if it has one. */
+  overlayFileOf(id: string): string | undefined {
+    return this.heldById.get(id)?.meta.overlayFile;
+  }
+
   /** A held image pin for `path` (a held mount covers its own image), handed over once. */
   takePin(path: string): number | undefined {
     for (const h of this.heldById.values()) {
@@ -150,6 +162,7 @@ export class KeptExports {
     extra: {
       pinFd: number | undefined;
       imageKey: string | undefined;
+      overlayFile: string | undefined;
       since: string;
       mountId: number | undefined;
       createdMountpoint: boolean;
@@ -186,6 +199,7 @@ export class KeptExports {
         pid: process.pid,
         createdMountpoint: extra.createdMountpoint,
       };
+      if (extra.overlayFile !== undefined) meta.overlayFile = extra.overlayFile;
       const fds = extra.pinFd === undefined ? [conn.fd] : [conn.fd, extra.pinFd];
       this.keeper.put(options.id, options.mountpoint, fds, meta);
     } catch (e) {

@@ -37,6 +37,7 @@ export async function resolveNode(
           ...base,
           filename: n.filename,
           ...(n.locking !== undefined ? { locking: n.locking } : {}),
+          ...(n['force-share'] ? { forceShare: true } : {}),
         },
       };
     case 'raw':

@@ -79,6 +79,7 @@ export function blockdevArgs(n: NodeOptions, driver: string): Record<string, unk
   if (driver === 'file') {
     a.filename = n.filename;
     if (n.locking !== undefined) a.locking = n.locking;
+    if (n['force-share']) a['force-share'] = true;
     return a;
   }
   if (n.snapshot !== undefined) {
@@ -100,6 +101,14 @@ export function blockdevArgs(n: NodeOptions, driver: string): Record<string, unk
 
 /** block-export-add arguments for a manifest export. */
 export function exportArgs(e: ExportOptions): Record<string, unknown> {
+  if (e.overlay !== undefined) {
+    // QSD could: blockdev-create a qcow2 on a temporary file, blockdev-add it with backing = the image
+    // node (force-share on the image), export that. The qemu engine does not build that graph yet.
+    throw new BlkError(
+      'NOT_SUPPORTED',
+      `export '${e.id}': overlay: ephemeral needs the native engine (spec.engine: native); the qemu engine does not build the overlay graph yet`,
+    );
+  }
   return {
     type: 'fuse',
     id: e.id,
