@@ -14,7 +14,7 @@
  * can be made worse. We only read, and open it like QEMU's read-only open:
  * every entry is bounds-checked when it is used, so the worst an unchecked
  * image can give is the stale or leaked data QEMU would show too. `info`
- * reports the bit as the dirty flag, as qemu-img does.
+ * reports the dirty flag as qemu-img does for qed: false, whatever the bit.
  *
  * The backing file is followed only when the header says its format is raw
  * (the "no probe" feature): QED records no other format, and backing files
@@ -311,7 +311,6 @@ function info(s: QedState): ImageInfo {
     format: 'qed',
     virtualSize: s.size,
     clusterSize: s.clusterSize,
-    dirty: (s.features & F_NEED_CHECK) !== 0n,
   };
   if (s.backingName !== undefined) out.backingFilename = s.backingName;
   if (s.backingFormat !== undefined) out.backingFormat = s.backingFormat;
