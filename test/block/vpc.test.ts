@@ -44,6 +44,36 @@ describe('vpc read path against qemu-img', () => {
   });
 });
 
+describe('vpc virtual size: CHS or current_size, by creator application', () => {
+  test('each creator application QEMU knows (and some it does not) gets the size qemu-img reports', async (t) => {
+    if (!needTools(t, 'qemu-img')) return;
+    const dir = tempDir(t);
+    const apps = ['win ', 'qem2', 'd2v ', 'CTXS', 'tap\0', 'vpc ', 'qemu', 'wa\0\0', 'tap ', 'xyz1'];
+    let seed = 300;
+    for (const subformat of ['dynamic', 'fixed']) {
+      const src = convertFrom(
+        dir,
+        `apps-${subformat}`,
+        guest('random', 5_000_000, seed),
+        'vpc',
+        `subformat=${subformat}`,
+      );
+      for (const app of apps) {
+        const f = readFileSync(src);
+        const at = subformat === 'dynamic' ? 0 : f.length - 512;
+        f.write(app, at + 0x1c, 'latin1');
+        // current_size a little under the CHS size, so the two rules differ.
+        f.writeBigUInt64BE(4_999_680n, at + 0x30);
+        f.writeUInt32BE(checksum(f.subarray(at, at + 512), 0x40), at + 0x40);
+        const img = join(dir, `app-${subformat}-${app.replace(/\0/g, '0').trim()}.vpc`);
+        writeFileSync(img, f);
+        await compareInfo(img, 'vpc');
+        await checkImage(img, 'vpc', qemuRaw(dir, img, 'vpc'), seed++);
+      }
+    }
+  });
+});
+
 // --- differencing disks, made by hand from qemu-img's dynamic ones ---------------------------
 
 function checksum(b: Buffer, at: number): number {
