@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { openImage } from '../../src/block/open-image.js';
 import { BlkError } from '../../src/errors.js';
-import { needTools, tempDir } from '../helpers/tools.js';
+import { needTools, qemuImg, qemuIo, tempDir } from '../helpers/tools.js';
 import { M } from './images.js';
 import { CONTENTS, checkImage, compareInfo, convertFrom, guest, qemuRaw } from './ro-formats.js';
 
@@ -45,6 +45,18 @@ describe('vdi read path against qemu-img', () => {
     const want = qemuRaw(dir, img, 'vdi');
     assert.ok(want.subarray(M, 3 * M).equals(Buffer.alloc(2 * M)));
     await checkImage(img, 'vdi', want, 8);
+  });
+});
+
+describe('vdi under qcow2', () => {
+  test('a qcow2 overlay whose backing file is a vdi reads as qemu-img reads it', async (t) => {
+    if (!needTools(t, 'qemu-img', 'qemu-io')) return;
+    const dir = tempDir(t);
+    convertFrom(dir, 'base', guest('random', 4 * M, 9), 'vdi', 'static=off');
+    const top = join(dir, 'top.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.vdi', '-F', 'vdi', top);
+    qemuIo('-f', 'qcow2', '-c', 'write -P 9 100000 300000', '-c', 'write -z 2000000 70000', top);
+    await checkImage(top, 'qcow2', qemuRaw(dir, top, 'qcow2'), 10);
   });
 });
 
