@@ -11,6 +11,7 @@ import { openImage } from '../../src/block/open-image.js';
 import type { ProbedFormat } from '../../src/block/probe.js';
 import type { BlockNode } from '../../src/block/types.js';
 import { imageInfoJson } from '../../src/cli/commands/info.js';
+import { BlkError } from '../../src/errors.js';
 import { qemuImg, randomBytes, seededRandom } from '../helpers/tools.js';
 import { K } from './images.js';
 import { readViaMap } from './read-via-map.js';
@@ -110,4 +111,15 @@ export async function compareInfo(img: string, format: ProbedFormat): Promise<vo
   const q = JSON.parse(qemuImg('info', '-U', '-f', format, '--output=json', img)) as Record<string, unknown>;
   const [ours] = await imageInfoJson(img, { format });
   for (const k of INFO_FIELDS) assert.deepEqual(ours![k], q[k], `${img}: info ${k}`);
+}
+
+/** An assert.rejects check: a BlkError with `code`, naming `field` (and the image `file` when given). */
+export function coded(what: string, code: string, field: string, file?: string) {
+  return (e: unknown): boolean => {
+    assert.ok(e instanceof BlkError, `${what}: ${String(e)}`);
+    assert.equal(e.code, code, `${what}: ${e.message}`);
+    assert.equal(e.place.field, field, `${what}: ${e.message}`);
+    if (file !== undefined) assert.equal(e.place.file, file, what);
+    return true;
+  };
 }

@@ -8,7 +8,8 @@
  * piece can reach past the file whatever the driver got wrong.
  */
 import { BlkError, Errno } from '../../errors.js';
-import type { BlockExtent, BlockNode, HostExtent } from '../types.js';
+import type { ReopenOptions } from '../driver.js';
+import type { BlockCapabilities, BlockExtent, BlockNode, HostExtent } from '../types.js';
 
 /** Where guest bytes live: at `host` in the image file, nowhere (zeroes), or in the backing node. */
 export type Piece =
@@ -142,4 +143,26 @@ export function readOnlyFormat(format: string, path: string): BlkError {
     { file: path },
     { errno: Errno.EROFS },
   );
+}
+
+const NO_WRITES: BlockCapabilities = { write: false, truncate: false, writeZeroes: false, discard: false };
+
+/** The driver members every read-only format shares (spread into its driver object). */
+export function readOnlyFormatOps<S extends PieceSource>(format: string) {
+  return {
+    role: 'format' as const,
+    // A reopen read-only is a no-op; read-write is refused (listing it keeps `driver: auto` nodes reopenable).
+    mutableOptions: ['read-only'],
+    children: (s: S) => (s.backing ? [s.file, s.backing] : [s.file]),
+    async reopenPrepare(s: S, opts: ReopenOptions) {
+      if (opts.readOnly === false) throw readOnlyFormat(format, s.path);
+    },
+    read: (s: S, offset: number, buf: Buffer) => readPieces(s, offset, buf),
+    mapHostCached: (s: S, offset: number, length: number) => mapPieces(s, offset, length),
+    blockStatus: (s: S, offset: number, length: number) => statusPieces(s, offset, length),
+    allocatedSize: (s: S) => s.file.allocatedSize(),
+    capabilities: () => NO_WRITES,
+    isReadOnly: () => true,
+    describe: (s: S) => ({ filename: s.file.filename, fileKey: s.file.fileKey }),
+  };
 }

@@ -25,15 +25,7 @@ import { BlkError } from '../../errors.js';
 import { defineDriver, type OpenContext } from '../driver.js';
 import type { BlockNode, ImageInfo } from '../types.js';
 import { openNamedBacking, refuseLoop } from './backing-file.js';
-import {
-  mapPieces,
-  type Piece,
-  type PieceSource,
-  readAt,
-  readOnlyFormat,
-  readPieces,
-  statusPieces,
-} from './pieces.js';
+import { type Piece, type PieceSource, readAt, readOnlyFormat, readOnlyFormatOps } from './pieces.js';
 import { TableCache } from './qcow2/table-cache.js';
 
 const MAGIC = 0x00444551; // "QED\0"
@@ -319,23 +311,11 @@ function info(s: QedState): ImageInfo {
 
 export const qedFormat = defineDriver<QedState>({
   name: 'qed',
-  role: 'format',
-  mutableOptions: ['read-only'],
+  ...readOnlyFormatOps<QedState>('qed'),
   open: openQed,
   async close(s) {
     s.l2.clear();
   },
-  children: (s) => (s.backing ? [s.file, s.backing] : [s.file]),
-  async reopenPrepare(s, opts) {
-    if (opts.readOnly === false) throw readOnlyFormat('qed', s.path);
-  },
   length: (s) => s.size,
-  read: readPieces,
-  mapHostCached: mapPieces,
-  blockStatus: statusPieces,
-  allocatedSize: (s) => s.file.allocatedSize(),
-  capabilities: () => ({ write: false, truncate: false, writeZeroes: false, discard: false }),
-  isReadOnly: () => true,
-  describe: (s) => ({ filename: s.file.filename, fileKey: s.file.fileKey }),
   imageInfo: info,
 });

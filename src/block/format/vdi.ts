@@ -11,15 +11,7 @@
 import { BlkError } from '../../errors.js';
 import { defineDriver, type OpenContext } from '../driver.js';
 import type { ImageInfo } from '../types.js';
-import {
-  mapPieces,
-  type Piece,
-  type PieceSource,
-  readAt,
-  readOnlyFormat,
-  readPieces,
-  statusPieces,
-} from './pieces.js';
+import { type Piece, type PieceSource, readAt, readOnlyFormat, readOnlyFormatOps } from './pieces.js';
 
 const SIGNATURE = 0xbeda107f;
 const VERSION_1_1 = 0x00010001;
@@ -156,20 +148,8 @@ function info(s: VdiState): ImageInfo {
 
 export const vdiFormat = defineDriver<VdiState>({
   name: 'vdi',
-  role: 'format',
-  mutableOptions: ['read-only'],
+  ...readOnlyFormatOps<VdiState>('vdi'),
   open: openVdi,
-  children: (s) => [s.file],
-  async reopenPrepare(s, opts) {
-    if (opts.readOnly === false) throw readOnlyFormat('vdi', s.path);
-  },
   length: (s) => s.size,
-  read: readPieces,
-  mapHostCached: mapPieces,
-  blockStatus: statusPieces,
-  allocatedSize: (s) => s.file.allocatedSize(),
-  capabilities: () => ({ write: false, truncate: false, writeZeroes: false, discard: false }),
-  isReadOnly: () => true,
-  describe: (s) => ({ filename: s.file.filename, fileKey: s.file.fileKey }),
   imageInfo: info,
 });

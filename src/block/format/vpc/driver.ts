@@ -14,15 +14,7 @@ import { BlkError } from '../../../errors.js';
 import { defineDriver, type OpenContext } from '../../driver.js';
 import type { ImageInfo } from '../../types.js';
 import { refuseLoop } from '../backing-file.js';
-import {
-  mapPieces,
-  type Piece,
-  type PieceSource,
-  readAt,
-  readOnlyFormat,
-  readPieces,
-  statusPieces,
-} from '../pieces.js';
+import { type Piece, type PieceSource, readAt, readOnlyFormat, readOnlyFormatOps } from '../pieces.js';
 import { TableCache } from '../qcow2/table-cache.js';
 import {
   BAT_UNUSED,
@@ -210,24 +202,12 @@ function info(s: VpcState): ImageInfo {
 
 export const vpcFormat = defineDriver<VpcState>({
   name: 'vpc',
-  role: 'format',
-  mutableOptions: ['read-only'],
+  ...readOnlyFormatOps<VpcState>('vpc'),
   open: openVpc,
   async close(s) {
     s.bitmaps.clear();
   },
-  children: (s) => (s.backing ? [s.file, s.backing] : [s.file]),
-  async reopenPrepare(s, opts) {
-    if (opts.readOnly === false) throw readOnlyFormat('vpc', s.path);
-  },
   length: (s) => s.footer.size,
-  read: readPieces,
-  mapHostCached: mapPieces,
-  blockStatus: statusPieces,
-  allocatedSize: (s) => s.file.allocatedSize(),
-  capabilities: () => ({ write: false, truncate: false, writeZeroes: false, discard: false }),
-  isReadOnly: () => true,
-  describe: (s) => ({ filename: s.file.filename, fileKey: s.file.fileKey }),
   imageInfo: info,
   attach: (s, node) => {
     vpcUuids.set(node, s.footer.uuid);
