@@ -7,7 +7,7 @@
  * coded error naming the field, before anything is allocated from them.
  */
 import assert from 'node:assert/strict';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { openImage } from '../../src/block/open-image.js';
@@ -88,6 +88,17 @@ describe('hostile vdi images', () => {
         'offset_bmap',
       ],
       ['too many blocks', (f) => f.writeUInt32LE(0x40000000, 0x180), 'IMAGE_UNSUPPORTED', 'blocks_in_image'],
+      // A 20 TiB disk whose 80 MiB map lies in a sparse file: refused before the map is read.
+      [
+        'map too long',
+        (f) => {
+          f.writeUInt32LE(20 << 20, 0x180);
+          f.writeBigUInt64LE(20n << 40n, 0x170);
+          f.writeUInt32LE(0x200 + 80 * 1024 * 1024, 0x158);
+        },
+        'IMAGE_UNSUPPORTED',
+        'disk_size',
+      ],
       ['map entry', (f) => f.writeUInt32LE(4000, bmap + 4), 'IMAGE_CORRUPT', 'block_map[1]'],
     ];
     for (const [name, mutate, code, field] of mutants) {
@@ -95,6 +106,7 @@ describe('hostile vdi images', () => {
       mutate(f);
       const img = join(dir, `m-${name.replace(/ /g, '-')}.vdi`);
       writeFileSync(img, f);
+      if (name === 'map too long') truncateSync(img, 0x200 + 80 * 1024 * 1024 + 4096);
       const before = process.memoryUsage().rss;
       await assert.rejects(
         openImage({ filename: img, format: 'vdi', readOnly: true }),

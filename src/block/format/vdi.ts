@@ -22,6 +22,8 @@ const BLOCK_SIZE = 1024 * 1024;
 const MAX_BLOCKS = 0x3fffffff;
 const TYPE_DYNAMIC = 1;
 const TYPE_STATIC = 2;
+/** Longest block map read (the entries that map the disk): 16 Mi entries, 64 MiB, a 16 TiB disk. */
+const MAX_MAP_ENTRIES = 16 * 1024 * 1024;
 /** Entries at or above this are not allocated (0xfffffffe discarded, 0xffffffff never written). */
 const FIRST_UNALLOCATED = 0xfffffffe;
 
@@ -102,6 +104,13 @@ async function openVdi(ctx: OpenContext): Promise<VdiState> {
       'IMAGE_CORRUPT',
       `block map (${blocksInImage} entries at ${offsetBmap}) runs past the end of the file`,
       'offset_bmap',
+    );
+  }
+  if (entries > MAX_MAP_ENTRIES) {
+    throw fail(
+      'IMAGE_UNSUPPORTED',
+      `a disk of ${entries} blocks (at most ${MAX_MAP_ENTRIES} are read)`,
+      'disk_size',
     );
   }
   const bmap = await readAt(file, offsetBmap, entries * 4);
