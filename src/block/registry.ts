@@ -3,7 +3,10 @@ import { BlkError } from '../errors.js';
 import type { BlockDriver } from './driver.js';
 import { partitionFilter } from './filter/partition.js';
 import { qcow2Format } from './format/qcow2/driver.js';
+import { qedFormat } from './format/qed.js';
 import { rawFormat } from './format/raw.js';
+import { vdiFormat } from './format/vdi.js';
+import { vpcFormat } from './format/vpc/driver.js';
 import { fileProtocol } from './protocol/file.js';
 
 const DRIVERS: ReadonlyMap<string, BlockDriver> = new Map([
@@ -11,6 +14,9 @@ const DRIVERS: ReadonlyMap<string, BlockDriver> = new Map([
   ['raw', rawFormat],
   ['qcow2', qcow2Format],
   ['partition', partitionFilter],
+  ['vpc', vpcFormat],
+  ['vdi', vdiFormat],
+  ['qed', qedFormat],
 ]);
 
 /** The driver called `name`, or a NOT_SUPPORTED error. */

@@ -6,6 +6,7 @@
 import { spawn } from 'node:child_process';
 import { unlink, writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
+import { PROBED_FORMATS, type ProbedFormat } from '../../block/probe.js';
 import { type OneShot, type OneShotOptions, startOneShot } from '../../engine/one-shot.js';
 import { defaultOneShotOverlayDir } from '../../engine/overlays.js';
 import { BlkError, describeError } from '../../errors.js';
@@ -21,7 +22,7 @@ defaults to IMAGE itself: until unmounted, \`file\`, \`parted\`, \`kpartx\`,
 SIGTERM, then flushes, unmounts and exits 0.
 
 options:
-  --format F             auto (default), raw or qcow2
+  --format F             auto (default), raw, qcow2, or (read-only) vpc, vdi, qed
   --writable             allow writes (a probed-raw image needs --format raw)
   --growable             writes past the end grow the image; allows truncate
   --allow-other          let other users open the export (default: try, fall back)
@@ -62,8 +63,8 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
     throw new BlkError('USAGE', 'expected IMAGE [MOUNTPOINT] (see blkexport mount --help)');
   }
   const format = values.format as string;
-  if (format !== 'auto' && format !== 'raw' && format !== 'qcow2') {
-    throw new BlkError('USAGE', `--format must be auto, raw or qcow2, not '${format}'`);
+  if (format !== 'auto' && !(PROBED_FORMATS as readonly string[]).includes(format)) {
+    throw new BlkError('USAGE', `--format must be auto, ${PROBED_FORMATS.join(', ')}, not '${format}'`);
   }
   let partition: number | undefined;
   if (values.partition !== undefined) {
@@ -87,7 +88,7 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
     throw new BlkError('USAGE', '--snapshot shows an internal snapshot read-only: it cannot be --writable');
   const opts: OneShotOptions = {
     image: resolve(positionals[0]!),
-    format,
+    format: format as 'auto' | ProbedFormat,
     writable: values.writable as boolean,
     growable: values.growable as boolean,
     allowOther: values['allow-other'] === undefined ? 'auto' : values['allow-other'] ? 'on' : 'off',

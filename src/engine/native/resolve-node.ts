@@ -62,6 +62,17 @@ export async function resolveNode(
       };
     case 'partition':
       return { options: { driver: 'partition', ...base, file: file(), number: n.number! } };
+    case 'vpc':
+    case 'vdi':
+    case 'qed':
+      return {
+        options: {
+          driver: n.driver,
+          ...base,
+          file: file(),
+          ...(n.backing !== undefined && n.driver !== 'vdi' ? { backing: n.backing } : {}),
+        },
+      };
     case 'auto': {
       const driver = await probeNode(lookup(file())!);
       if (n.snapshot === undefined) return { options: { driver, ...base, file: n.file! }, driver };
