@@ -4,6 +4,7 @@ import type { BlockDriver } from './driver.js';
 import { partitionFilter } from './filter/partition.js';
 import { qcow2Format } from './format/qcow2/driver.js';
 import { rawFormat } from './format/raw.js';
+import { vmdkFormat } from './format/vmdk/driver.js';
 import { fileProtocol } from './protocol/file.js';
 
 const DRIVERS: ReadonlyMap<string, BlockDriver> = new Map([
@@ -11,6 +12,7 @@ const DRIVERS: ReadonlyMap<string, BlockDriver> = new Map([
   ['raw', rawFormat],
   ['qcow2', qcow2Format],
   ['partition', partitionFilter],
+  ['vmdk', vmdkFormat],
 ]);
 
 /** The driver called `name`, or a NOT_SUPPORTED error. */

@@ -7,6 +7,7 @@ import { realpath, unlink } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { openImage } from '../block/open-image.js';
 import { isInsideRoot, makePathPolicy } from '../block/path-policy.js';
+import type { ProbedFormat } from '../block/probe.js';
 import type { BlockNode } from '../block/types.js';
 import { BlkError } from '../errors.js';
 import { createMountpoint, fuseExportDriver } from '../export/fuse/driver.js';
@@ -19,7 +20,7 @@ import { probedRawError } from './rules.js';
 export interface OneShotOptions {
   image: string;
   mountpoint?: string;
-  format: 'auto' | 'raw' | 'qcow2';
+  format: 'auto' | ProbedFormat;
   writable: boolean;
   growable: boolean;
   allowOther: AllowOther;

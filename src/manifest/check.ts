@@ -4,6 +4,7 @@ import { childrenOf, NodeGraph } from './graph.js';
 import {
   type ExportSpec,
   type ManifestDocument,
+  NATIVE_READ_ONLY_DRIVERS,
   type NodeSpec,
   QEMU_ONLY_DRIVERS,
   type QemuOnlyDriver,
@@ -120,6 +121,18 @@ function checkExports(
         pointer: `${e.source.path}/writable`,
         at: 'value',
         message: `writable export "${id}" over read-only node "${readOnly}" (defined at ${at(nodes.get(readOnly)!.source)})`,
+      });
+    }
+    // The native engine reads vmdk but never writes it.
+    const readOnlyFormat = graph
+      .fileChain(top)
+      .map((name) => nodes.get(name)?.options.driver)
+      .find((d) => NATIVE_READ_ONLY_DRIVERS.includes(d as QemuOnlyDriver));
+    if (doc.engine === 'native' && readOnlyFormat !== undefined) {
+      problems.push({
+        pointer: `${e.source.path}/writable`,
+        at: 'value',
+        message: `writable export "${id}" over a ${readOnlyFormat} image: the native engine reads ${readOnlyFormat} only (make the export read-only, or use spec.engine: qemu)`,
       });
     }
   }

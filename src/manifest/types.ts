@@ -13,11 +13,14 @@ export interface SourcePos {
   path: string;
 }
 
-/** Format drivers only the qemu engine opens (QEMU's own drivers). */
+/** Format drivers beyond qcow2 and raw (QEMU's own drivers; some the native engine reads too). */
 export type QemuOnlyDriver = 'vmdk' | 'vhdx' | 'vpc' | 'vdi' | 'qed';
 
-/** Every format driver QEMU's drivers cover, in manifests. */
-export const QEMU_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vmdk', 'vhdx', 'vpc', 'vdi', 'qed'];
+/** Format drivers the native engine does not open (the qemu engine does). */
+export const QEMU_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vhdx', 'vpc', 'vdi', 'qed'];
+
+/** Format drivers the native engine opens read-only (a writable export over them needs the qemu engine). */
+export const NATIVE_READ_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vmdk'];
 
 /** `auto`: the format is probed from the image's magic when the node is opened. */
 export type NodeDriver = 'file' | 'raw' | 'qcow2' | 'partition' | QemuOnlyDriver | 'auto';

@@ -6,13 +6,14 @@
  */
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { openImage } from '../../block/open-image.js';
+import { PROBED_FORMATS, type ProbedFormat } from '../../block/probe.js';
 import type { BlockNode } from '../../block/types.js';
 import { BlkError } from '../../errors.js';
 import { parseCommandArgs } from '../args.js';
 import { formatBytes } from '../format.js';
 
 export const summary = 'format, virtual size, cluster size, backing chain, features, snapshots';
-export const usage = `usage: blkexport info IMAGE [-o human|json] [--format auto|raw|qcow2] [--backing-chain]
+export const usage = `usage: blkexport info IMAGE [-o human|json] [--format auto|raw|qcow2|vmdk] [--backing-chain]
         [--allow-root DIR]... [-U]
 
 Shows what blkexport sees in IMAGE. JSON field names follow
@@ -20,7 +21,7 @@ Shows what blkexport sees in IMAGE. JSON field names follow
 
 options:
   -o, --output FMT     human (default) or json
-  --format F           auto (default: probe), raw or qcow2
+  --format F           auto (default: probe), raw, qcow2 or vmdk
   --backing-chain      also describe every backing file (followed only inside the allowed roots)
   --allow-root DIR     where backing files may be followed from (default: the image's directory)
   -U, --force-share    take no image locks (as qemu-img -U): works while QEMU writes the image
@@ -66,7 +67,7 @@ function describeNode(node: BlockNode, format: string, filename: string, actualS
 export async function imageInfoJson(
   filename: string,
   opts: {
-    format?: 'auto' | 'raw' | 'qcow2';
+    format?: 'auto' | ProbedFormat;
     backingChain?: boolean;
     allowedRoots?: string[];
     /** Take no image locks (qemu-img -U). */
@@ -93,7 +94,7 @@ export async function imageInfoJson(
       const d = describeNode(node, format, name, actual);
       out.push(d);
       if (!opts.backingChain) break;
-      const backing: BlockNode | undefined = node.driver === 'qcow2' ? node.children[1] : undefined;
+      const backing: BlockNode | undefined = node.driver !== 'raw' ? node.children[1] : undefined;
       // children are [file, backing?, data file?]; a data file is a protocol node, a backing never is.
       if (!backing || backing.role === 'protocol') break;
       name = (d['full-backing-filename'] as string) ?? backing.filename ?? '?';
@@ -168,11 +169,11 @@ export async function run(args: string[]): Promise<number> {
   if (output !== 'human' && output !== 'json')
     throw new BlkError('USAGE', `unknown output format '${output}'`);
   const format = values.format;
-  if (format !== 'auto' && format !== 'raw' && format !== 'qcow2') {
-    throw new BlkError('USAGE', `unknown format '${format}' (auto, raw or qcow2)`);
+  if (format !== 'auto' && !(PROBED_FORMATS as readonly string[]).includes(format)) {
+    throw new BlkError('USAGE', `unknown format '${format}' (auto, ${PROBED_FORMATS.join(', ')})`);
   }
   const infos = await imageInfoJson(positionals[0]!, {
-    format,
+    format: format as 'auto' | ProbedFormat,
     backingChain: values['backing-chain'],
     allowedRoots: values['allow-root'],
     forceShare: values['force-share'],

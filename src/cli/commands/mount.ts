@@ -6,6 +6,7 @@
 import { spawn } from 'node:child_process';
 import { unlink, writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
+import { PROBED_FORMATS, type ProbedFormat } from '../../block/probe.js';
 import { type OneShot, type OneShotOptions, startOneShot } from '../../engine/one-shot.js';
 import { BlkError, describeError } from '../../errors.js';
 import { parseCommandArgs } from '../args.js';
@@ -20,7 +21,7 @@ defaults to IMAGE itself: until unmounted, \`file\`, \`parted\`, \`kpartx\`,
 SIGTERM, then flushes, unmounts and exits 0.
 
 options:
-  --format F             auto (default), raw or qcow2
+  --format F             auto (default), raw, qcow2, or (read-only) vmdk
   --writable             allow writes (a probed-raw image needs --format raw)
   --growable             writes past the end grow the image; allows truncate
   --allow-other          let other users open the export (default: try, fall back)
@@ -50,8 +51,8 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
     throw new BlkError('USAGE', 'expected IMAGE [MOUNTPOINT] (see blkexport mount --help)');
   }
   const format = values.format as string;
-  if (format !== 'auto' && format !== 'raw' && format !== 'qcow2') {
-    throw new BlkError('USAGE', `--format must be auto, raw or qcow2, not '${format}'`);
+  if (format !== 'auto' && !(PROBED_FORMATS as readonly string[]).includes(format)) {
+    throw new BlkError('USAGE', `--format must be auto, ${PROBED_FORMATS.join(', ')}, not '${format}'`);
   }
   let partition: number | undefined;
   if (values.partition !== undefined) {
@@ -66,7 +67,7 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
   if (values.growable && !values.writable) throw new BlkError('USAGE', '--growable needs --writable');
   const opts: OneShotOptions = {
     image: resolve(positionals[0]!),
-    format,
+    format: format as 'auto' | ProbedFormat,
     writable: values.writable as boolean,
     growable: values.growable as boolean,
     allowOther: values['allow-other'] === undefined ? 'auto' : values['allow-other'] ? 'on' : 'off',
