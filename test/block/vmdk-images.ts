@@ -64,19 +64,17 @@ const SECTOR = 512;
 /**
  * A streamOptimized image laid out as VMware's stream writers do: qemu-img
  * writes the grain directory where its header says (gdOffset = 30 and so
- * on) and ends with an end-of-stream marker, never the footer. From such a
- * qemu-made image this sets the first header's gdOffset to GD_AT_END and
- * replaces the final end-of-stream sector with a footer marker (val 1, size
+ * on) and never a footer. From such a qemu-made image this sets the first
+ * header's gdOffset to GD_AT_END and appends a footer marker (val 1, size
  * 0, type 3), a footer sector (the original header, with the real gdOffset)
- * and an end-of-stream marker: the reader must take the grain directory
- * from the footer.
+ * and an end-of-stream marker (all zero): the reader must take the grain
+ * directory from the footer, 1536 bytes before the end.
  */
 export function footerStream(qemuStream: string, out: string): void {
   const b = readFileSync(qemuStream);
+  if (b.length % SECTOR !== 0) throw new Error('the stream is not a whole number of sectors');
   const header = Buffer.from(b.subarray(0, SECTOR));
-  const body = Buffer.from(b.subarray(0, b.length - SECTOR));
-  if (b.subarray(b.length - SECTOR).some((x) => x !== 0))
-    throw new Error('no end-of-stream marker at the end');
+  const body = Buffer.from(b);
   body.writeBigUInt64LE(0xffffffffffffffffn, 56);
   const marker = Buffer.alloc(SECTOR);
   marker.writeBigUInt64LE(1n, 0);

@@ -80,7 +80,7 @@ export async function readSparseHeader(node: BlockNode, path: string): Promise<S
   }
   const peek = peekHeader(head);
   if (peek.capacity === 0n && peek.descOffset !== 0n) {
-    if (peek.descOffset >= BigInt(Math.floor(fileLength / SECTOR))) {
+    if (peek.descOffset * BigInt(SECTOR) >= BigInt(fileLength)) {
       throw new BlkError('IMAGE_CORRUPT', 'the descriptor lies past the end of the file', {
         file: path,
         field: 'descriptorOffset',
