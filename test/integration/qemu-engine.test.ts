@@ -274,8 +274,8 @@ describe('the qemu engine', { concurrency: false }, () => {
     const ref = reference(refPath, 1 << 20, 231);
     const q = join(d.images, 'n.qcow2');
     qemuImg('convert', '-f', 'raw', '-O', 'qcow2', refPath, q);
-    const v = join(d.images, 'v.vmdk');
-    qemuImg('convert', '-f', 'raw', '-O', 'vmdk', refPath, v);
+    const v = join(d.images, 'v.vhdx');
+    qemuImg('convert', '-f', 'raw', '-O', 'vhdx', refPath, v);
     const mp = (n: string) => ({ mountpoint: join(d.images, n), 'create-mountpoint': true });
     writeFileSync(
       join(d.manifests, 'a-native.yaml'),
@@ -287,7 +287,7 @@ describe('the qemu engine', { concurrency: false }, () => {
     );
     writeFileSync(
       join(d.manifests, 'c-default.yaml'),
-      manifest('dflt', `  exports:\n${shorthand('v', v, { ...mp('v.raw'), format: 'vmdk' })}`),
+      manifest('dflt', `  exports:\n${shorthand('v', v, { ...mp('v.raw'), format: 'vhdx' })}`),
     );
     const agent = await start('native');
     const by = await until('settled', async () => {
