@@ -331,6 +331,16 @@ describe('vmdk images made by qemu-img read byte-identical to qemu-img convert -
       chain.map((x) => basename(String(x.filename))),
       ['top.vmdk', 'mid.vmdk', 'base.vmdk'],
     );
+    // A qcow2 overlay may name a vmdk backing file (by its recorded format).
+    const q = join(dir, 'over.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', 'top.vmdk', '-F', 'vmdk', q);
+    qemuIo('-f', 'qcow2', '-c', 'write -P 0x64 300k 64k', q);
+    await compareReads(
+      q,
+      oracleRaw(q, join(dir, 'q.raw')),
+      [{ off: 300 * K, len: 64 * K }, ...regions],
+      true,
+    );
   });
 });
 
