@@ -74,8 +74,13 @@ function unquote(v: string): string {
   return t.length >= 2 && t.startsWith('"') && t.endsWith('"') ? t.slice(1, -1) : t;
 }
 
-/** Parses descriptor text found in `file`; throws IMAGE_INVALID / IMAGE_UNSUPPORTED naming line and field. */
-export function parseDescriptor(text: string, file: string): Descriptor {
+/**
+ * Parses descriptor text found in `file`; throws IMAGE_INVALID /
+ * IMAGE_UNSUPPORTED naming line and field. `keysOnly`: the descriptor of a
+ * monolithic sparse file, of which QEMU reads only the CIDs and the parent
+ * name (its extent line and version are not used, so not checked).
+ */
+export function parseDescriptor(text: string, file: string, keysOnly = false): Descriptor {
   if (text.length > MAX_DESCRIPTOR_BYTES) {
     throw new BlkError('IMAGE_INVALID', `descriptor of ${text.length} bytes is too large`, {
       file,
@@ -89,6 +94,7 @@ export function parseDescriptor(text: string, file: string): Descriptor {
     if (line === '' || line.startsWith('#')) continue;
     const first = line.split(/[ \t]/, 1)[0]!;
     if (ACCESS.includes(first)) {
+      if (keysOnly) continue;
       if (d.extents.length >= MAX_EXTENTS) {
         throw new BlkError('IMAGE_UNSUPPORTED', `more than ${MAX_EXTENTS} extents`, {
           file,
@@ -100,7 +106,7 @@ export function parseDescriptor(text: string, file: string): Descriptor {
       continue;
     }
     const kv = KEY_RE.exec(line);
-    if (kv) setKey(d, kv[1]!, kv[2]!, i + 1, file);
+    if (kv && !(keysOnly && kv[1] === 'version')) setKey(d, kv[1]!, kv[2]!, i + 1, file);
   }
   return d;
 }

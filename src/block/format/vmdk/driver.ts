@@ -75,7 +75,7 @@ async function openLayout(
   const extent = await sparseExtent(file, h, path, { start: 0, type: '', filename: path });
   // Like QEMU, the CIDs and the parent come from sector 1; the extent is the header's, not the descriptor's.
   const text = await readText(file, EMBEDDED_DESCRIPTOR_OFFSET, EMBEDDED_DESCRIPTOR_BYTES);
-  const descriptor = parseDescriptor(text, path);
+  const descriptor = parseDescriptor(text, path, true);
   return {
     extents: [extent],
     descriptor,
