@@ -15,7 +15,7 @@ import { formatBytes } from '../format.js';
 export const summary = 'export one image as a raw file (default: over the image itself)';
 export const usage = `usage: blkexport mount IMAGE [MOUNTPOINT] [options]
 
-Presents IMAGE (qcow2 or raw, probed) as a raw image file at MOUNTPOINT, which
+Presents IMAGE (qcow2, raw or read-only vmdk, probed) as a raw image file at MOUNTPOINT, which
 defaults to IMAGE itself: until unmounted, \`file\`, \`parted\`, \`kpartx\`,
 \`mount -o loop\` see the guest disk. Serves in the foreground until Ctrl-C or
 SIGTERM, then flushes, unmounts and exits 0.
