@@ -94,6 +94,8 @@ describe('hostile vmdk images are refused with a coded error naming the field', 
       for (const [off, b] of edits) patch(p, off, b);
       return p;
     };
+    // Version 3 without compression opens read-only (QEMU refuses it only read-write); 4 is refused.
+    assert.equal(await openAndRead(mutant([[4, u32(3)]])), undefined);
     await refused(mutant([[4, u32(4)]]), 'IMAGE_UNSUPPORTED', /^version$/);
     await refused(mutant([[44, u32(513)]]), 'IMAGE_INVALID', /^numGTEsPerGT$/);
     await refused(mutant([[44, u32(0)]]), 'IMAGE_INVALID', /^numGTEsPerGT$/);
