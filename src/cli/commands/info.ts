@@ -90,7 +90,8 @@ export async function imageInfoJson(
     let format = img.format;
     while (node) {
       const file = node.children[0];
-      const actual = file ? await file.allocatedSize() : await node.allocatedSize();
+      // vmdk: every extent file counts, as in qemu-img (its node sums them).
+      const actual = file && node.driver !== 'vmdk' ? await file.allocatedSize() : await node.allocatedSize();
       const d = describeNode(node, format, name, actual);
       out.push(d);
       if (!opts.backingChain) break;
