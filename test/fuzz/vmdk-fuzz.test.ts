@@ -225,7 +225,7 @@ test('vmdk fuzzing: mutated qemu-img images refused or served with coded errors,
   );
   assert.deepEqual(failures, []);
   assert.ok(stats.peakRss < MAX_RSS, `peak RSS ${stats.peakRss}`);
-  assert.ok(stats.images >= 50, `only ${stats.images} images`);
+  assert.ok(stats.images >= 30, `only ${stats.images} images`);
   assert.ok(
     stats.refused > 0 && stats.served > 0 && stats.readErrors > 0,
     'mutations reach open and read paths',
