@@ -13,7 +13,7 @@ import type { BlockNode } from './types.js';
 
 export interface OpenImageOptions {
   filename: string;
-  /** 'auto' (default) probes the first bytes (qcow2, raw, vpc, vdi, qed); vpc, vdi and qed open read-only. */
+  /** 'auto' (default) probes the first bytes (qcow2, raw, vpc, vdi, qed, vmdk); vpc, vdi, qed and vmdk open read-only. */
   format?: 'auto' | ProbedFormat;
   readOnly: boolean;
   /** Name of the format node (default: 'image'); the file node is `<name>-file`. */

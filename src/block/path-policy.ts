@@ -41,7 +41,7 @@ export async function resolveImplicitFile(
   policy: PathPolicy,
   imagePath: string,
   name: string,
-  what: 'backing file' | 'data file',
+  what: 'backing file' | 'data file' | 'extent file',
   field: string,
 ): Promise<string> {
   const refuse = (why: string) =>

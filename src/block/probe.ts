@@ -1,10 +1,10 @@
 /**
  * Format probing from an image's first bytes, for `format: auto` on the image
  * a user names (never on backing files: their format must be recorded).
- * qcow2, raw, vpc (dynamic and differencing vhd), vdi and qed are opened;
- * other formats are recognized by their magic and refused, so they are never
- * presented as raw. A fixed vhd has its footer only at the end, so (as with
- * QEMU) it probes as raw: name its format (vpc) to open it as a vhd.
+ * qcow2, raw, vpc (dynamic and differencing vhd), vdi and qed are opened, and
+ * vmdk read-only; other formats are recognized by their magic and refused, so
+ * they are never presented as raw. A fixed vhd has its footer only at the end,
+ * so (as with QEMU) it probes as raw: name its format (vpc) to open it as a vhd.
  */
 import { closeSync, constants, openSync } from 'node:fs';
 import { resolve } from 'node:path';
@@ -15,10 +15,10 @@ import type { BlockNode } from './types.js';
 export type ProbedFormat = 'qcow2' | 'raw' | ReadOnlyFormat;
 
 /** Formats the native block layer opens read-only. */
-export type ReadOnlyFormat = 'vpc' | 'vdi' | 'qed';
+export type ReadOnlyFormat = 'vpc' | 'vdi' | 'qed' | 'vmdk';
 
 /** Formats the native block layer opens read-only (a writable open is refused naming the format). */
-export const READ_ONLY_FORMATS: readonly ReadOnlyFormat[] = ['vpc', 'vdi', 'qed'];
+export const READ_ONLY_FORMATS: readonly ReadOnlyFormat[] = ['vpc', 'vdi', 'qed', 'vmdk'];
 
 /** Every format a probe can choose for the native block layer. */
 export const PROBED_FORMATS: readonly ProbedFormat[] = ['qcow2', 'raw', ...READ_ONLY_FORMATS];
@@ -31,7 +31,7 @@ function unsupported(format: string, file: string | undefined): BlkError {
 }
 
 /** Formats recognized by their magic; which of them can be opened depends on the engine. */
-export type KnownFormat = ProbedFormat | 'qcow' | 'vmdk' | 'vhdx' | 'luks' | 'parallels' | 'bochs' | 'cloop';
+export type KnownFormat = ProbedFormat | 'qcow' | 'vhdx' | 'luks' | 'parallels' | 'bochs' | 'cloop';
 
 /**
  * Names the format of an image from its first bytes, whatever engine will

@@ -6,6 +6,7 @@ import { qcow2Format } from './format/qcow2/driver.js';
 import { qedFormat } from './format/qed.js';
 import { rawFormat } from './format/raw.js';
 import { vdiFormat } from './format/vdi.js';
+import { vmdkFormat } from './format/vmdk/driver.js';
 import { vpcFormat } from './format/vpc/driver.js';
 import { fileProtocol } from './protocol/file.js';
 
@@ -17,6 +18,7 @@ const DRIVERS: ReadonlyMap<string, BlockDriver> = new Map([
   ['vpc', vpcFormat],
   ['vdi', vdiFormat],
   ['qed', qedFormat],
+  ['vmdk', vmdkFormat],
 ]);
 
 /** The driver called `name`, or a NOT_SUPPORTED error. */

@@ -157,7 +157,7 @@ function checkExports(
         message: `writable export "${id}" over read-only node "${readOnly}" (defined at ${at(nodes.get(readOnly)!.source)})`,
       });
     }
-    // The native engine reads vpc, vdi and qed but never writes them.
+    // The native engine reads vpc, vdi, qed and vmdk but never writes them.
     const readOnlyFormat = graph
       .fileChain(top)
       .map((name) => nodes.get(name)?.options.driver)

@@ -17,10 +17,10 @@ export interface SourcePos {
 export type QemuOnlyDriver = 'vmdk' | 'vhdx' | 'vpc' | 'vdi' | 'qed';
 
 /** Format drivers the native engine does not open (the qemu engine does). */
-export const QEMU_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vmdk', 'vhdx'];
+export const QEMU_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vhdx'];
 
 /** Format drivers the native engine opens read-only (a writable export over them needs the qemu engine). */
-export const NATIVE_READ_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vpc', 'vdi', 'qed'];
+export const NATIVE_READ_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vpc', 'vdi', 'qed', 'vmdk'];
 
 /** `auto`: the format is probed from the image's magic when the node is opened. */
 export type NodeDriver = 'file' | 'raw' | 'qcow2' | 'partition' | QemuOnlyDriver | 'auto';

@@ -68,7 +68,7 @@ test('openGraph: named nodes, windows, writes, reopen, close order', async (t) =
   );
 });
 
-test('probe: qcow2, raw, vpc, vdi, qed, and refused formats', () => {
+test('probe: qcow2, raw, vpc, vdi, qed, vmdk, and refused formats', () => {
   const pad = (s: string) => Buffer.concat([Buffer.from(s, 'latin1'), Buffer.alloc(512)]);
   const q = pad('QFI\xfb\0\0\0\x03');
   assert.equal(probeBytes(q), 'qcow2');
@@ -79,10 +79,10 @@ test('probe: qcow2, raw, vpc, vdi, qed, and refused formats', () => {
   assert.equal(probeBytes(vdi), 'vdi');
   assert.equal(probeBytes(pad('conectix')), 'vpc');
   assert.equal(probeBytes(pad('QED\0')), 'qed');
+  assert.equal(probeBytes(pad('KDMV')), 'vmdk');
+  assert.equal(probeBytes(pad('# Disk DescriptorFile')), 'vmdk');
   const cases: [Buffer, string][] = [
     [pad('QFI\xfb\0\0\0\x01'), 'qcow (version 1)'],
-    [pad('KDMV'), 'vmdk'],
-    [pad('# Disk DescriptorFile'), 'vmdk'],
     [pad('vhdxfile'), 'vhdx'],
     [pad('LUKS\xba\xbe'), 'luks'],
   ];

@@ -274,12 +274,14 @@ describe('the qemu engine', { concurrency: false }, () => {
     const ref = reference(refPath, 1 << 20, 231);
     const q = join(d.images, 'n.qcow2');
     qemuImg('convert', '-f', 'raw', '-O', 'qcow2', refPath, q);
-    const v = join(d.images, 'v.vmdk');
-    qemuImg('convert', '-f', 'raw', '-O', 'vmdk', refPath, v);
+    const v = join(d.images, 'v.vhdx');
+    qemuImg('convert', '-f', 'raw', '-O', 'vhdx', refPath, v);
+    const vm = join(d.images, 'nv.vmdk');
+    qemuImg('convert', '-f', 'raw', '-O', 'vmdk', '-o', 'subformat=streamOptimized', refPath, vm);
     const mp = (n: string) => ({ mountpoint: join(d.images, n), 'create-mountpoint': true });
     writeFileSync(
       join(d.manifests, 'a-native.yaml'),
-      manifest('nat', `  exports:\n${shorthand('n', q, mp('n.raw'))}`),
+      manifest('nat', `  exports:\n${shorthand('n', q, mp('n.raw'))}${shorthand('nv', vm, mp('nv.raw'))}`),
     );
     writeFileSync(
       join(d.manifests, 'b-qemu.yaml'),
@@ -287,13 +289,16 @@ describe('the qemu engine', { concurrency: false }, () => {
     );
     writeFileSync(
       join(d.manifests, 'c-default.yaml'),
-      manifest('dflt', `  exports:\n${shorthand('v', v, { ...mp('v.raw'), format: 'vmdk' })}`),
+      manifest('dflt', `  exports:\n${shorthand('v', v, { ...mp('v.raw'), format: 'vhdx' })}`),
     );
     const agent = await start('native');
     const by = await until('settled', async () => {
       const st = await agent.get<Status>('/status');
       const m = new Map(st.exports.map((e) => [e.id, e]));
-      return m.get('n')?.state === 'ready' && m.get('q')?.state === 'ready' && m.get('v')?.state === 'failed'
+      return m.get('n')?.state === 'ready' &&
+        m.get('nv')?.state === 'ready' &&
+        m.get('q')?.state === 'ready' &&
+        m.get('v')?.state === 'failed'
         ? m
         : undefined;
     });
@@ -301,6 +306,10 @@ describe('the qemu engine', { concurrency: false }, () => {
     assert.equal(by.get('q')!.engine, 'qemu');
     assert.match(by.get('v')!.reason, /not supported by the native engine/);
     assert.equal(mountAt(join(d.images, 'n.raw'))?.fstype, 'fuse.blkexport');
+    // vmdk (probed) is served by the native engine itself, read-only.
+    assert.equal(by.get('nv')!.engine, 'native');
+    assert.equal(mountAt(join(d.images, 'nv.raw'))?.fstype, 'fuse.blkexport');
+    assert.ok(readExport(join(d.images, 'nv.raw')).equals(ref));
     assert.equal(mountAt(join(d.images, 'q.raw'))?.fstype, 'fuse');
     assert.ok(readExport(join(d.images, 'q.raw')).equals(ref));
     // Metrics name each export's engine; QSD 7.2 cannot count an export's requests (docs/engines.md).

@@ -13,7 +13,7 @@ import { parseCommandArgs } from '../args.js';
 import { formatBytes } from '../format.js';
 
 export const summary = 'format, virtual size, cluster size, backing chain, features, snapshots';
-export const usage = `usage: blkexport info IMAGE [-o human|json] [--format auto|raw|qcow2|vpc|vdi|qed] [--backing-chain]
+export const usage = `usage: blkexport info IMAGE [-o human|json] [--format auto|raw|qcow2|vpc|vdi|qed|vmdk] [--backing-chain]
         [--allow-root DIR]... [-U]
 
 Shows what blkexport sees in IMAGE. JSON field names follow
@@ -21,7 +21,7 @@ Shows what blkexport sees in IMAGE. JSON field names follow
 
 options:
   -o, --output FMT     human (default) or json
-  --format F           auto (default: probe), raw, qcow2, vpc, vdi or qed (a fixed vhd probes as raw)
+  --format F           auto (default: probe), raw, qcow2, vpc, vdi, qed or vmdk (a fixed vhd probes as raw)
   --backing-chain      also describe every backing file (followed only inside the allowed roots)
   --allow-root DIR     where backing files may be followed from (default: the image's directory)
   -U, --force-share    take no image locks (as qemu-img -U): works while QEMU writes the image
@@ -90,7 +90,8 @@ export async function imageInfoJson(
     let format = img.format;
     while (node) {
       const file = node.children[0];
-      const actual = file ? await file.allocatedSize() : await node.allocatedSize();
+      // vmdk: every extent file counts, as in qemu-img (its node sums them).
+      const actual = file && node.driver !== 'vmdk' ? await file.allocatedSize() : await node.allocatedSize();
       const d = describeNode(node, format, name, actual);
       out.push(d);
       if (!opts.backingChain) break;

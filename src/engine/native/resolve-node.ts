@@ -51,9 +51,10 @@ export async function resolveNode(
         },
       };
     case 'qcow2':
+    case 'vmdk':
       return {
         options: {
-          driver: 'qcow2',
+          driver: n.driver,
           ...base,
           file: file(),
           ...(n.backing !== undefined ? { backing: n.backing } : {}),

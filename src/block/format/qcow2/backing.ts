@@ -10,7 +10,7 @@ import type { BlockNode } from '../../types.js';
 import { openNamedBacking } from '../backing-file.js';
 import type { Qcow2Extensions } from './extensions.js';
 
-const BACKING_FORMATS = ['qcow2', 'raw', 'vpc', 'vdi', 'qed'];
+const BACKING_FORMATS = ['qcow2', 'raw', 'vpc', 'vdi', 'qed', 'vmdk'];
 
 /** Opens (or takes) the backing node for an image whose file is `file`; null when there is none. */
 export async function openBacking(
