@@ -13,8 +13,8 @@ import type { BlockNode } from './types.js';
 
 export interface OpenImageOptions {
   filename: string;
-  /** 'auto' (default) probes the first bytes: qcow2 or raw. */
-  format?: 'auto' | 'raw' | 'qcow2';
+  /** 'auto' (default) probes the first bytes: qcow2, vhdx or raw. */
+  format?: 'auto' | 'raw' | 'qcow2' | 'vhdx';
   readOnly: boolean;
   /** Name of the format node (default: 'image'); the file node is `<name>-file`. */
   nodeName?: string;
@@ -30,7 +30,7 @@ export interface OpenImageOptions {
 
 export interface OpenedImage {
   node: BlockNode;
-  /** The format actually opened ('raw' or 'qcow2'). */
+  /** The format actually opened ('raw', 'qcow2' or 'vhdx'). */
   format: string;
   /** Every node of the graph (format node, file node, backing chain). */
   graph: BlockGraph;
@@ -62,7 +62,7 @@ export async function openImage(opts: OpenImageOptions): Promise<OpenedImage> {
     });
     const requested = opts.format ?? 'auto';
     const format = requested === 'auto' ? await probeNode(file) : requested;
-    if (format !== 'raw' && format !== 'qcow2') {
+    if (format !== 'raw' && format !== 'qcow2' && format !== 'vhdx') {
       throw new BlkError('USAGE', `unknown format '${String(format)}'`, { file: filename });
     }
     const node = await graph.openNode({
@@ -70,7 +70,7 @@ export async function openImage(opts: OpenImageOptions): Promise<OpenedImage> {
       nodeName,
       file: `${nodeName}-file`,
       readOnly: opts.readOnly,
-      ...(format === 'qcow2' && opts.backing === 'none' ? { backing: null } : {}),
+      ...((format === 'qcow2' || format === 'vhdx') && opts.backing === 'none' ? { backing: null } : {}),
       ...(opts.l2CacheBytes !== undefined ? { l2CacheBytes: opts.l2CacheBytes } : {}),
     });
     return { node, format, graph, close: () => graph.close() };

@@ -1,8 +1,8 @@
 /**
  * Format probing from an image's first bytes, for `format: auto` on the image
  * a user names (never on backing files: their format must be recorded).
- * qcow2 and raw are supported; other formats are recognized by their magic
- * and refused, so they are never presented as raw.
+ * qcow2, raw and vhdx are supported; other formats are recognized by their
+ * magic and refused, so they are never presented as raw.
  */
 import { closeSync, constants, openSync } from 'node:fs';
 import { resolve } from 'node:path';
@@ -10,10 +10,10 @@ import { BlkError } from '../errors.js';
 import { preadFull } from './protocol/file-io.js';
 import type { BlockNode } from './types.js';
 
-export type ProbedFormat = 'qcow2' | 'raw';
+export type ProbedFormat = 'qcow2' | 'raw' | 'vhdx';
 
 /** Every format a probe can choose for the native block layer. */
-export const PROBED_FORMATS: readonly ProbedFormat[] = ['qcow2', 'raw'];
+export const PROBED_FORMATS: readonly ProbedFormat[] = ['qcow2', 'raw', 'vhdx'];
 
 /** Bytes probing looks at. */
 export const PROBE_BYTES = 512;
@@ -68,7 +68,7 @@ export function identifyFormat(head: Buffer, file?: string): KnownFormat {
 /** Names the format of an image from its first bytes; throws IMAGE_UNSUPPORTED for formats the native block layer cannot open. */
 export function probeBytes(head: Buffer, file?: string): ProbedFormat {
   const f = identifyFormat(head, file);
-  if (f === 'raw' || f === 'qcow2') return f;
+  if ((PROBED_FORMATS as readonly string[]).includes(f)) return f as ProbedFormat;
   throw unsupported(f === 'qcow' ? 'qcow (version 1)' : f, file);
 }
 
@@ -80,7 +80,7 @@ export async function probeNode(node: BlockNode): Promise<ProbedFormat> {
   return probeBytes(head, node.filename);
 }
 
-/** Probes the image at `path`: 'qcow2' or 'raw', or throws IMAGE_UNSUPPORTED naming the format found. */
+/** Probes the image at `path`: one of PROBED_FORMATS, or throws IMAGE_UNSUPPORTED naming the format found. */
 export async function probeFormat(path: string): Promise<ProbedFormat> {
   const file = resolve(path);
   let fd: number;

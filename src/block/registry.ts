@@ -4,12 +4,14 @@ import type { BlockDriver } from './driver.js';
 import { partitionFilter } from './filter/partition.js';
 import { qcow2Format } from './format/qcow2/driver.js';
 import { rawFormat } from './format/raw.js';
+import { vhdxFormat } from './format/vhdx/driver.js';
 import { fileProtocol } from './protocol/file.js';
 
 const DRIVERS: ReadonlyMap<string, BlockDriver> = new Map([
   ['file', fileProtocol],
   ['raw', rawFormat],
   ['qcow2', qcow2Format],
+  ['vhdx', vhdxFormat],
   ['partition', partitionFilter],
 ]);
 

@@ -19,7 +19,7 @@ import { probedRawError } from './rules.js';
 export interface OneShotOptions {
   image: string;
   mountpoint?: string;
-  format: 'auto' | 'raw' | 'qcow2';
+  format: 'auto' | 'raw' | 'qcow2' | 'vhdx';
   writable: boolean;
   growable: boolean;
   allowOther: AllowOther;

@@ -13,11 +13,11 @@ export interface SourcePos {
   path: string;
 }
 
-/** Format drivers only the qemu engine opens (QEMU's own drivers). */
+/** Format drivers of QEMU beyond raw and qcow2 (QEMU_ONLY_DRIVERS: the ones only the qemu engine opens). */
 export type QemuOnlyDriver = 'vmdk' | 'vhdx' | 'vpc' | 'vdi' | 'qed';
 
-/** Every format driver QEMU's drivers cover, in manifests. */
-export const QEMU_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vmdk', 'vhdx', 'vpc', 'vdi', 'qed'];
+/** The format drivers only the qemu engine opens (vhdx: native too, read-only). */
+export const QEMU_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vmdk', 'vpc', 'vdi', 'qed'];
 
 /** `auto`: the format is probed from the image's magic when the node is opened. */
 export type NodeDriver = 'file' | 'raw' | 'qcow2' | 'partition' | QemuOnlyDriver | 'auto';

@@ -12,7 +12,7 @@ import { parseCommandArgs } from '../args.js';
 import { formatBytes } from '../format.js';
 
 export const summary = 'format, virtual size, cluster size, backing chain, features, snapshots';
-export const usage = `usage: blkexport info IMAGE [-o human|json] [--format auto|raw|qcow2] [--backing-chain]
+export const usage = `usage: blkexport info IMAGE [-o human|json] [--format auto|raw|qcow2|vhdx] [--backing-chain]
         [--allow-root DIR]... [-U]
 
 Shows what blkexport sees in IMAGE. JSON field names follow
@@ -20,7 +20,7 @@ Shows what blkexport sees in IMAGE. JSON field names follow
 
 options:
   -o, --output FMT     human (default) or json
-  --format F           auto (default: probe), raw or qcow2
+  --format F           auto (default: probe), raw, qcow2 or vhdx
   --backing-chain      also describe every backing file (followed only inside the allowed roots)
   --allow-root DIR     where backing files may be followed from (default: the image's directory)
   -U, --force-share    take no image locks (as qemu-img -U): works while QEMU writes the image
@@ -66,7 +66,7 @@ function describeNode(node: BlockNode, format: string, filename: string, actualS
 export async function imageInfoJson(
   filename: string,
   opts: {
-    format?: 'auto' | 'raw' | 'qcow2';
+    format?: 'auto' | 'raw' | 'qcow2' | 'vhdx';
     backingChain?: boolean;
     allowedRoots?: string[];
     /** Take no image locks (qemu-img -U). */
@@ -93,7 +93,8 @@ export async function imageInfoJson(
       const d = describeNode(node, format, name, actual);
       out.push(d);
       if (!opts.backingChain) break;
-      const backing: BlockNode | undefined = node.driver === 'qcow2' ? node.children[1] : undefined;
+      const backing: BlockNode | undefined =
+        node.driver === 'qcow2' || node.driver === 'vhdx' ? node.children[1] : undefined;
       // children are [file, backing?, data file?]; a data file is a protocol node, a backing never is.
       if (!backing || backing.role === 'protocol') break;
       name = (d['full-backing-filename'] as string) ?? backing.filename ?? '?';
@@ -168,8 +169,8 @@ export async function run(args: string[]): Promise<number> {
   if (output !== 'human' && output !== 'json')
     throw new BlkError('USAGE', `unknown output format '${output}'`);
   const format = values.format;
-  if (format !== 'auto' && format !== 'raw' && format !== 'qcow2') {
-    throw new BlkError('USAGE', `unknown format '${format}' (auto, raw or qcow2)`);
+  if (format !== 'auto' && format !== 'raw' && format !== 'qcow2' && format !== 'vhdx') {
+    throw new BlkError('USAGE', `unknown format '${format}' (auto, raw, qcow2 or vhdx)`);
   }
   const infos = await imageInfoJson(positionals[0]!, {
     format,

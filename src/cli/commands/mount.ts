@@ -14,13 +14,13 @@ import { formatBytes } from '../format.js';
 export const summary = 'export one image as a raw file (default: over the image itself)';
 export const usage = `usage: blkexport mount IMAGE [MOUNTPOINT] [options]
 
-Presents IMAGE (qcow2 or raw, probed) as a raw image file at MOUNTPOINT, which
+Presents IMAGE (qcow2, vhdx or raw, probed) as a raw image file at MOUNTPOINT, which
 defaults to IMAGE itself: until unmounted, \`file\`, \`parted\`, \`kpartx\`,
 \`mount -o loop\` see the guest disk. Serves in the foreground until Ctrl-C or
 SIGTERM, then flushes, unmounts and exits 0.
 
 options:
-  --format F             auto (default), raw or qcow2
+  --format F             auto (default), raw, qcow2 or vhdx (read-only)
   --writable             allow writes (a probed-raw image needs --format raw)
   --growable             writes past the end grow the image; allows truncate
   --allow-other          let other users open the export (default: try, fall back)
@@ -50,8 +50,8 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
     throw new BlkError('USAGE', 'expected IMAGE [MOUNTPOINT] (see blkexport mount --help)');
   }
   const format = values.format as string;
-  if (format !== 'auto' && format !== 'raw' && format !== 'qcow2') {
-    throw new BlkError('USAGE', `--format must be auto, raw or qcow2, not '${format}'`);
+  if (format !== 'auto' && format !== 'raw' && format !== 'qcow2' && format !== 'vhdx') {
+    throw new BlkError('USAGE', `--format must be auto, raw, qcow2 or vhdx, not '${format}'`);
   }
   let partition: number | undefined;
   if (values.partition !== undefined) {

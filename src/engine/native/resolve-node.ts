@@ -58,6 +58,15 @@ export async function resolveNode(
           ...(n.backing !== undefined ? { backing: n.backing } : {}),
         },
       };
+    case 'vhdx':
+      return {
+        options: {
+          driver: 'vhdx',
+          ...base,
+          file: file(),
+          ...(n.backing !== undefined ? { backing: n.backing } : {}),
+        },
+      };
     case 'partition':
       return { options: { driver: 'partition', ...base, file: file(), number: n.number! } };
     case 'auto': {
