@@ -68,17 +68,17 @@ test('openGraph: named nodes, windows, writes, reopen, close order', async (t) =
   );
 });
 
-test('probe: qcow2, raw, and refused formats', () => {
+test('probe: qcow2, raw, vhdx, and refused formats', () => {
   const pad = (s: string) => Buffer.concat([Buffer.from(s, 'latin1'), Buffer.alloc(512)]);
   const q = pad('QFI\xfb\0\0\0\x03');
   assert.equal(probeBytes(q), 'qcow2');
   assert.equal(probeBytes(Buffer.alloc(512)), 'raw');
   assert.equal(probeBytes(Buffer.alloc(0)), 'raw');
+  assert.equal(probeBytes(pad('vhdxfile')), 'vhdx');
   const cases: [Buffer, string][] = [
     [pad('QFI\xfb\0\0\0\x01'), 'qcow (version 1)'],
     [pad('KDMV'), 'vmdk'],
     [pad('# Disk DescriptorFile'), 'vmdk'],
-    [pad('vhdxfile'), 'vhdx'],
     [pad('conectix'), 'vpc'],
     [pad('QED\0'), 'qed'],
     [pad('LUKS\xba\xbe'), 'luks'],
