@@ -122,5 +122,27 @@ function checkExports(
         message: `writable export "${id}" over read-only node "${readOnly}" (defined at ${at(nodes.get(readOnly)!.source)})`,
       });
     }
+    checkNativeReadOnly(doc, e, graph.fileChain(top), nodes, problems);
   }
+}
+
+/** Formats the native engine serves read-only only. */
+const NATIVE_READ_ONLY: readonly string[] = ['vhdx'];
+
+/** Under the native engine, a writable export cannot write through a read-only-only format. */
+function checkNativeReadOnly(
+  doc: ManifestDocument,
+  e: ExportSpec,
+  chain: string[],
+  nodes: Map<string, NodeSpec>,
+  problems: DocumentProblem[],
+): void {
+  if (doc.engine !== 'native') return;
+  const name = chain.find((n) => NATIVE_READ_ONLY.includes(nodes.get(n)?.options.driver ?? ''));
+  if (name === undefined) return;
+  problems.push({
+    pointer: `${e.source.path}/writable`,
+    at: 'value',
+    message: `writable export "${e.options.id}" over ${nodes.get(name)!.options.driver} node "${name}": the native engine serves ${nodes.get(name)!.options.driver} images read-only`,
+  });
 }
