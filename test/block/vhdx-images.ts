@@ -78,22 +78,23 @@ export function setBatEntry(path: string, i: number, state: number, offset: numb
   writeAt(path, regions(path).bat + 8 * i, b);
 }
 
-/** Rewrites the CRC-32C of the 4 KiB header at `off` (after a deliberate edit). */
-export function resealHeader(path: string, off: number): void {
-  const h = readAt(path, off, 4 * K);
-  h.writeUInt32LE(0, 4);
+/** Rewrites the CRC-32C of the `len` checksummed bytes at `off` (after a deliberate edit). */
+function reseal(path: string, off: number, len: number): void {
+  const b = readAt(path, off, len);
+  b.writeUInt32LE(0, 4);
   const c = Buffer.alloc(4);
-  c.writeUInt32LE(crc32c(h));
+  c.writeUInt32LE(crc32c(b));
   writeAt(path, off + 4, c);
+}
+
+/** Rewrites the CRC-32C of the 4 KiB header at `off`. */
+export function resealHeader(path: string, off: number): void {
+  reseal(path, off, 4 * K);
 }
 
 /** Rewrites the CRC-32C of the 64 KiB region table at `off`. */
 export function resealRegionTable(path: string, off: number): void {
-  const t = readAt(path, off, 64 * K);
-  t.writeUInt32LE(0, 4);
-  const c = Buffer.alloc(4);
-  c.writeUInt32LE(crc32c(t));
-  writeAt(path, off + 4, c);
+  reseal(path, off, 64 * K);
 }
 
 /** The current header's offset (the valid copy with the larger sequence number; QEMU-made headers are both valid). */

@@ -50,18 +50,10 @@ export async function resolveNode(
         },
       };
     case 'qcow2':
-      return {
-        options: {
-          driver: 'qcow2',
-          ...base,
-          file: file(),
-          ...(n.backing !== undefined ? { backing: n.backing } : {}),
-        },
-      };
     case 'vhdx':
       return {
         options: {
-          driver: 'vhdx',
+          driver: n.driver,
           ...base,
           file: file(),
           ...(n.backing !== undefined ? { backing: n.backing } : {}),
