@@ -225,6 +225,27 @@ describe('hostile vhdx images', () => {
     await refused(out, 'IMAGE_CORRUPT', 'metadata.file_parameters');
   });
 
+  test('writable opens and reopens are refused naming the format; a read-only reopen is a no-op', {
+    skip,
+    timeout: 60_000,
+  }, async (t) => {
+    const dir = tempDir(t);
+    const { path } = fixture(dir);
+    await assert.rejects(openImage({ filename: path, readOnly: false }), {
+      code: 'NOT_SUPPORTED',
+      message: /vhdx images are served read-only/,
+    });
+    const img = await openImage({ filename: path, readOnly: true });
+    try {
+      await img.node.reopen({ readOnly: true });
+      await assert.rejects(img.node.reopen({ readOnly: false }), { code: 'NOT_SUPPORTED' });
+      assert.equal(img.node.readOnly, true);
+      assert.equal(img.node.capabilities().write, false);
+    } finally {
+      await img.close();
+    }
+  });
+
   test('a truncated image and a log GUID over an empty log', { skip, timeout: 60_000 }, async (t) => {
     const dir = tempDir(t);
     const { path: cut } = fixture(dir);

@@ -33,6 +33,16 @@ const STATUS_BLOCKS = 4096;
 
 const states = new WeakMap<BlockNode, VhdxState>();
 
+/** The refusal of any writable use (NOT_SUPPORTED: terminal, the agent does not retry it). */
+function writeRefused(path: string): BlkError {
+  return new BlkError(
+    'NOT_SUPPORTED',
+    'vhdx images are served read-only: the native vhdx driver has no write path',
+    { file: path },
+    { errno: Errno.EROFS },
+  );
+}
+
 async function bytesAt(node: BlockNode, off: number, len: number): Promise<Buffer> {
   const b = Buffer.alloc(len);
   const n = Math.max(0, Math.min(len, node.length() - off));
@@ -44,16 +54,7 @@ async function openVhdx(ctx: OpenContext): Promise<VhdxState> {
   const file = ctx.file;
   if (!file) throw new BlkError('IMAGE_INVALID', `node '${ctx.nodeName}': driver vhdx needs a file child`);
   const path = file.filename ?? ctx.nodeName;
-  if (!ctx.readOnly) {
-    throw new BlkError(
-      'READ_ONLY',
-      'vhdx images are served read-only: the native vhdx driver has no write path',
-      {
-        file: path,
-      },
-      { errno: Errno.EROFS },
-    );
-  }
+  if (!ctx.readOnly) throw writeRefused(path);
   if (file.fileKey !== undefined && ctx.chain.seen.has(file.fileKey)) {
     throw new BlkError('BACKING_CHAIN', 'parent chain loops back to an image already in the chain', {
       file: path,
@@ -188,11 +189,14 @@ function mapHostCached(s: VhdxState, offset: number, length: number): HostExtent
 export const vhdxFormat = defineDriver<VhdxState>({
   name: 'vhdx',
   role: 'format',
-  // Read-only: a reopen read-write is refused (the engine then reopens, and open refuses).
-  mutableOptions: [],
+  // Always read-only: a reopen to read-only is a no-op, one to read-write is refused.
+  mutableOptions: ['read-only'],
 
   open: openVhdx,
   children: (s) => (s.parent ? [s.file, s.parent] : [s.file]),
+  async reopenPrepare(s, opts) {
+    if (opts.readOnly === false) throw writeRefused(s.path);
+  },
 
   length: (s) => s.geo.size,
   read: readGuest,
