@@ -1,10 +1,11 @@
 /**
  * Format probing from an image's first bytes, for `format: auto` on the image
  * a user names (never on backing files: their format must be recorded).
- * qcow2, raw, vpc (dynamic and differencing vhd), vdi and qed are opened, and
- * vmdk read-only; other formats are recognized by their magic and refused, so
- * they are never presented as raw. A fixed vhd has its footer only at the end,
- * so (as with QEMU) it probes as raw: name its format (vpc) to open it as a vhd.
+ * qcow2, raw, vpc (dynamic and differencing vhd), vdi, qed, vmdk and vhdx are
+ * opened (all but qcow2 and raw read-only); other formats are recognized by
+ * their magic and refused, so they are never presented as raw. A fixed vhd has
+ * its footer only at the end, so (as with QEMU) it probes as raw: name its
+ * format (vpc) to open it as a vhd.
  */
 import { closeSync, constants, openSync } from 'node:fs';
 import { resolve } from 'node:path';
@@ -15,10 +16,10 @@ import type { BlockNode } from './types.js';
 export type ProbedFormat = 'qcow2' | 'raw' | ReadOnlyFormat;
 
 /** Formats the native block layer opens read-only. */
-export type ReadOnlyFormat = 'vpc' | 'vdi' | 'qed' | 'vmdk';
+export type ReadOnlyFormat = 'vpc' | 'vdi' | 'qed' | 'vmdk' | 'vhdx';
 
 /** Formats the native block layer opens read-only (a writable open is refused naming the format). */
-export const READ_ONLY_FORMATS: readonly ReadOnlyFormat[] = ['vpc', 'vdi', 'qed', 'vmdk'];
+export const READ_ONLY_FORMATS: readonly ReadOnlyFormat[] = ['vpc', 'vdi', 'qed', 'vmdk', 'vhdx'];
 
 /** Every format a probe can choose for the native block layer. */
 export const PROBED_FORMATS: readonly ProbedFormat[] = ['qcow2', 'raw', ...READ_ONLY_FORMATS];

@@ -6,6 +6,7 @@ import { qcow2Format } from './format/qcow2/driver.js';
 import { qedFormat } from './format/qed.js';
 import { rawFormat } from './format/raw.js';
 import { vdiFormat } from './format/vdi.js';
+import { vhdxFormat } from './format/vhdx/driver.js';
 import { vmdkFormat } from './format/vmdk/driver.js';
 import { vpcFormat } from './format/vpc/driver.js';
 import { fileProtocol } from './protocol/file.js';
@@ -14,6 +15,7 @@ const DRIVERS: ReadonlyMap<string, BlockDriver> = new Map([
   ['file', fileProtocol],
   ['raw', rawFormat],
   ['qcow2', qcow2Format],
+  ['vhdx', vhdxFormat],
   ['partition', partitionFilter],
   ['vpc', vpcFormat],
   ['vdi', vdiFormat],

@@ -13,14 +13,14 @@ export interface SourcePos {
   path: string;
 }
 
-/** Format drivers beyond qcow2 and raw (QEMU's own drivers; some the native engine reads too). */
+/** Format drivers beyond qcow2 and raw (QEMU's own drivers; the native engine reads them too). */
 export type QemuOnlyDriver = 'vmdk' | 'vhdx' | 'vpc' | 'vdi' | 'qed';
 
-/** Format drivers the native engine does not open (the qemu engine does). */
-export const QEMU_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vhdx'];
+/** Format drivers the native engine does not open (the qemu engine does): none since every format has a native reader. */
+export const QEMU_ONLY_DRIVERS: readonly QemuOnlyDriver[] = [];
 
 /** Format drivers the native engine opens read-only (a writable export over them needs the qemu engine). */
-export const NATIVE_READ_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vpc', 'vdi', 'qed', 'vmdk'];
+export const NATIVE_READ_ONLY_DRIVERS: readonly QemuOnlyDriver[] = ['vpc', 'vdi', 'qed', 'vmdk', 'vhdx'];
 
 /** `auto`: the format is probed from the image's magic when the node is opened. */
 export type NodeDriver = 'file' | 'raw' | 'qcow2' | 'partition' | QemuOnlyDriver | 'auto';

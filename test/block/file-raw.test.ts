@@ -68,12 +68,13 @@ test('openGraph: named nodes, windows, writes, reopen, close order', async (t) =
   );
 });
 
-test('probe: qcow2, raw, vpc, vdi, qed, vmdk, and refused formats', () => {
+test('probe: qcow2, raw, vpc, vdi, qed, vmdk, vhdx, and refused formats', () => {
   const pad = (s: string) => Buffer.concat([Buffer.from(s, 'latin1'), Buffer.alloc(512)]);
   const q = pad('QFI\xfb\0\0\0\x03');
   assert.equal(probeBytes(q), 'qcow2');
   assert.equal(probeBytes(Buffer.alloc(512)), 'raw');
   assert.equal(probeBytes(Buffer.alloc(0)), 'raw');
+  assert.equal(probeBytes(pad('vhdxfile')), 'vhdx');
   const vdi = Buffer.alloc(512);
   vdi.writeUInt32LE(0xbeda107f, 0x40);
   assert.equal(probeBytes(vdi), 'vdi');
@@ -83,7 +84,6 @@ test('probe: qcow2, raw, vpc, vdi, qed, vmdk, and refused formats', () => {
   assert.equal(probeBytes(pad('# Disk DescriptorFile')), 'vmdk');
   const cases: [Buffer, string][] = [
     [pad('QFI\xfb\0\0\0\x01'), 'qcow (version 1)'],
-    [pad('vhdxfile'), 'vhdx'],
     [pad('LUKS\xba\xbe'), 'luks'],
   ];
   for (const [buf, name] of cases) {

@@ -267,7 +267,7 @@ describe('the qemu engine', { concurrency: false }, () => {
     assert.equal(plan.status, 0, plan.stdout + plan.stderr);
   });
 
-  test('one agent, both engines: manifests pick theirs; a qemu-only format under the native engine fails clearly', async (t) => {
+  test('one agent, both engines: manifests pick theirs; a writable export of a format the native engine only reads fails clearly', async (t) => {
     if (!needTools(t, ...QSD_TOOLS)) return;
     const { d, qsdDir, start } = await setup(t);
     const refPath = join(d.images, 'src.raw');
@@ -289,7 +289,7 @@ describe('the qemu engine', { concurrency: false }, () => {
     );
     writeFileSync(
       join(d.manifests, 'c-default.yaml'),
-      manifest('dflt', `  exports:\n${shorthand('v', v, { ...mp('v.raw'), format: 'vhdx' })}`),
+      manifest('dflt', `  exports:\n${shorthand('v', v, { ...mp('v.raw'), format: 'vhdx', writable: true })}`),
     );
     const agent = await start('native');
     const by = await until('settled', async () => {
@@ -304,7 +304,7 @@ describe('the qemu engine', { concurrency: false }, () => {
     });
     assert.equal(by.get('n')!.engine, 'native');
     assert.equal(by.get('q')!.engine, 'qemu');
-    assert.match(by.get('v')!.reason, /not supported by the native engine/);
+    assert.match(by.get('v')!.reason, /vhdx images are served read-only/);
     assert.equal(mountAt(join(d.images, 'n.raw'))?.fstype, 'fuse.blkexport');
     // vmdk (probed) is served by the native engine itself, read-only.
     assert.equal(by.get('nv')!.engine, 'native');

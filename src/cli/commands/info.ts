@@ -13,7 +13,7 @@ import { parseCommandArgs } from '../args.js';
 import { formatBytes } from '../format.js';
 
 export const summary = 'format, virtual size, cluster size, backing chain, features, snapshots';
-export const usage = `usage: blkexport info IMAGE [-o human|json] [--format auto|raw|qcow2|vpc|vdi|qed|vmdk] [--backing-chain]
+export const usage = `usage: blkexport info IMAGE [-o human|json] [--format auto|raw|qcow2|vpc|vdi|qed|vmdk|vhdx] [--backing-chain]
         [--allow-root DIR]... [-U]
 
 Shows what blkexport sees in IMAGE. JSON field names follow
@@ -21,7 +21,7 @@ Shows what blkexport sees in IMAGE. JSON field names follow
 
 options:
   -o, --output FMT     human (default) or json
-  --format F           auto (default: probe), raw, qcow2, vpc, vdi, qed or vmdk (a fixed vhd probes as raw)
+  --format F           auto (default: probe), raw, qcow2, vpc, vdi, qed, vmdk or vhdx (a fixed vhd probes as raw)
   --backing-chain      also describe every backing file (followed only inside the allowed roots)
   --allow-root DIR     where backing files may be followed from (default: the image's directory)
   -U, --force-share    take no image locks (as qemu-img -U): works while QEMU writes the image

@@ -16,13 +16,13 @@ import { formatBytes } from '../format.js';
 export const summary = 'export one image as a raw file (default: over the image itself)';
 export const usage = `usage: blkexport mount IMAGE [MOUNTPOINT] [options]
 
-Presents IMAGE (qcow2, raw, or read-only vpc, vdi, qed, vmdk; probed) as a raw image file at MOUNTPOINT, which
+Presents IMAGE (qcow2, raw, or read-only vpc, vdi, qed, vmdk, vhdx; probed) as a raw image file at MOUNTPOINT, which
 defaults to IMAGE itself: until unmounted, \`file\`, \`parted\`, \`kpartx\`,
 \`mount -o loop\` see the guest disk. Serves in the foreground until Ctrl-C or
 SIGTERM, then flushes, unmounts and exits 0.
 
 options:
-  --format F             auto (default), raw, qcow2, or (read-only) vpc, vdi, qed, vmdk
+  --format F             auto (default), raw, qcow2, or (read-only) vpc, vdi, qed, vmdk, vhdx
   --writable             allow writes (a probed-raw image needs --format raw)
   --growable             writes past the end grow the image; allows truncate
   --allow-other          let other users open the export (default: try, fall back)

@@ -52,6 +52,7 @@ export async function resolveNode(
       };
     case 'qcow2':
     case 'vmdk':
+    case 'vhdx':
       return {
         options: {
           driver: n.driver,
