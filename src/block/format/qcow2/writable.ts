@@ -15,6 +15,7 @@ import {
 import { setDirtyBit, writeAutoclear } from './header-write.js';
 import { rebuildRefcounts } from './rebuild.js';
 import { RwLock } from './rwlock.js';
+import { isShared, scanShared } from './shared.js';
 import type { Qcow2State, WriteState } from './state.js';
 
 const TWO32 = 2 ** 32;
@@ -144,6 +145,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
   const w: WriteState = {
     lock: new RwLock(),
     meta,
+    shared: new Map(),
     dirtyL2: new Map(),
     dirtyL1: new Set(),
     writingL2: new Map(),
@@ -175,6 +177,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
     },
     metadata: (c) => meta.add(c),
     isMetadata: (c) => meta.has(c),
+    inUse: (c) => isShared(s, c),
   };
   s.w = w;
 
@@ -188,5 +191,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
     await rebuildRefcounts(s);
     await setDirtyBit(s, false);
   }
+  // References against refcounts: host clusters used more often than they may be are never written.
+  if (!s.repairing) w.shared = await scanShared(s);
   return w;
 }
