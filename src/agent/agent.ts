@@ -178,7 +178,8 @@ export class Agent {
       manifests: this.manifests.status,
       exports: this.book.list().map((r) => {
         // A live export that keeps answering EIO is failed in status; it stays mounted for its good ranges.
-        const io = this.ioErrors.observe(r.id, live.get(r.id)?.stats?.errors, Date.now());
+        const stats = live.get(r.id)?.stats;
+        const io = this.ioErrors.observe(r.id, stats?.errors, Date.now(), stats?.lastError);
         const failing = io !== undefined && r.state === 'ready';
         return {
           id: r.id,

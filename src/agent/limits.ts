@@ -77,8 +77,11 @@ export class IoErrorWatch {
 
   constructor(private readonly windowMs = IO_ERROR_WINDOW_MS) {}
 
-  /** The failure reason for export `id` given its counter now, or undefined while it is healthy. */
-  observe(id: string, errors: number | undefined, now: number): string | undefined {
+  /**
+   * The failure reason for export `id` given its counter now (and why its
+   * last failing request failed), or undefined while it is healthy.
+   */
+  observe(id: string, errors: number | undefined, now: number, lastError?: string): string | undefined {
     if (errors === undefined) {
       this.last.delete(id);
       this.episodes.delete(id);
@@ -99,6 +102,7 @@ export class IoErrorWatch {
       ep.lastRise = now;
     }
     if (!ep) return undefined;
-    return `I/O errors: ${errors - ep.base} since ${new Date(ep.since).toISOString()} (the failing ranges answer EIO; the rest is served)`;
+    const last = lastError === undefined ? '' : `; last: ${lastError}`;
+    return `I/O errors: ${errors - ep.base} since ${new Date(ep.since).toISOString()} (the failing ranges answer EIO; the rest is served)${last}`;
   }
 }

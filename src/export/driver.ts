@@ -20,6 +20,8 @@ export interface ExportStats {
   writeLatency: LatencyHistogram;
   /** The kernel does this export's reads and writes on the image file (FUSE passthrough): they are not counted here. */
   passthrough?: boolean;
+  /** Why the last request answered EIO failed (status shows it with the error count). */
+  lastError?: string;
 }
 
 /** Options every export type has. */
@@ -35,6 +37,8 @@ export interface LiveExport<O extends ExportDriverOptions = ExportDriverOptions>
   readonly node: BlockNode;
   readonly isWritable: boolean;
   readonly stats: ExportStats;
+  /** Called with every failure answered as EIO (the owner logs it). */
+  onError?: ((op: string, err: unknown) => void) | undefined;
   /** Applies the driver's mutable options of `opts` in place. */
   reopen(opts: O): Promise<void>;
   /**

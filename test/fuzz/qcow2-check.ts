@@ -24,7 +24,21 @@ export interface CheckResult {
   inflateCompared: number;
   /** A broken promise: the reason (a non-BlkError, an error without a code or file, ...). */
   violation?: string;
+  /**
+   * The oracle on a served read-only image (qemu-oracle.ts): 'compared' once
+   * `window` (what blkexport read of guest [0, min(size, ORACLE_BYTES))) is
+   * compared with qemu-img convert, which the caller does in batches; or why
+   * not: 'blk-read-error' (blkexport answered an error inside the window:
+   * refused by blkexport), 'empty' (a window under 512 bytes).
+   */
+  oracle?: 'compared' | 'blk-read-error' | 'empty';
+  window?: Buffer;
+  /** With writes and read-back: the written bytes read back and found as written. */
+  readBackBytes: number;
 }
+
+/** The oracle compares the guest bytes [0, min(size, ORACLE_BYTES)) rounded down to 512 (qemu's sectors). */
+export const ORACLE_BYTES = 1 << 20;
 
 function violationOf(e: unknown, what: string, needFile: boolean): string | undefined {
   if (!isBlkError(e))
@@ -88,8 +102,16 @@ export async function checkImage(
   seed: number,
   writes = false,
   readBack = true,
+  oracle = false,
 ): Promise<CheckResult> {
-  const r: CheckResult = { outcome: 'refused', codes: [], reads: 0, readErrors: 0, inflateCompared: 0 };
+  const r: CheckResult = {
+    outcome: 'refused',
+    codes: [],
+    reads: 0,
+    readErrors: 0,
+    inflateCompared: 0,
+    readBackBytes: 0,
+  };
   let img: Awaited<ReturnType<typeof openImage>>;
   try {
     img = await openImage({
@@ -112,7 +134,11 @@ export async function checkImage(
       return r;
     }
     const ranges: [number, number][] = [];
-    for (let off = 0; off < Math.min(size, 1 << 20); off += 64 << 10)
+    // With the oracle the steps cover its window (their bytes are kept for it).
+    const window = oracle ? Math.floor(Math.min(size, ORACLE_BYTES) / 512) * 512 : 0;
+    const kept = Buffer.alloc(window);
+    let windowErrors = 0;
+    for (let off = 0; off < Math.max(window, Math.min(size, 1 << 20)); off += 64 << 10)
       ranges.push([off, Math.min(64 << 10, size - off)]);
     const rand = seededRandom(seed ^ 0x5eed);
     for (let i = 0; i < 8 && size > 0; i++) {
@@ -128,10 +154,12 @@ export async function checkImage(
       if (r.violation) return r;
       try {
         await img.node.read(off, buf.subarray(0, len));
+        if (off < window) buf.copy(kept, off, 0, Math.min(len, window - off));
         r.violation = await compareInflate(img.node, off, len, r);
         if (r.violation) return r;
       } catch (e) {
         r.readErrors++;
+        if (off < window) windowErrors++;
         const v = violationOf(e, `read ${off}+${len}`, false);
         if (v) {
           r.violation = v;
@@ -139,6 +167,10 @@ export async function checkImage(
         }
         if (isBlkError(e) && !r.codes.includes(e.code)) r.codes.push(e.code);
       }
+    }
+    if (oracle && !writes) {
+      r.oracle = window === 0 ? 'empty' : windowErrors > 0 ? 'blk-read-error' : 'compared';
+      if (r.oracle === 'compared') r.window = kept;
     }
     if (writes && size > 0) {
       const v = await writeAndReadBack(img.node, size, seed, r, readBack);
@@ -207,12 +239,19 @@ async function writeAndReadBack(
     } catch (e) {
       return violationOf(e, `read back ${off}+${data.length}`, false) ?? undefined;
     }
+    // A later discard may leave anything; bytes a later write or zeroing covered are checked there.
+    const later = ops.slice(i + 1);
+    if (later.some((o) => !o.data)) continue;
+    const mine = Buffer.alloc(data.length, 1);
+    for (const o of later) {
+      const from = Math.max(o.off, off) - off;
+      const to = Math.min(o.off + o.data!.length, off + data.length) - off;
+      if (from < to) mine.fill(0, from, to);
+    }
     for (let b = 0; b < data.length; b++) {
-      const at = off + b;
-      const later = ops.slice(i + 1).find((o) => at >= o.off && at < o.off + (o.data?.length ?? 0));
-      const discarded = ops.slice(i + 1).some((o) => !o.data);
-      if (later || discarded) continue;
-      if (got[b] !== data[b]) return `byte ${at} reads ${got[b]} after writing ${data[b]}`;
+      if (mine[b] === 0) continue;
+      if (got[b] !== data[b]) return `byte ${off + b} reads ${got[b]} after writing ${data[b]}`;
+      r.readBackBytes++;
     }
   }
   return undefined;

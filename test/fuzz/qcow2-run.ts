@@ -30,6 +30,15 @@ export interface FuzzStats {
   servedWithReadErrors: number;
   /** Compressed clusters inflated by both the native and the JavaScript decoder. */
   inflateCompared: number;
+  /** The oracle: served read-only mutants whose bytes were compared with qemu-img convert, and how many differed. */
+  compared: number;
+  differed: number;
+  /** Served by blkexport but not compared: qemu-img failed on them, or blkexport answered a read error in the window. */
+  qemuRefused: number;
+  blkReadError: number;
+  /** With writes and read-back: images whose writes were read back (some byte verified), and the bytes verified. */
+  readBackImages: number;
+  readBackBytes: number;
   codes: Record<string, number>;
   maxImageMs: number;
   peakRss: number;
@@ -57,6 +66,8 @@ export interface FuzzOptions {
   writes?: boolean;
   /** With writes: what succeeded must read back (default true). */
   readBack?: boolean;
+  /** Read-only: compare what blkexport serves with qemu-img convert (default true). */
+  oracle?: boolean;
 }
 
 const WORKER = new URL('./qcow2-worker-boot.mjs', import.meta.url);
@@ -72,6 +83,12 @@ export async function runQcow2Fuzz(o: FuzzOptions): Promise<FuzzStats> {
     served: 0,
     servedWithReadErrors: 0,
     inflateCompared: 0,
+    compared: 0,
+    differed: 0,
+    qemuRefused: 0,
+    blkReadError: 0,
+    readBackImages: 0,
+    readBackBytes: 0,
     codes: {},
     maxImageMs: 0,
     peakRss: 0,
@@ -115,7 +132,7 @@ export async function runQcow2Fuzz(o: FuzzOptions): Promise<FuzzStats> {
           deadline,
           maxImages: Math.ceil((maxImages - stats.images) / o.workers),
           ...(files ? { files: files.slice(fileIdx) } : {}),
-          ...(o.writes ? { writes: true, readBack: o.readBack ?? true } : {}),
+          ...(o.writes ? { writes: true, readBack: o.readBack ?? true } : { oracle: o.oracle ?? true }),
         };
         const w = new Worker(WORKER, { workerData: job, resourceLimits: { maxOldGenerationSizeMb: 768 } });
         let cur: Extract<WorkerMessage, { type: 'start' }> | undefined;
@@ -152,10 +169,25 @@ export async function runQcow2Fuzz(o: FuzzOptions): Promise<FuzzStats> {
             else stats.served++;
             if (m.readErrors > 0) stats.servedWithReadErrors++;
             stats.inflateCompared += m.inflateCompared;
+            if (m.oracle === 'blk-read-error') stats.blkReadError++;
+            if (m.readBackBytes > 0) stats.readBackImages++;
+            stats.readBackBytes += m.readBackBytes;
             for (const c of m.codes) stats.codes[c] = (stats.codes[c] ?? 0) + 1;
             if (m.violation && cur) fail(cur, m.violation, m.image);
             else if (m.rss > o.maxRss && cur) fail(cur, `process RSS ${m.rss} above ${o.maxRss}`);
             cur = undefined;
+          } else if (m.type === 'oracle') {
+            if (m.outcome === 'compared') stats.compared++;
+            else stats.qemuRefused++;
+            if (m.violation) {
+              stats.differed++;
+              stats.failures.push({
+                ...m,
+                reason: m.violation,
+                image: Buffer.from(m.image ?? []),
+                writes: false,
+              });
+            }
           } else finish(false);
         });
         w.on('error', (e) => {

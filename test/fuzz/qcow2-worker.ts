@@ -3,11 +3,12 @@
  * files) and checks each, telling the main thread which input it is on before
  * it starts, so a hang, a crash or an out-of-memory kill can be pinned on it.
  */
-import { copyFileSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { copyFileSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import { checkImage } from './qcow2-check.js';
 import { type Layout, mutate, parseLayout } from './qcow2-mutate.js';
+import { compareWithQemu, type OracleEntry } from './qemu-oracle.js';
 
 export interface WorkerJob {
   id: number;
@@ -23,6 +24,8 @@ export interface WorkerJob {
   /** Open read-write and write too (see checkImage), and check that writes read back. */
   writes?: boolean;
   readBack?: boolean;
+  /** Compare what read-only mutants serve with qemu-img convert (qcow2-check.ts). */
+  oracle?: boolean;
 }
 
 export type WorkerMessage =
@@ -34,16 +37,83 @@ export type WorkerMessage =
       codes: string[];
       readErrors: number;
       inflateCompared: number;
+      readBackBytes: number;
       violation?: string;
+      oracle?: string;
       ms: number;
       rss: number;
       /** The input as it was before the check (a read-write check changes the file), with a violation. */
+      image?: Buffer;
+    }
+  | {
+      /** The oracle's verdict on an input done earlier (compared in batches). */
+      type: 'oracle';
+      seed: number;
+      base: string;
+      steps: string[];
+      outcome: 'compared' | 'qemu-refused';
+      violation?: string;
       image?: Buffer;
     }
   | { type: 'end' };
 
 const job = workerData as WorkerJob;
 const post = (m: WorkerMessage) => parentPort!.postMessage(m);
+
+/**
+ * Inputs whose window waits for qemu-img (a copy of each, beside the input so
+ * relative names resolve alike), converted a batch at a time while the
+ * worker checks the next inputs (one batch in flight).
+ */
+const ORACLE_BATCH = 24;
+let batch: (OracleEntry & { seed: number; base: string; steps: string[] })[] = [];
+let batches = 0;
+let inFlight: Promise<void> = Promise.resolve();
+
+async function flushOracle(dir: string): Promise<void> {
+  await inFlight;
+  if (batch.length === 0) return;
+  const these = batch;
+  batch = [];
+  const out = join(dir, `oracle-w${job.id}-${batches++}.raw`);
+  inFlight = compareWithQemu(these, out).then((outcomes) =>
+    these.forEach((e, i) => {
+      const o = outcomes[i];
+      const image = o ? readFileSync(e.path) : undefined;
+      rmSync(e.path, { force: true });
+      post({
+        type: 'oracle',
+        seed: e.seed,
+        base: e.base,
+        steps: e.steps,
+        outcome: o === null ? 'qemu-refused' : 'compared',
+        ...(o ? { violation: `blkexport and qemu-img convert differ: ${o}`, image } : {}),
+      });
+    }),
+  );
+}
+
+/** The done message of a check (its oracle window queued for qemu-img). */
+function done(
+  r: Awaited<ReturnType<typeof checkImage>>,
+  at: { input: string; dir: string; seed: number; base: string; steps: string[]; image: Buffer },
+  ms: number,
+): WorkerMessage {
+  const { window, ...rest } = r;
+  if (window) {
+    const path = join(at.dir, `oracle-w${job.id}-${batches}-${batch.length}.qcow2`);
+    writeFileSync(path, at.image);
+    batch.push({ path, want: window, seed: at.seed, base: at.base, steps: at.steps });
+  }
+  return {
+    type: 'done',
+    seed: at.seed,
+    ...rest,
+    ms,
+    rss: process.memoryUsage().rss,
+    ...(r.violation ? { image: at.image } : {}),
+  };
+}
 
 async function main(): Promise<void> {
   const roots = [job.corpusDir];
@@ -53,17 +123,21 @@ async function main(): Promise<void> {
       if (job.writes) writeFileSync(`${f.path}.orig`, before);
       post({ type: 'start', seed: f.seed, base: f.name, steps: [], input: f.path });
       const t0 = performance.now();
-      const r = await checkImage(f.path, roots, f.seed, job.writes, job.readBack);
+      const r = await checkImage(f.path, roots, f.seed, job.writes, job.readBack, job.oracle);
       const ms = performance.now() - t0;
-      post({
-        type: 'done',
+      const at = {
+        input: f.path,
+        dir: dirname(f.path),
         seed: f.seed,
-        ...r,
-        ms,
-        rss: process.memoryUsage().rss,
-        ...(r.violation ? { image: before } : {}),
-      });
+        base: f.name,
+        steps: [],
+        image: before,
+      };
+      post(done(r, at, ms));
+      if (batch.length >= ORACLE_BATCH) await flushOracle(dirname(f.path));
     }
+    if (job.files.length > 0) await flushOracle(dirname(job.files[0]!.path));
+    await inFlight;
     post({ type: 'end' });
     return;
   }
@@ -95,17 +169,13 @@ async function main(): Promise<void> {
     if (job.writes) writeFileSync(`${input}.orig`, m.image);
     post({ type: 'start', seed, base: base.name, steps: m.steps, input });
     const t0 = performance.now();
-    const r = await checkImage(input, [dir], seed, job.writes, job.readBack);
+    const r = await checkImage(input, [dir], seed, job.writes, job.readBack, job.oracle);
     const ms = performance.now() - t0;
-    post({
-      type: 'done',
-      seed,
-      ...r,
-      ms,
-      rss: process.memoryUsage().rss,
-      ...(r.violation ? { image: m.image } : {}),
-    });
+    post(done(r, { input, dir, seed, base: base.name, steps: m.steps, image: m.image }, ms));
+    if (batch.length >= ORACLE_BATCH) await flushOracle(dir);
   }
+  await flushOracle(dir);
+  await inFlight;
   post({ type: 'end' });
 }
 

@@ -4,6 +4,7 @@
  * the replay test. Exits 1 when anything failed.
  *   npm run fuzz -- [--minutes N (10)] [--seed S] [--workers W (2)] [--manifests-only | --qcow2-only]
  *                   [--writes]   (qcow2 mutants opened read-write: writes, zeroes, discards, read-back)
+ * Read-only qcow2 mutants that blkexport serves are compared with `qemu-img convert` (qemu-oracle.ts).
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -46,7 +47,9 @@ if (manifestShare < 1) {
     const saved = saveFailures(join(REPO, 'test/fixtures/fuzz'), s.failures);
     console.log(
       `qcow2: seed ${seed}, ${s.images} images in ${s.elapsedMs} ms: ${s.refused} refused, ${s.served} served ` +
-        `(${s.servedWithReadErrors} with read errors); slowest ${Math.round(s.maxImageMs)} ms; ` +
+        `(${s.servedWithReadErrors} with read errors); oracle: ${s.compared} compared with qemu-img convert, ` +
+        `${s.differed} differed, ${s.qemuRefused} refused by qemu-img, ${s.blkReadError} with blkexport read errors; ` +
+        `slowest ${Math.round(s.maxImageMs)} ms; ` +
         `peak RSS ${Math.round(s.peakRss / 2 ** 20)} MiB; codes ${JSON.stringify(s.codes)}`,
     );
     for (const f of s.failures)

@@ -74,6 +74,9 @@ describe('agent limits', { concurrency: false }, () => {
     assert.equal(w.observe('x', 5, 2000), undefined);
     assert.match(w.observe('x', 6, 2100)!, /^I\/O errors: 1 since 1970-01-01T00:00:02\.100Z/);
     assert.equal(w.observe('x', undefined, 2200), undefined);
+    // Why the last failing request failed is shown with the count.
+    w.observe('y', 0, 0);
+    assert.match(w.observe('y', 1, 10, 'write: refused')!, /the rest is served\); last: write: refused$/);
   });
 
   test('agent --max-exports 2: the third export is refused with the reason, and served once a place is free', async (t) => {

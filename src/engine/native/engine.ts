@@ -9,7 +9,7 @@ import { closeSync, fstatSync, openSync } from 'node:fs';
 import { BlockGraph } from '../../block/graph.js';
 import type { PathPolicy } from '../../block/path-policy.js';
 import type { BlockNode } from '../../block/types.js';
-import { BlkError } from '../../errors.js';
+import { BlkError, describeError } from '../../errors.js';
 import type { ExportStats, LiveExport } from '../../export/driver.js';
 import { findExportDriver } from '../../export/drivers.js';
 import { fuseExportDriver } from '../../export/fuse/driver.js';
@@ -41,6 +41,25 @@ import { resolveNode } from './resolve-node.js';
 
 /** Exports flushed and unmounted at once on shutdown (each unmount is a umount(8) child process). */
 const UNMOUNT_PARALLEL = 16;
+/** An export answering EIO logs its first failure, then at most one line per this interval. */
+const ERROR_LOG_INTERVAL_MS = 60_000;
+
+/** Logs the failures an export answers with EIO: the first at once, then one line per interval with the count. */
+function errorLogger(log: LogFn, id: string): (op: string, err: unknown) => void {
+  let lastAt = Number.NEGATIVE_INFINITY;
+  let quiet = 0;
+  return (op, err) => {
+    const now = Date.now();
+    if (now - lastAt < ERROR_LOG_INTERVAL_MS) {
+      quiet++;
+      return;
+    }
+    const more = quiet > 0 ? { 'not-logged-since-last': quiet } : {};
+    log('warn', 'export answered EIO', { export: id, op, error: describeError(err), ...more });
+    lastAt = now;
+    quiet = 0;
+  };
+}
 
 interface LiveNode extends NodeRecord {
   node: BlockNode;
@@ -202,6 +221,7 @@ class NativeDriver implements EngineDriver {
       if (overlay) await this.overlays.drop(this.graph, overlay).catch(() => undefined);
       throw err;
     }
+    exp.onError = errorLogger(this.log, e.id);
     this.notePassthrough(e.id, exp);
     const since = new Date().toISOString();
     const mountId = await this.mountIdOf(e.mountpoint);
@@ -301,6 +321,7 @@ class NativeDriver implements EngineDriver {
       if (overlay) await this.graph.closeNode(overlay.node.nodeName).catch(() => undefined);
       throw err;
     }
+    exp.onError = errorLogger(this.log, e.id);
     this.notePassthrough(e.id, exp);
     if (h.pinFd !== undefined) closeSync(h.pinFd);
     const since = new Date().toISOString();

@@ -7,7 +7,7 @@
  */
 import { constants } from 'node:fs';
 import type { BlockNode } from '../../block/types.js';
-import { BlkError, Errno } from '../../errors.js';
+import { BlkError, describeError, Errno } from '../../errors.js';
 import type { ExportStats, LiveExport } from '../driver.js';
 import { LatencyHistogram } from '../latency.js';
 import { FastPathSync } from './fast-sync.js';
@@ -451,7 +451,9 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
       },
       onError: (op, err) => {
         this.jsStats.errors++;
-        // An image found corrupt is not written again, by JavaScript or by the binding.
+        this.jsStats.lastError = `${op}: ${describeError(err)}`;
+        // An image found corrupt is not written again, by JavaScript or by the binding (also after
+        // the refusal of one range, a shared cluster: JavaScript decides every write from then on).
         if ((err as { code?: unknown } | null)?.code === 'IMAGE_CORRUPT') this.fast.allowWrites(false);
         this.onError?.(op, err);
       },

@@ -36,10 +36,15 @@ export interface CheckResult {
   messages: string[];
 }
 
+/**
+ * Where a reference walk counts: host cluster `c` is referenced once more,
+ * as `what` ('L2 table', 'data cluster', ...); `owned` when the reference is
+ * an active table's entry with COPIED set (a writer may then change the
+ * cluster in place).
+ */
+export type ReferenceSink = (c: number, owned: boolean, what: string) => void;
+
 interface Walk {
-  refs: Uint32Array;
-  /** Clusters beyond the end of the file that something references. */
-  beyond: number;
   errors: number;
   messages: string[];
   allocated: number;
@@ -51,28 +56,51 @@ function entryOffset(buf: Buffer, at: number): number {
   return (buf.readUInt32BE(at) & 0x00ffffff) * TWO32 + ((buf.readUInt32BE(at + 4) & 0xfffffe00) >>> 0);
 }
 
+/**
+ * The host offset of L2 entry `j` (0: none) when it is the common kind,
+ * decoded inline (a walk meets millions): standard (no extended L2, not
+ * compressed), no reserved bit set, aligned, past the header, inside the
+ * file, no zero flag in a v2 image. -1 for anything else: readL2Entry checks it.
+ */
+function plainEntry(s: Qcow2State, table: Buffer, j: number): number {
+  const h = s.header;
+  if (h.extendedL2) return -1;
+  const hi = table.readUInt32BE(j * 8);
+  const lo = table.readUInt32BE(j * 8 + 4);
+  if ((hi & 0x7f000000) !== 0 || (lo & 0x1fe) !== 0 || ((lo & 1) !== 0 && h.version === 2)) return -1;
+  const host = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+  if (host === 0) return 0;
+  const cs = h.clusterSize;
+  return host % cs === 0 && host >= cs && host < s.refcounts.hostEnd ? host : -1;
+}
+
 async function readAt(s: Qcow2State, off: number, len: number): Promise<Buffer> {
   const b = Buffer.alloc(len);
   if (len > 0) await s.file.read(off, b);
   return b;
 }
 
-/** Counts every reference the metadata makes, per host cluster. */
+/**
+ * Counts every reference the metadata makes, per host cluster inside the
+ * file, into `sink` (references beyond the end are errors of the walk).
+ */
 // biome-ignore lint/complexity/noExcessiveCognitiveComplexity: on-disk format code: the checks and steps follow the format's structure in order, one place; splitting would scatter them
-async function countReferences(s: Qcow2State, progress?: (done: number) => void): Promise<Walk> {
+export async function countReferences(
+  s: Qcow2State,
+  sink: ReferenceSink,
+  progress?: (done: number) => void,
+): Promise<Walk> {
   const h = s.header;
   const cs = h.clusterSize;
   const nb = Math.ceil(s.file.length() / cs);
   const walk: Walk = {
-    refs: new Uint32Array(nb),
-    beyond: 0,
     errors: 0,
     messages: [],
     allocated: 0,
     fragmented: 0,
     compressed: 0,
   };
-  const inc = (off: number, len: number, what: string) => {
+  const inc = (off: number, len: number, what: string, owned = false) => {
     if (len <= 0) return;
     for (let c = Math.floor(off / cs); c * cs < off + len; c++) {
       if (c >= nb) {
@@ -80,7 +108,7 @@ async function countReferences(s: Qcow2State, progress?: (done: number) => void)
         walk.messages.push(`ERROR ${what} at offset ${off} lies beyond the end of the image`);
         return;
       }
-      walk.refs[c]!++;
+      sink(c, owned, what);
     }
   };
   // biome-ignore lint/complexity/noExcessiveCognitiveComplexity: on-disk format code: the checks and steps follow the format's structure in order, one place; splitting would scatter them
@@ -89,6 +117,7 @@ async function countReferences(s: Qcow2State, progress?: (done: number) => void)
       // Like qemu-img, contiguity is judged inside one L2 table.
       let prevHost = -1;
       const l2Off = entryOffset(l1, i * 8);
+      const l2Owned = active && (l1.readUInt32BE(i * 8) & 0x80000000) !== 0;
       if (l2Off === 0) continue;
       if (l2Off % cs !== 0) {
         walk.errors++;
@@ -101,35 +130,41 @@ async function countReferences(s: Qcow2State, progress?: (done: number) => void)
         inc(l2Off, cs, 'L2 table');
         continue;
       }
-      inc(l2Off, cs, 'L2 table');
+      inc(l2Off, cs, 'L2 table', l2Owned);
       const table = await readAt(s, l2Off, cs);
       for (let j = 0; j < h.l2Entries; j++) {
         const gc = i * h.l2Entries + j;
-        let e: ReturnType<typeof readL2Entry>;
-        try {
-          e = readL2Entry(s, table, j, gc);
-        } catch (err) {
-          s.corrupt = false; // a check reports, it does not poison the node
-          walk.errors++;
-          walk.messages.push(`ERROR ${(err as Error).message}`);
-          continue;
-        }
-        if (e.compressed) {
-          for (let c = e.cfirst; c <= e.clast; c++) inc(c * cs, 1, 'compressed cluster');
-          if (active) {
-            // Compressed clusters count as fragmented (qemu-img: they are read by whole sectors).
-            walk.allocated++;
-            walk.compressed++;
-            walk.fragmented++;
+        let host = plainEntry(s, table, j);
+        let copied = host > 0 && table.readUInt32BE(j * 8) >= 0x80000000;
+        if (host < 0) {
+          let e: ReturnType<typeof readL2Entry>;
+          try {
+            e = readL2Entry(s, table, j, gc);
+          } catch (err) {
+            s.corrupt = false; // a check reports, it does not poison the node
+            walk.errors++;
+            walk.messages.push(`ERROR ${(err as Error).message}`);
+            continue;
           }
-          continue;
+          if (e.compressed) {
+            for (let c = e.cfirst; c <= e.clast; c++) inc(c * cs, 1, 'compressed cluster');
+            if (active) {
+              // Compressed clusters count as fragmented (qemu-img: they are read by whole sectors).
+              walk.allocated++;
+              walk.compressed++;
+              walk.fragmented++;
+            }
+            continue;
+          }
+          host = e.host;
+          copied = e.copied;
         }
-        if (e.host === 0) continue;
-        inc(e.host, cs, 'data cluster');
+        if (host === 0) continue;
+        inc(host, cs, 'data cluster', active && copied);
         if (active) {
           walk.allocated++;
-          if (prevHost >= 0 && e.host !== prevHost + cs) walk.fragmented++;
-          prevHost = e.host;
+          if (prevHost >= 0 && host !== prevHost + cs) walk.fragmented++;
+          prevHost = host;
         }
       }
       progress?.(i / Math.max(1, size));
@@ -194,7 +229,14 @@ export async function checkImage(
   const h = s.header;
   const cs = h.clusterSize;
   if (s.l1.length < h.l1Size * 8) s.l1 = await readAt(s, h.l1TableOffset, h.l1Size * 8);
-  const walk = await countReferences(s, (f) => progress?.(f * 0.8));
+  const counted = new Uint32Array(Math.ceil(s.file.length() / cs));
+  const walk = await countReferences(
+    s,
+    (c) => {
+      counted[c]!++;
+    },
+    (f) => progress?.(f * 0.8),
+  );
   const refs = s.refcounts;
   const r: CheckResult = {
     corruptions: walk.errors,
@@ -209,7 +251,7 @@ export async function checkImage(
     imageEndOffset: 0,
     messages: walk.messages,
   };
-  const nb = walk.refs.length;
+  const nb = counted.length;
   const fixes: [number, number, number][] = [];
   let last = 0;
   for (let c = 0; c < nb; c++) {
@@ -221,7 +263,7 @@ export async function checkImage(
       r.messages.push(`ERROR ${(err as Error).message}`);
       continue;
     }
-    const want = walk.refs[c]!;
+    const want = counted[c]!;
     if (stored > 0 || want > 0) last = c;
     if (stored === want) continue;
     const leak = stored > want;

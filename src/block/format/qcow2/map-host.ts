@@ -13,7 +13,8 @@
  * (dirty-bit repair, bitmaps marked in use, done by prepareWritable before
  * any write), the L2 table is not shared (L1 COPIED), the cluster is
  * allocated with COPIED set (refcount 1), not compressed, not zero-flagged,
- * every subcluster touched allocated (extended L2), no allocating write has
+ * every subcluster touched allocated (extended L2), neither it nor its L2
+ * table is shared beyond its refcount (shared.ts), no allocating write has
  * it in flight, its entries are already in the file (entriesInFile), and the
  * host range lies inside the file and clear of metadata. Backing-file pieces
  * never are: a write there allocates in this image.
@@ -56,6 +57,8 @@ function inPlace(s: Qcow2State, pos: number, len: number, host: number): boolean
   const l1i = Math.floor(pos / h.l2Coverage);
   const { off, copied } = readL1Entry(s, l1i);
   if (off === 0 || !copied) return false;
+  // A host cluster (or table) the references show shared is written by no one (shared.ts).
+  if (w.shared.size > 0 && (w.shared.has(off / cs) || w.shared.has(Math.floor(host / cs)))) return false;
   const table = s.l2Cache.peek(off);
   if (table === undefined) return false;
   // A corrupt entry throws (and marks the image corrupt): mapHostCached undoes the mark and answers null,

@@ -25,6 +25,8 @@ export interface RefcountHooks {
   metadata(cluster: number): void;
   /** Whether a cluster holds metadata (the allocator never hands those out). */
   isMetadata(cluster: number): boolean;
+  /** Whether a cluster is referenced although its refcount may say free (never handed out). */
+  inUse?(cluster: number): boolean;
 }
 
 export type { ClusterRun };
@@ -229,7 +231,7 @@ export class Refcounts {
       if (free && this.hooks?.isMetadata(c)) {
         throw this.corrupt(`cluster ${c} holds metadata but its refcount is 0`);
       }
-      if (free) {
+      if (free && this.hooks?.inUse?.(c) !== true) {
         if (start < 0) start = c;
         if (c - start + 1 === n) return { start, count: n, fresh: false };
       } else if (start >= 0) {

@@ -6,6 +6,7 @@ import type { Qcow2Extensions } from './extensions.js';
 import type { Qcow2Header } from './header.js';
 import type { Refcounts } from './refcount.js';
 import type { RwLock } from './rwlock.js';
+import type { SharedCluster } from './shared.js';
 import type { Qcow2Snapshot } from './snapshots.js';
 import type { TableCache } from './table-cache.js';
 
@@ -47,6 +48,8 @@ export interface WriteState {
   lock: RwLock;
   /** Host clusters holding metadata (overlap protection). */
   meta: Set<number>;
+  /** Host clusters referenced more than their refcount (or COPIED) allows: never written (shared.ts). */
+  shared: Map<number, SharedCluster>;
   /** L2 tables changed in memory, pinned in the cache until written. */
   dirtyL2: DirtyEntries;
   /** L1 entries changed in memory. */

@@ -16,6 +16,7 @@ import {
 import { setDirtyBit, writeAutoclear } from './header-write.js';
 import { rebuildRefcounts } from './rebuild.js';
 import { RwLock } from './rwlock.js';
+import { isShared, scanShared } from './shared.js';
 import { snapshotViewReadOnly } from './snapshot-view.js';
 import type { Qcow2State, WriteState } from './state.js';
 
@@ -147,6 +148,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
   const w: WriteState = {
     lock: new RwLock(),
     meta,
+    shared: new Map(),
     dirtyL2: new Map(),
     dirtyL1: new Set(),
     writingL2: new Map(),
@@ -178,6 +180,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
     },
     metadata: (c) => meta.add(c),
     isMetadata: (c) => meta.has(c),
+    inUse: (c) => isShared(s, c),
   };
   s.w = w;
 
@@ -191,5 +194,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
     await rebuildRefcounts(s);
     await setDirtyBit(s, false);
   }
+  // References against refcounts: host clusters used more often than they may be are never written.
+  if (!s.repairing) w.shared = await scanShared(s);
   return w;
 }

@@ -30,6 +30,7 @@ import {
 import { l2TableOffset } from './mapping.js';
 import { checkNoOverlap } from './overlap.js';
 import { readGuest } from './read.js';
+import { refuseShared } from './shared.js';
 import type { Qcow2State } from './state.js';
 
 /** Host-contiguous pieces are merged into one pwrite up to this size. */
@@ -76,6 +77,7 @@ export function checkNotCorrupt(s: Qcow2State): void {
 export async function writeGuest(s: Qcow2State, offset: number, buf: Buffer): Promise<void> {
   checkNotCorrupt(s);
   const w = s.w!;
+  if (w.shared.size > 0) await refuseShared(s, 'write', offset, buf.length);
   if (w.lock.tryShared()) {
     let done: boolean;
     try {

@@ -9,6 +9,7 @@
 
 import { needCommit } from './commit.js';
 import { ALL_SUBCLUSTERS, readL1Entry, readL2Entry, writeL2Entry } from './entries.js';
+import { refuseShared } from './shared.js';
 import type { Qcow2State } from './state.js';
 import {
   checkNotCorrupt,
@@ -120,6 +121,7 @@ export async function zeroLocked(
   length: number,
   mayUnmap: boolean,
 ): Promise<void> {
+  await refuseShared(s, 'write-zeroes', offset, length);
   const cs = s.header.clusterSize;
   const end = offset + length;
   const firstFull = Math.ceil(offset / cs);
@@ -146,6 +148,7 @@ export async function discardGuest(s: Qcow2State, offset: number, length: number
   const w = s.w!;
   await exclusiveQuiet(s);
   try {
+    await refuseShared(s, 'discard', first * cs, (last - first + 1) * cs);
     await rewriteClusters(s, first, last, 'discard');
   } finally {
     w.lock.releaseExclusive();
