@@ -160,6 +160,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
     refsAt: 0,
     dataAt: 0,
     l2At: 0,
+    entriesAt: 0,
     refsSnapshot: 0,
     background: undefined,
   };
