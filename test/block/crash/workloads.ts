@@ -26,6 +26,8 @@ export interface Workload {
   compressed?: boolean;
   /** Prefill with qemu-io writes (not compressed). */
   prefill?: boolean;
+  /** After the prefill, an internal snapshot (`qemu-img snapshot -c`): writes copy shared L2 tables and clusters. */
+  snapshot?: boolean;
   /** Guest ops (flushes included). */
   ops: number;
   /** Largest guest write. */
@@ -129,6 +131,19 @@ export const WORKLOADS: Workload[] = [
     random: 5,
   },
   {
+    name: 'internal snapshot (copied L2 tables and clusters), 4 KiB clusters',
+    opts: { cluster_size: '4096' },
+    size: 2 * M,
+    prefill: true,
+    snapshot: true,
+    ops: 40,
+    maxLen: 12 * K,
+    flushShare: 0.25,
+    zeroes: true,
+    discards: true,
+    random: 5,
+  },
+  {
     name: '2 MiB clusters',
     opts: { cluster_size: '2M' },
     size: 8 * M,
@@ -190,6 +205,7 @@ export function makeImage(dir: string, w: Workload, seed: number): string {
       seed + 2,
     );
   }
+  if (w.snapshot) qemuImg('snapshot', '-c', 'before', image);
   if (w.compressed) {
     const o = Object.entries(w.opts)
       .map(([k, v]) => `${k}=${v}`)
