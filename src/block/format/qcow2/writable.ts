@@ -178,6 +178,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
     isMetadata: (c) => meta.has(c),
   };
   s.w = w;
+  await refs.coverCountedBeyondEnd();
 
   // Autoclear bits we do not understand are cleared: whatever they guarded is no longer kept valid.
   if (h.version === 3 && (h.autoclear & ~AUTOCLEAR_KNOWN) !== 0n) {
