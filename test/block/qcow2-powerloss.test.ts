@@ -25,7 +25,7 @@ for (const w of WORKLOADS) {
   test(`power loss: ${w.name}`, async (t) => {
     if (!needTools(t, 'qemu-img', 'qemu-io')) return;
     const dir = tempDir(t, 'blkexport-powerloss-');
-    const r = await runPowerLoss(dir, w, { seed: SEED, qemuEvery: 4, continueEvery: 8 });
+    const r = await runPowerLoss(dir, w, { seed: SEED, qemuEvery: 6, continueEvery: 12 });
     t.diagnostic(summary(r));
     total += r.states;
     assert.deepEqual(r.failures, [], `seed ${SEED} (POWERLOSS_SEED=${SEED} reproduces)`);

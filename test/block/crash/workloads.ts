@@ -57,7 +57,7 @@ export const WORKLOADS: Workload[] = [
     ops: 60,
     maxLen: 100 * K,
     flushShare: 0.2,
-    random: 5,
+    random: 8,
   },
   {
     name: 'overwrites, write-zeroes, discards, 512 B clusters',
@@ -70,7 +70,7 @@ export const WORKLOADS: Workload[] = [
     zeroes: true,
     discards: true,
     spread: 256 * K,
-    random: 5,
+    random: 8,
   },
   {
     name: 'growth with L1 growth, 512 B clusters',
@@ -80,7 +80,7 @@ export const WORKLOADS: Workload[] = [
     maxLen: 8 * K,
     flushShare: 0.25,
     grow: [1 * M, 3 * M, 5 * M],
-    random: 5,
+    random: 8,
     expect: ['L1 table moved'],
   },
   {
@@ -90,7 +90,7 @@ export const WORKLOADS: Workload[] = [
     ops: 45,
     maxLen: 160 * K,
     flushShare: 0.2,
-    random: 5,
+    random: 8,
     expect: ['refcount table moved'],
   },
   {
@@ -103,7 +103,7 @@ export const WORKLOADS: Workload[] = [
     flushShare: 0.2,
     zeroes: true,
     discards: true,
-    random: 5,
+    random: 8,
   },
   {
     name: 'compressed clusters overwritten, 4 KiB clusters',
@@ -115,7 +115,7 @@ export const WORKLOADS: Workload[] = [
     flushShare: 0.2,
     zeroes: true,
     discards: true,
-    random: 5,
+    random: 8,
     expect: ['compressed clusters'],
   },
   {
@@ -128,7 +128,7 @@ export const WORKLOADS: Workload[] = [
     flushShare: 0.2,
     zeroes: true,
     discards: true,
-    random: 5,
+    random: 8,
   },
   {
     name: 'internal snapshot (copied L2 tables and clusters), 4 KiB clusters',
@@ -141,7 +141,7 @@ export const WORKLOADS: Workload[] = [
     flushShare: 0.25,
     zeroes: true,
     discards: true,
-    random: 5,
+    random: 8,
   },
   {
     name: '2 MiB clusters',
@@ -151,7 +151,7 @@ export const WORKLOADS: Workload[] = [
     maxLen: 64 * K,
     flushShare: 0.25,
     zeroes: true,
-    random: 3,
+    random: 6,
   },
   {
     name: 'lazy refcounts (dirty bit; rebuilt on the next writable open)',
@@ -161,7 +161,7 @@ export const WORKLOADS: Workload[] = [
     maxLen: 40 * K,
     flushShare: 0.2,
     discards: true,
-    random: 5,
+    random: 8,
     expect: ['dirty states'],
   },
 ];
