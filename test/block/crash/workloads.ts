@@ -57,7 +57,7 @@ export const WORKLOADS: Workload[] = [
     ops: 60,
     maxLen: 100 * K,
     flushShare: 0.2,
-    random: 8,
+    random: 12,
   },
   {
     name: 'overwrites, write-zeroes, discards, 512 B clusters',
@@ -70,7 +70,7 @@ export const WORKLOADS: Workload[] = [
     zeroes: true,
     discards: true,
     spread: 256 * K,
-    random: 8,
+    random: 12,
   },
   {
     name: 'growth with L1 growth, 512 B clusters',
@@ -80,7 +80,7 @@ export const WORKLOADS: Workload[] = [
     maxLen: 8 * K,
     flushShare: 0.25,
     grow: [1 * M, 3 * M, 5 * M],
-    random: 8,
+    random: 12,
     expect: ['L1 table moved'],
   },
   {
@@ -90,7 +90,7 @@ export const WORKLOADS: Workload[] = [
     ops: 45,
     maxLen: 160 * K,
     flushShare: 0.2,
-    random: 8,
+    random: 12,
     expect: ['refcount table moved'],
   },
   {
@@ -103,7 +103,7 @@ export const WORKLOADS: Workload[] = [
     flushShare: 0.2,
     zeroes: true,
     discards: true,
-    random: 8,
+    random: 12,
   },
   {
     name: 'compressed clusters overwritten, 4 KiB clusters',
@@ -115,7 +115,7 @@ export const WORKLOADS: Workload[] = [
     flushShare: 0.2,
     zeroes: true,
     discards: true,
-    random: 8,
+    random: 12,
     expect: ['compressed clusters'],
   },
   {
@@ -128,7 +128,7 @@ export const WORKLOADS: Workload[] = [
     flushShare: 0.2,
     zeroes: true,
     discards: true,
-    random: 8,
+    random: 12,
   },
   {
     name: 'internal snapshot (copied L2 tables and clusters), 4 KiB clusters',
@@ -141,7 +141,7 @@ export const WORKLOADS: Workload[] = [
     flushShare: 0.25,
     zeroes: true,
     discards: true,
-    random: 8,
+    random: 12,
   },
   {
     name: '2 MiB clusters',
@@ -151,7 +151,7 @@ export const WORKLOADS: Workload[] = [
     maxLen: 64 * K,
     flushShare: 0.25,
     zeroes: true,
-    random: 6,
+    random: 9,
   },
   {
     name: 'lazy refcounts (dirty bit; rebuilt on the next writable open)',
@@ -161,7 +161,7 @@ export const WORKLOADS: Workload[] = [
     maxLen: 40 * K,
     flushShare: 0.2,
     discards: true,
-    random: 8,
+    random: 12,
     expect: ['dirty states'],
   },
 ];
