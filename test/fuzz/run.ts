@@ -4,6 +4,9 @@
  * the replay test. Exits 1 when anything failed.
  *   npm run fuzz -- [--minutes N (10)] [--seed S] [--workers W (2)] [--manifests-only | --qcow2-only]
  *                   [--writes]   (qcow2 mutants opened read-write: writes, zeroes, discards, read-back)
+ *   npm run fuzz -- --crash [--minutes N] [--seed S] [--random R (6)]
+ *                   (power loss only: every workload of test/block/crash/workloads.ts, seed after seed,
+ *                    R random subsets per sync point, qemu-img on every 3rd state; see docs/qcow2.md)
  * Read-only qcow2 mutants that blkexport serves are compared with `qemu-img convert` (qemu-oracle.ts).
  */
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -25,8 +28,14 @@ const { values } = parseArgs({
     'manifests-only': { type: 'boolean', default: false },
     'qcow2-only': { type: 'boolean', default: false },
     writes: { type: 'boolean', default: false },
+    crash: { type: 'boolean', default: false },
+    random: { type: 'string', default: '6' },
   },
 });
+if (values.crash) {
+  const { runCrashFuzz } = await import('./crash-run.js');
+  process.exit((await runCrashFuzz(Number(values.minutes), values.seed, Number(values.random))) ? 0 : 1);
+}
 const budget = Number(values.minutes) * 60_000;
 const seed = Number(values.seed ?? Date.now() % 1_000_000_000);
 const manifestShare = values['manifests-only'] ? 1 : values['qcow2-only'] ? 0 : 0.15;

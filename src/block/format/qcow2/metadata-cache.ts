@@ -18,10 +18,13 @@
  *      before any entry points at it and a dropped reference only queues its
  *      decrement;
  *   1. refcount blocks (increments; new blocks), the dirty pages only;
- *   2. refcount table entries naming new blocks (sync first), or a whole
- *      moved table (sync, table, sync, header switch);
+ *   2. refcount table entries naming new blocks (sync first; an entry whose
+ *      block is counted by another new block after that block's entry, a
+ *      sync apart: entryLevels), or a whole moved table (sync, table, sync,
+ *      header switch);
  *   3. L2 tables, the dirty pages only, after a sync when a cluster handed
- *      out so far is not durably counted yet (AllocationPool needed/durable)
+ *      out so far is not durably counted yet (AllocationPool needed/durable;
+ *      a count in a new block is durable only with the table entry naming it)
  *      or when data an entry must not precede (copy-on-write, fill, a reused
  *      cluster, backing data: write.ts writeData) is not synced yet;
  *   4. L1 entries naming new tables, after a sync covering those tables when
@@ -92,6 +95,36 @@ export async function writeBackOnce(s: Qcow2State, full: boolean): Promise<void>
   }
 }
 
+/**
+ * Refcount table entries in the order they may reach the disk. An entry
+ * naming a new block B makes B a referenced cluster, so B's own refcount must
+ * be reachable on disk first: when the entry of the block that counts B is
+ * among these entries too, it goes one level earlier (a sync apart). Blocks
+ * that count themselves, or are counted by a block already on disk, are level
+ * 0 (the usual case: one level). Entries left in a cycle (each block counted
+ * by the other's) cannot be ordered and are written together, last.
+ */
+export function entryLevels(
+  entries: readonly [number, Buffer][],
+  perBlock: number,
+  clusterSize: number,
+): [number, Buffer][][] {
+  const pending = new Map(entries);
+  const levels: [number, Buffer][][] = [];
+  const countedBy = (b: Buffer) =>
+    Math.floor(Number(b.readBigUInt64BE(0) & ~0x1ffn) / clusterSize / perBlock);
+  while (pending.size > 0) {
+    let level = [...pending].filter(([ti, b]) => {
+      const dep = countedBy(b);
+      return dep === ti || !pending.has(dep);
+    });
+    if (level.length === 0) level = [...pending];
+    for (const [ti] of level) pending.delete(ti);
+    levels.push(level);
+  }
+  return levels;
+}
+
 /** Syncs the file; everything written before the call is then covered. */
 async function sync(s: Qcow2State): Promise<void> {
   const w = s.w!;
@@ -111,8 +144,9 @@ async function writeSnapshot(s: Qcow2State, snap: Snapshot): Promise<void> {
   const tablesToWrite = snap.l2.length + snap.l1.length > 0 || snap.l1Moved !== undefined;
   if (w.lazy && tablesToWrite && (h.incompatible & INCOMPAT_DIRTY) === 0n) await setDirtyBit(s, true);
   const refsUnsynced = () => !w.lazy && w.refsAt > w.synced;
-  // Entries may name a cluster only once its refcount is durable (counted-ahead clusters usually are).
-  const countsNeeded = () => !w.lazy && refs.pool.behind;
+  // Entries may name a cluster only once its refcount is durable (counted-ahead clusters usually are),
+  // and a count in a new block is durable only once the table entry naming the block is.
+  const countsNeeded = () => !w.lazy && (refs.pool.behind || w.entriesAt > w.synced);
 
   // 1-2. Refcounts.
   if (snap.blocks.length > 0) {
@@ -121,13 +155,17 @@ async function writeSnapshot(s: Qcow2State, snap: Snapshot): Promise<void> {
     w.refsSnapshot = snap.blocksN;
   }
   if (snap.entries.length > 0) {
-    // A table entry may name a new block: the block goes first.
-    if (refsUnsynced()) await sync(s);
-    await writeAll(
-      s,
-      snap.entries.map(([ti, b]) => [refs.diskTable.offset + ti * 8, b]),
-    );
-    w.refsAt = ++w.gen;
+    // A table entry may name a new block: the block goes first. A new block counted by another new
+    // block goes after that block's entry (entryLevels), each level synced before the next.
+    const levels = entryLevels(snap.entries, refs.perBlock, h.clusterSize);
+    for (const level of levels) {
+      if (refsUnsynced()) await sync(s);
+      await writeAll(
+        s,
+        level.map(([ti, b]) => [refs.diskTable.offset + ti * 8, b]),
+      );
+      w.refsAt = w.entriesAt = ++w.gen;
+    }
   }
   if (snap.table) {
     const t = snap.table;

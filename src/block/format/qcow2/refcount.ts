@@ -270,6 +270,29 @@ export class Refcounts {
     }
   }
 
+  /**
+   * Moves hostEnd past every cluster a refcount block counts beyond the end
+   * of the file. A writer counts clusters ahead of the file (pool.ts) and
+   * grows the file with ftruncate; after a power loss the refcount block can
+   * be on disk and the growth not, and findFree takes everything past
+   * hostEnd as free: it would hand those clusters out again (refcount 2
+   * under a COPIED entry). Only the blocks covering clusters past the end
+   * are read (usually none or one); called before the first allocation.
+   */
+  async coverCountedBeyondEnd(): Promise<void> {
+    const first = Math.ceil(this.hostEnd / this.cs);
+    for (let ti = this.entries - 1; ti >= Math.floor(first / this.perBlock); ti--) {
+      const b = await this.block(ti);
+      if (b === undefined) continue;
+      for (let i = this.perBlock - 1; i >= 0 && ti * this.perBlock + i >= first; i--) {
+        if (this.read(b, i) !== 0) {
+          this.hostEnd = (ti * this.perBlock + i + 1) * this.cs;
+          return;
+        }
+      }
+    }
+  }
+
   /** Counts up to n contiguous free clusters (refcount 1 in memory), growing the file to hold them. */
   private async count(n: number): Promise<ClusterRun> {
     const hint = this.freeHint;

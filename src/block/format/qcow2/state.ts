@@ -77,14 +77,17 @@ export interface WriteState {
    * gen of the last refcount write, `dataAt` of the last data write whose
    * new entries must not reach the disk before it (copy-on-write or fill
    * bytes, or a reused cluster: see writeData), `l2At` of the last write of
-   * a table in `orderedL2`. A later phase needs a sync first when what it
-   * depends on was written after `synced`.
+   * a table in `orderedL2`, `entriesAt` of the last write of refcount table
+   * entries naming new blocks (the counts those blocks hold are reachable only
+   * once such entries are durable). A later phase needs a sync first when
+   * what it depends on was written after `synced`.
    */
   gen: number;
   synced: number;
   refsAt: number;
   dataAt: number;
   l2At: number;
+  entriesAt: number;
   /** The block snapshot (AllocationPool.takeSnapshot) the last refcount block write wrote. */
   refsSnapshot: number;
   /** A sync started without waiting (to make counted-ahead refcounts durable). */

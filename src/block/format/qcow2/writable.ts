@@ -165,6 +165,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
     refsAt: 0,
     dataAt: 0,
     l2At: 0,
+    entriesAt: 0,
     refsSnapshot: 0,
     background: undefined,
   };
@@ -183,6 +184,7 @@ export async function prepareWritable(s: Qcow2State): Promise<WriteState> {
     inUse: (c) => isShared(s, c),
   };
   s.w = w;
+  await refs.coverCountedBeyondEnd();
 
   // Autoclear bits we do not understand are cleared: whatever they guarded is no longer kept valid.
   if (h.version === 3 && (h.autoclear & ~AUTOCLEAR_KNOWN) !== 0n) {
