@@ -4,7 +4,8 @@
 #                             libfuse.so.2, the fallback), fuse (fusermount),
 #                             and build-essential/python3 when missing (node-gyp builds native/)
 #   scripts/setup.sh --test   also the test oracle and tools: qemu-utils, qemu-system-common
-#                             (qemu-storage-daemon), fio, parted, fdisk, e2fsprogs, file
+#                             (qemu-storage-daemon), fio, parted, fdisk, e2fsprogs, file,
+#                             libnbd-bin (nbdinfo, nbdcopy) and nbdkit: the NBD export's real clients
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,7 @@ command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
 if ! command -v fusermount >/dev/null 2>&1 && ! command -v fusermount3 >/dev/null 2>&1; then pkgs+=(fuse); fi
 if [[ "${1:-}" == "--test" ]]; then
   pkgs+=(qemu-utils qemu-system-common fio parted fdisk e2fsprogs util-linux)
+  pkgs+=(libnbd-bin nbdkit)
 fi
 
 missing=()
