@@ -57,10 +57,36 @@ async function assertInsideRoots(path: string, roots: string[], what: string): P
   }
 }
 
-/** Opens the image, selects the partition, mounts the export and checks it from another process. */
-export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
+/** What a one-shot export (FUSE or NBD) opens: the image, its format, one partition of it. */
+export interface OneShotImageOptions {
+  image: string;
+  format: 'auto' | 'raw' | 'qcow2';
+  writable: boolean;
+  partition?: number;
+  /** Directories the image and its backing files must lie in (default: the image's directory). */
+  allowRoots: string[];
+  /** Paths (besides the image) another blkexport mount must not cover. */
+  alsoUnmounted?: string[];
+}
+
+/** An opened one-shot image: the node to export and how to close it. */
+export interface OneShotImage {
+  image: string;
+  format: string;
+  node: BlockNode;
+  partition: OneShot['partition'];
+  /** The allowed roots, resolved. */
+  roots: string[];
+  close(): Promise<void>;
+}
+
+/**
+ * Opens the image for a one-shot export with the path policy, probing and
+ * locking every export uses, and selects the partition; refuses a probed-raw
+ * image for writing. The caller closes it.
+ */
+export async function openOneShotImage(o: OneShotImageOptions): Promise<OneShotImage> {
   const image = resolve(o.image);
-  const mountpoint = resolve(o.mountpoint ?? image);
   const rootsGiven = o.allowRoots.length ? o.allowRoots : [dirname(image)];
   const policy = await makePathPolicy(rootsGiven);
   const roots = policy.allowedRoots === 'any' ? [] : [...policy.allowedRoots];
@@ -69,7 +95,7 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
   await assertInsideRoots(image, roots, 'image');
   // Another blkexport process may serve this path already; opening the image
   // then would open that export's raw view instead of the image underneath.
-  for (const path of new Set([mountpoint, image])) {
+  for (const path of new Set([...(o.alsoUnmounted ?? []), image])) {
     const top = topMountAt(await readMountTable(), path);
     if (top && mountOwner(top))
       throw new BlkError('EXPORT_EXISTS', `There already is a FUSE export on '${path}'`);
@@ -81,10 +107,6 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
     readOnly: !o.writable,
     allowedRoots: roots,
   });
-  const cleanups: Array<() => Promise<void>> = [() => opened.close()];
-  const closeAll = async () => {
-    for (const c of cleanups.reverse()) await c().catch(() => undefined);
-  };
   try {
     if (o.writable && o.format === 'auto' && opened.format === 'raw')
       throw probedRawError(`'${image}'`, '--format raw');
@@ -104,7 +126,31 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
         throw new BlkError('INTERNAL', `the partition filter reported no window for '${image}'`);
       partition = { index: o.partition, offset, size: node.length(), scheme };
     }
+    return { image, format: opened.format, node, partition, roots, close: () => opened.close() };
+  } catch (e) {
+    await opened.close().catch(() => undefined);
+    throw e;
+  }
+}
 
+/** Opens the image, selects the partition, mounts the export and checks it from another process. */
+export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
+  const image = resolve(o.image);
+  const mountpoint = resolve(o.mountpoint ?? image);
+  const opened = await openOneShotImage({
+    image,
+    format: o.format,
+    writable: o.writable,
+    allowRoots: o.allowRoots,
+    alsoUnmounted: [mountpoint],
+    ...(o.partition !== undefined ? { partition: o.partition } : {}),
+  });
+  const { node, partition, roots } = opened;
+  const cleanups: Array<() => Promise<void>> = [() => opened.close()];
+  const closeAll = async () => {
+    for (const c of cleanups.reverse()) await c().catch(() => undefined);
+  };
+  try {
     const created = o.createMountpoint ? await createMountpoint(mountpoint) : false;
     if (created) cleanups.unshift(() => unlink(mountpoint).catch(() => undefined));
     await assertInsideRoots(mountpoint, roots, 'mountpoint');
