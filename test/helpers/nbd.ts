@@ -1,0 +1,186 @@
+/**
+ * A raw NBD client for tests: a socket, exact reads, and the handful of
+ * messages the hostile-client tests send by hand. Bounded by timeouts: a
+ * read that never completes fails the test instead of hanging it.
+ */
+import { connect, type Socket } from 'node:net';
+import {
+  FLAG_C_FIXED_NEWSTYLE,
+  FLAG_C_NO_ZEROES,
+  IHAVEOPT,
+  INFO_BLOCK_SIZE,
+  OPT_GO,
+  OPT_SET_META_CONTEXT,
+  OPT_STRUCTURED_REPLY,
+  REP_ACK,
+} from '../../src/export/nbd/constants.js';
+import { encodeInfoRequest, encodeMetaContextRequest } from '../../src/export/nbd/options.js';
+import { encodeRequest } from '../../src/export/nbd/wire.js';
+
+export class RawClient {
+  private buf = Buffer.alloc(0);
+  private ended = false;
+  private waiter: (() => void) | undefined;
+
+  private constructor(readonly sock: Socket) {
+    sock.on('data', (d: Buffer) => {
+      this.buf = Buffer.concat([this.buf, d]);
+      this.wake();
+    });
+    sock.on('close', () => {
+      this.ended = true;
+      this.wake();
+    });
+    sock.on('error', () => undefined);
+  }
+
+  private wake(): void {
+    const w = this.waiter;
+    this.waiter = undefined;
+    w?.();
+  }
+
+  static open(path: string): Promise<RawClient> {
+    return new Promise((resolve, reject) => {
+      const s = connect(path);
+      s.once('connect', () => resolve(new RawClient(s)));
+      s.once('error', reject);
+    });
+  }
+
+  /** Exactly n bytes, or an error when the server closes first or `ms` pass. */
+  async read(n: number, ms = 5000): Promise<Buffer> {
+    const deadline = Date.now() + ms;
+    while (this.buf.length < n) {
+      if (this.ended) throw new Error(`closed after ${this.buf.length} of ${n} bytes`);
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`timed out waiting for ${n} bytes`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.waiter = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+    }
+    const out = this.buf.subarray(0, n);
+    this.buf = this.buf.subarray(n);
+    return Buffer.from(out);
+  }
+
+  /** Resolves true when the server closes the connection within `ms`. */
+  async closedWithin(ms: number): Promise<boolean> {
+    const deadline = Date.now() + ms;
+    while (!this.ended && Date.now() < deadline) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, Math.max(1, deadline - Date.now()));
+        this.waiter = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+    }
+    return this.ended;
+  }
+
+  get isClosed(): boolean {
+    return this.ended;
+  }
+
+  write(b: Buffer): void {
+    this.sock.write(b);
+  }
+
+  /** Reads the greeting and answers with fixed newstyle + no zeroes. */
+  async hello(): Promise<void> {
+    await this.read(18);
+    const f = Buffer.alloc(4);
+    f.writeUInt32BE(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 0);
+    this.write(f);
+  }
+
+  sendOption(option: number, data: Buffer = Buffer.alloc(0)): void {
+    const h = Buffer.alloc(16);
+    h.writeBigUInt64BE(IHAVEOPT, 0);
+    h.writeUInt32BE(option, 8);
+    h.writeUInt32BE(data.length, 12);
+    this.write(Buffer.concat([h, data]));
+  }
+
+  /** One option reply: its option, type and data. */
+  async optionReply(): Promise<{ option: number; type: number; data: Buffer }> {
+    const h = await this.read(20);
+    const len = h.readUInt32BE(16);
+    return {
+      option: h.readUInt32BE(8),
+      type: h.readUInt32BE(12),
+      data: len ? await this.read(len) : Buffer.alloc(0),
+    };
+  }
+
+  /** Replies to one option up to and including the final one (ACK or an error). */
+  async optionReplies(): Promise<Array<{ type: number; data: Buffer }>> {
+    const out: Array<{ type: number; data: Buffer }> = [];
+    for (;;) {
+      const r = await this.optionReply();
+      out.push(r);
+      if (r.type === REP_ACK || r.type >= 0x80000000) return out;
+    }
+  }
+
+  /** Structured replies, base:allocation, then GO to `name`; returns the transmission flags and size. */
+  async goStructured(name: string): Promise<{ size: bigint; flags: number }> {
+    await this.hello();
+    this.sendOption(OPT_STRUCTURED_REPLY);
+    await this.optionReplies();
+    this.sendOption(OPT_SET_META_CONTEXT, encodeMetaContextRequest(name, ['base:allocation']));
+    await this.optionReplies();
+    this.sendOption(OPT_GO, encodeInfoRequest(name, [INFO_BLOCK_SIZE]));
+    const replies = await this.optionReplies();
+    const last = replies[replies.length - 1]!;
+    if (last.type !== REP_ACK) throw new Error(`GO refused: 0x${last.type.toString(16)} ${last.data}`);
+    const info = replies.find((r) => r.data.readUInt16BE(0) === 0)!.data;
+    return { size: info.readBigUInt64BE(2), flags: info.readUInt16BE(10) };
+  }
+
+  request(
+    type: number,
+    flags: number,
+    handle: bigint,
+    offset: bigint | number,
+    length: number,
+    payload?: Buffer,
+  ): void {
+    this.write(
+      payload
+        ? Buffer.concat([encodeRequest(type, flags, handle, offset, length), payload])
+        : encodeRequest(type, flags, handle, offset, length),
+    );
+  }
+
+  /** One structured chunk: flags, type, handle, payload. */
+  async chunk(): Promise<{ flags: number; type: number; handle: bigint; payload: Buffer }> {
+    const h = await this.read(20);
+    const len = h.readUInt32BE(16);
+    return {
+      flags: h.readUInt16BE(4),
+      type: h.readUInt16BE(6),
+      handle: h.readBigUInt64BE(8),
+      payload: len ? await this.read(len) : Buffer.alloc(0),
+    };
+  }
+
+  /** Chunks up to the one flagged DONE. */
+  async reply(): Promise<Array<{ flags: number; type: number; handle: bigint; payload: Buffer }>> {
+    const out = [];
+    for (;;) {
+      const c = await this.chunk();
+      out.push(c);
+      if (c.flags & 1) return out;
+    }
+  }
+
+  destroy(): void {
+    this.sock.destroy();
+  }
+}
