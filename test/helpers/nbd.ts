@@ -184,3 +184,85 @@ export class RawClient {
     this.sock.destroy();
   }
 }
+
+/** A `blkexport nbd` child process, started and ready to serve. */
+export interface NbdCommand {
+  proc: import('node:child_process').ChildProcess;
+  /** The line it printed once serving. */
+  ready: string;
+  /** The TCP port it listens on (first tcp: address), if any. */
+  port: number | undefined;
+  /** SIGTERM, then the exit status. */
+  stop(): Promise<number | null>;
+}
+
+/**
+ * Starts `blkexport nbd ARGS` and waits for its "serving" line (or its
+ * failure). The process is killed when the test ends, also on failure.
+ */
+export async function startNbdCommand(
+  t: { after(fn: () => void): void },
+  bin: string,
+  args: string[],
+): Promise<NbdCommand> {
+  const { spawn } = await import('node:child_process');
+  const proc = spawn(bin, ['nbd', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.after(() => {
+    if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+  });
+  let out = '';
+  let err = '';
+  proc.stderr!.on('data', (d) => {
+    err += d;
+  });
+  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
+  const ready = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error(`blkexport nbd not ready after 20 s: ${out}${err}`)),
+      20_000,
+    );
+    proc.stdout!.on('data', (d) => {
+      out += d;
+      if (out.includes('\n')) {
+        clearTimeout(timer);
+        resolve(out.split('\n')[0]!);
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`blkexport nbd exited ${code}: ${err}`));
+    });
+  });
+  const m = /tcp:(?:\[[^\]]+\]|[^:,\s]+):([0-9]+)/.exec(ready);
+  return {
+    proc,
+    ready,
+    port: m ? Number(m[1]) : undefined,
+    async stop() {
+      if (proc.exitCode !== null) return proc.exitCode;
+      proc.kill('SIGTERM');
+      return exited;
+    },
+  };
+}
+
+/** Runs a command asynchronously (the caller may serve what it reads); rejects on non-zero status. */
+export async function sh(cmd: string, args: string[], opts: { input?: Buffer } = {}): Promise<Buffer> {
+  const { spawn } = await import('node:child_process');
+  return new Promise((resolve, reject) => {
+    const p = spawn(cmd, args, { stdio: [opts.input ? 'pipe' : 'ignore', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    let err = '';
+    const timer = setTimeout(() => p.kill('SIGKILL'), 60_000);
+    p.stdout!.on('data', (d: Buffer) => out.push(d));
+    p.stderr!.on('data', (d) => {
+      err += d;
+    });
+    if (opts.input) p.stdin!.end(opts.input);
+    p.on('close', (code) => {
+      clearTimeout(timer);
+      if (code === 0) resolve(Buffer.concat(out));
+      else reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err}`));
+    });
+  });
+}

@@ -61,6 +61,14 @@ export async function loadTlsConfig(o: {
   }
 }
 
+let pskCtx: SecureContext | undefined;
+
+/** One secure context for every PSK connection (the keys are looked up per handshake). */
+function pskContext(): SecureContext {
+  pskCtx ??= createSecureContext({ minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2', ciphers: 'PSK', dhparam: 'auto' });
+  return pskCtx;
+}
+
 /** The TLS server side over an accepted socket; resolves once the handshake succeeded. */
 export function startServerTls(socket: Socket, cfg: NbdTlsConfig): Promise<TLSSocket> {
   const tls =
@@ -73,10 +81,9 @@ export function startServerTls(socket: Socket, cfg: NbdTlsConfig): Promise<TLSSo
         })
       : new TLSSocket(socket, {
           isServer: true,
-          secureContext: createSecureContext({ minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2' }),
-          // Node offers TLS-PSK with TLS 1.2 cipher suites; none is in the default list.
-          ciphers:
-            'PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:DHE-PSK-AES256-GCM-SHA384:DHE-PSK-AES128-GCM-SHA256',
+          // A given secureContext wins over per-socket options: the PSK cipher suites go in it.
+          // Node offers TLS-PSK with TLS 1.2 suites (ECDHE-PSK, DHE-PSK, PSK), none in the default list.
+          secureContext: pskContext(),
           pskCallback: (_s: TLSSocket, identity: string) => cfg.keys.get(identity) ?? null,
         } as ConstructorParameters<typeof TLSSocket>[1]);
   return new Promise((resolve, reject) => {
