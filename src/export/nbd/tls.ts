@@ -65,7 +65,12 @@ let pskCtx: SecureContext | undefined;
 
 /** One secure context for every PSK connection (the keys are looked up per handshake). */
 function pskContext(): SecureContext {
-  pskCtx ??= createSecureContext({ minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2', ciphers: 'PSK', dhparam: 'auto' });
+  pskCtx ??= createSecureContext({
+    minVersion: 'TLSv1.2',
+    maxVersion: 'TLSv1.2',
+    ciphers: 'PSK',
+    dhparam: 'auto',
+  });
   return pskCtx;
 }
 
