@@ -19,12 +19,18 @@ import { encodeRequest } from '../../src/export/nbd/wire.js';
 
 export class RawClient {
   private buf = Buffer.alloc(0);
+  /** Bytes of buf already handed out. */
+  private off = 0;
+  /** Chunks received and not yet joined into buf (joining on every chunk would be quadratic). */
+  private pending: Buffer[] = [];
+  private pendingBytes = 0;
   private ended = false;
   private waiter: (() => void) | undefined;
 
   private constructor(readonly sock: Socket) {
     sock.on('data', (d: Buffer) => {
-      this.buf = Buffer.concat([this.buf, d]);
+      this.pending.push(d);
+      this.pendingBytes += d.length;
       this.wake();
     });
     sock.on('close', () => {
@@ -51,8 +57,15 @@ export class RawClient {
   /** Exactly n bytes, or an error when the server closes first or `ms` pass. */
   async read(n: number, ms = 5000): Promise<Buffer> {
     const deadline = Date.now() + ms;
-    while (this.buf.length < n) {
-      if (this.ended) throw new Error(`closed after ${this.buf.length} of ${n} bytes`);
+    for (;;) {
+      if (this.buf.length - this.off < n && this.pendingBytes > 0) {
+        this.buf = Buffer.concat([this.buf.subarray(this.off), ...this.pending]);
+        this.off = 0;
+        this.pending = [];
+        this.pendingBytes = 0;
+      }
+      if (this.buf.length - this.off >= n) break;
+      if (this.ended) throw new Error(`closed after ${this.buf.length - this.off} of ${n} bytes`);
       const left = deadline - Date.now();
       if (left <= 0) throw new Error(`timed out waiting for ${n} bytes`);
       await new Promise<void>((resolve) => {
@@ -63,9 +76,9 @@ export class RawClient {
         };
       });
     }
-    const out = this.buf.subarray(0, n);
-    this.buf = this.buf.subarray(n);
-    return Buffer.from(out);
+    const out = Buffer.from(this.buf.subarray(this.off, this.off + n));
+    this.off += n;
+    return out;
   }
 
   /** Resolves true when the server closes the connection within `ms`. */
