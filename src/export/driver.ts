@@ -6,7 +6,7 @@
  * once in the export core (registry.ts).
  */
 import type { BlockNode } from '../block/types.js';
-import type { LatencyHistogram } from './latency.js';
+import { LatencyHistogram } from './latency.js';
 
 /** Counters every export keeps for status and metrics (plain increments: nothing on the hot path allocates). */
 export interface ExportStats {
@@ -20,6 +20,20 @@ export interface ExportStats {
   writeLatency: LatencyHistogram;
   /** The kernel does this export's reads and writes on the image file (FUSE passthrough): they are not counted here. */
   passthrough?: boolean;
+}
+
+/** Fresh counters for a new export. */
+export function newExportStats(): ExportStats {
+  return {
+    reads: 0,
+    readBytes: 0,
+    writes: 0,
+    writeBytes: 0,
+    flushes: 0,
+    errors: 0,
+    readLatency: new LatencyHistogram(),
+    writeLatency: new LatencyHistogram(),
+  };
 }
 
 /** Options every export type has. */

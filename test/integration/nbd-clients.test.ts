@@ -52,6 +52,15 @@ function merge(extents: Extent[]): Extent[] {
 
 const unixUri = (name: string, sock: string) => `nbd+unix:///${name}?socket=${sock}`;
 
+/** qemu-img convert of export `name` on 127.0.0.1:`port` with TLS credentials `object`; checks the bytes. */
+async function convertOverTls(dir: string, img: string, object: string, port: number, name: string) {
+  const out = join(dir, 'o.raw');
+  const opts = `driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=${port},export=${name},tls-creds=tls0`;
+  await sh('qemu-img', ['convert', '--object', object, '--image-opts', opts, '-O', 'raw', out]);
+  qemuImg('convert', '-f', 'qcow2', '-O', 'raw', img, join(dir, 'ref.raw'));
+  assert.ok(readFileSync(out).equals(readFileSync(join(dir, 'ref.raw'))), 'TLS read differs from the image');
+}
+
 describe('blkexport nbd with real clients', { timeout: 180_000 }, () => {
   test('reads equal qemu-img convert; nbdcopy; the map equals qemu-img map; --list shows the description', async (t) => {
     if (!needTools(t, 'qemu-img', 'qemu-io', 'nbdinfo', 'nbdcopy')) return;
@@ -238,18 +247,13 @@ describe('blkexport nbd with real clients', { timeout: 180_000 }, () => {
     ).toString();
     assert.match(info, /with TLS/);
     assert.match(info, /export-size: 67108864/);
-    await sh('qemu-img', [
-      'convert',
-      '--object',
+    await convertOverTls(
+      dir,
+      img,
       `tls-creds-x509,id=tls0,dir=${clientDir},endpoint=client`,
-      '--image-opts',
-      `driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=${srv.port},export=sec,tls-creds=tls0`,
-      '-O',
-      'raw',
-      join(dir, 'o.raw'),
-    ]);
-    qemuImg('convert', '-f', 'qcow2', '-O', 'raw', img, join(dir, 'ref.raw'));
-    assert.ok(readFileSync(join(dir, 'o.raw')).equals(readFileSync(join(dir, 'ref.raw'))));
+      srv.port!,
+      'sec',
+    );
     await assert.rejects(sh('nbdinfo', [`nbd://127.0.0.1:${srv.port}/sec`]));
   });
 
@@ -275,18 +279,13 @@ describe('blkexport nbd with real clients', { timeout: 180_000 }, () => {
       await sh('nbdinfo', [`nbds://alice@127.0.0.1:${srv.port}/p?tls-psk-file=${join(pskDir, 'keys.psk')}`])
     ).toString();
     assert.match(info, /with TLS/);
-    await sh('qemu-img', [
-      'convert',
-      '--object',
+    await convertOverTls(
+      dir,
+      img,
       `tls-creds-psk,id=tls0,dir=${pskDir},username=alice,endpoint=client`,
-      '--image-opts',
-      `driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=${srv.port},export=p,tls-creds=tls0`,
-      '-O',
-      'raw',
-      join(dir, 'o.raw'),
-    ]);
-    qemuImg('convert', '-f', 'qcow2', '-O', 'raw', img, join(dir, 'ref.raw'));
-    assert.ok(readFileSync(join(dir, 'o.raw')).equals(readFileSync(join(dir, 'ref.raw'))));
+      srv.port!,
+      'p',
+    );
     await assert.rejects(
       sh('nbdinfo', [`nbds://alice@127.0.0.1:${srv.port}/p?tls-psk-file=${join(dir, 'wrong.psk')}`]),
     );

@@ -10,8 +10,7 @@ import { chmod, lstat, unlink } from 'node:fs/promises';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import type { BlockNode } from '../../block/types.js';
 import { BlkError } from '../../errors.js';
-import type { ExportStats } from '../driver.js';
-import { LatencyHistogram } from '../latency.js';
+import { newExportStats } from '../driver.js';
 import { negotiate } from './handshake.js';
 import { DEFAULT_MAX_PAYLOAD } from './limits.js';
 import type { NbdListen } from './listen.js';
@@ -44,19 +43,6 @@ export interface NbdExportOptions {
   node: BlockNode;
   writable: boolean;
   maxConnections?: number;
-}
-
-function newStats(): ExportStats {
-  return {
-    reads: 0,
-    readBytes: 0,
-    writes: 0,
-    writeBytes: 0,
-    flushes: 0,
-    errors: 0,
-    readLatency: new LatencyHistogram(),
-    writeLatency: new LatencyHistogram(),
-  };
 }
 
 /** A Unix socket path nobody answers on is stale (a previous server died): it may be removed. */
@@ -135,7 +121,7 @@ export class NbdServer implements ServerContext {
       description: o.description,
       node: o.node,
       writable: o.writable,
-      stats: newStats(),
+      stats: newExportStats(),
       connections: 0,
       maxConnections: o.maxConnections ?? DEFAULT_MAX_CONNECTIONS_PER_EXPORT,
     };
