@@ -10,7 +10,7 @@ import * as C from '../../src/export/nbd/constants.js';
 import { transmissionFlags } from '../../src/export/nbd/flags.js';
 import { blockSizes, checkRequest, type RequestContext } from '../../src/export/nbd/limits.js';
 import { formatListen, parseListen } from '../../src/export/nbd/listen.js';
-import { allocationFlags, pushDescriptor, selectContexts } from '../../src/export/nbd/meta.js';
+import { allocationFlags, contextFlags, pushDescriptor, selectContexts } from '../../src/export/nbd/meta.js';
 import {
   decodeString,
   encodeInfoRequest,
@@ -184,12 +184,30 @@ describe('option payloads', () => {
 
 describe('metadata contexts', () => {
   test('LIST lists everything for no query and for a namespace wildcard; SET selects only full names', () => {
-    assert.deepEqual(selectContexts([], 'list'), ['base:allocation']);
+    assert.deepEqual(selectContexts([], 'list'), ['base:allocation', 'qemu:allocation-depth']);
+    assert.deepEqual(selectContexts(['qemu:'], 'list'), ['qemu:allocation-depth']);
+    assert.deepEqual(selectContexts(['qemu:allocation-depth', 'base:allocation'], 'set').sort(), [
+      'base:allocation',
+      'qemu:allocation-depth',
+    ]);
     assert.deepEqual(selectContexts([], 'set'), []);
     assert.deepEqual(selectContexts(['base:'], 'list'), ['base:allocation']);
     assert.deepEqual(selectContexts(['base:'], 'set'), []);
     assert.deepEqual(selectContexts(['base:allocation', 'base:allocation'], 'set'), ['base:allocation']);
     assert.deepEqual(selectContexts(['qemu:dirty-bitmap:x', 'base:nothing', 'x-y:z'], 'set'), []);
+  });
+
+  test('qemu:allocation-depth: the layer, or 1 for data / 0 for nothing where a node has no layers', () => {
+    assert.equal(
+      contextFlags('qemu:allocation-depth', { offset: 0, length: 1, data: false, zero: true, depth: 3 }),
+      3,
+    );
+    assert.equal(contextFlags('qemu:allocation-depth', { offset: 0, length: 1, data: true, zero: false }), 1);
+    assert.equal(contextFlags('qemu:allocation-depth', { offset: 0, length: 1, data: false, zero: true }), 0);
+    assert.equal(
+      contextFlags('base:allocation', { offset: 0, length: 1, data: false, zero: true, depth: 1 }),
+      3,
+    );
   });
 
   test('base:allocation flags and descriptor merging', () => {

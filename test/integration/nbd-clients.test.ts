@@ -7,7 +7,7 @@
  * descriptions, TLS with x509 and PSK, and plain TCP refused.
  */
 import assert from 'node:assert/strict';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { sh, startNbdCommand } from '../helpers/nbd.js';
@@ -111,6 +111,31 @@ describe('blkexport nbd with real clients', { timeout: 180_000 }, () => {
     assert.match(list, /block_size_preferred: 65536/);
     // A read-only export refuses writes.
     await assert.rejects(sh('qemu-io', ['-f', 'raw', uri, '-c', 'write 0 4k']));
+  });
+
+  test('qemu:allocation-depth over a backing chain equals qemu-nbd -A', async (t) => {
+    if (!needTools(t, 'qemu-img', 'qemu-io', 'qemu-nbd', 'nbdinfo')) return;
+    const dir = tempDir(t, 'blkexport-nbd-');
+    const base = join(dir, 'base.qcow2');
+    const top = join(dir, 'top.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', base, '16M');
+    qemuIo(base, '-c', 'write -P 1 0 2M', '-c', 'write -P 2 6M 1M', '-c', 'write -z 9M 1M');
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top);
+    qemuIo(top, '-c', 'write -P 3 1M 2M', '-c', 'write -z 6M 512k', '-c', 'write -P 4 12M 64k');
+    const ours = join(dir, 'ours.sock');
+    const theirs = join(dir, 'qemu.sock');
+    await startNbdCommand(t, BIN, [top, '--listen', `unix:${ours}`]);
+    const { spawn } = await import('node:child_process');
+    const q = spawn('qemu-nbd', ['-r', '-A', '-t', '-f', 'qcow2', '-k', theirs, top], { stdio: 'ignore' });
+    t.after(() => q.kill('SIGKILL'));
+    for (let i = 0; i < 100 && !existsSync(theirs); i++) await new Promise((r) => setTimeout(r, 50));
+    for (const context of ['qemu:allocation-depth', 'base:allocation']) {
+      const map = async (sock: string) =>
+        (await sh('nbdinfo', [`--map=${context}`, `nbd+unix:///?socket=${sock}`])).toString();
+      const mine = await map(ours);
+      assert.equal(mine, await map(theirs), context);
+      if (context === 'qemu:allocation-depth') assert.match(mine, /backing depth 2/);
+    }
   });
 
   test('qemu-io writes, zeroes and discards through a writable export: image clean and equal to the oracle', async (t) => {

@@ -35,7 +35,7 @@ import {
 import { zeroIsFast } from './flags.js';
 import type { Negotiated } from './handshake.js';
 import { checkRequest, type RequestContext } from './limits.js';
-import { collectAllocation } from './meta.js';
+import { collectAllocation, collectExtents, descriptorsFor } from './meta.js';
 import { Closed, type Transport } from './transport.js';
 import type { NbdLimits } from './types.js';
 import {
@@ -155,9 +155,18 @@ const HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Handler>([
     async (s, req, offset) => {
       if (req.length === 0) return fail(s, req, NBD_EINVAL, 'block status of zero bytes');
       const one = (req.flags & CMD_FLAG_REQ_ONE) !== 0;
-      const d = await collectAllocation(s.node, offset, req.length, one ? 1 : MAX_DESCRIPTORS);
-      const ids = [...s.neg.contexts.values()];
-      s.t.write(...ids.map((id, i) => encodeBlockStatusChunk(req.handle, id, d, i === ids.length - 1)));
+      const extents = await collectExtents(s.node, offset, req.length, one ? 1 : MAX_DESCRIPTORS);
+      const chosen = [...s.neg.contexts];
+      s.t.write(
+        ...chosen.map(([name, id], i) =>
+          encodeBlockStatusChunk(
+            req.handle,
+            id,
+            descriptorsFor(name, extents, req.length),
+            i === chosen.length - 1,
+          ),
+        ),
+      );
     },
   ],
 ]);
