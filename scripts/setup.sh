@@ -4,7 +4,8 @@
 #                             libfuse.so.2, the fallback), fuse (fusermount),
 #                             and build-essential/python3 when missing (node-gyp builds native/)
 #   scripts/setup.sh --test   also the test oracle and tools: qemu-utils, qemu-system-common
-#                             (qemu-storage-daemon), fio, parted, fdisk, e2fsprogs, file
+#                             (qemu-storage-daemon), fio, parted, fdisk, e2fsprogs, file,
+#                             libnbd-bin (nbdinfo, nbdcopy) and nbdkit: the NBD export's real clients
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,8 @@ if [[ "${1:-}" == "--test" ]]; then
   pkgs+=(systemd)
   # kubectl renders the Kustomize files in test/deploy (any kubectl will do; Debian's is kubernetes-client).
   command -v kubectl >/dev/null 2>&1 || pkgs+=(kubernetes-client)
+  # the NBD export's real clients (nbdinfo, nbdcopy) and reference server
+  pkgs+=(libnbd-bin nbdkit)
 fi
 
 missing=()

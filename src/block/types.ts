@@ -14,6 +14,12 @@ export interface BlockExtent {
   data: boolean;
   /** The range is known to read as zeroes. */
   zero: boolean;
+  /**
+   * Which layer of the backing chain answers for the range: 1 this node's
+   * image, 2 its backing file, and so on; 0 none (unallocated everywhere).
+   * Absent: 1 where `data`, else 0 (a node without layers).
+   */
+  depth?: number;
 }
 
 /**

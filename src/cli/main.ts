@@ -15,6 +15,7 @@ const COMMANDS = [
   'plan',
   'info',
   'mount',
+  'nbd',
   'umount',
   'agent',
   'status',

@@ -5,7 +5,8 @@
  */
 import { realpath, unlink } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
-import { type OpenedImage, openImage } from '../block/open-image.js';
+import type { BlockGraph } from '../block/graph.js';
+import { openImage } from '../block/open-image.js';
 import { isInsideRoot, makePathPolicy } from '../block/path-policy.js';
 import type { ProbedFormat } from '../block/probe.js';
 import type { BlockNode } from '../block/types.js';
@@ -71,18 +72,50 @@ async function assertInsideRoots(path: string, roots: string[], what: string): P
   }
 }
 
+/** What a one-shot export (FUSE or NBD) opens: the image, its format, one partition of it. */
+export interface OneShotImageOptions {
+  image: string;
+  format: 'auto' | ProbedFormat;
+  /** The export writes into the image (not into an overlay). */
+  writable: boolean;
+  /** Open the image read-only with QEMU's force-share locking (an overlay view of an image in use). */
+  forceShare?: boolean;
+  partition?: number;
+  /** qcow2: a read-only view of this internal snapshot (id, else name). */
+  snapshot?: string;
+  /** Directories the image and the backing/data files it names must lie in (default: the image's directory). */
+  allowRoots: string[];
+  /** Paths (besides the image) another blkexport mount must not cover. */
+  alsoUnmounted?: string[];
+}
+
+/** An opened one-shot image: the node to export and how to close it. */
+export interface OneShotImage {
+  image: string;
+  format: string;
+  node: BlockNode;
+  /** The graph the image's nodes live in (an overlay goes into it too). */
+  graph: BlockGraph;
+  partition: OneShot['partition'];
+  snapshot: OneShot['snapshot'];
+  /** The allowed roots, resolved. */
+  roots: string[];
+  close(): Promise<void>;
+}
+
 /** The partition filter over the format node (the graph closes it with the image), or the format node. */
 async function selectPartition(
-  opened: OpenedImage,
+  graph: BlockGraph,
+  top: BlockNode,
   index: number | undefined,
   readOnly: boolean,
   image: string,
 ): Promise<{ node: BlockNode; partition: OneShot['partition'] }> {
-  if (index === undefined) return { node: opened.node, partition: undefined };
-  const node = await opened.graph.openNode({
+  if (index === undefined) return { node: top, partition: undefined };
+  const node = await graph.openNode({
     driver: 'partition',
-    nodeName: `${opened.node.nodeName}-part${index}`,
-    file: opened.node.nodeName,
+    nodeName: `${top.nodeName}-part${index}`,
+    file: top.nodeName,
     number: index,
     readOnly,
   });
@@ -92,11 +125,13 @@ async function selectPartition(
   return { node, partition: { index, offset, size: node.length(), scheme } };
 }
 
-/** Opens the image, selects the partition, mounts the export and checks it from another process. */
-export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
+/**
+ * Opens the image for a one-shot export with the path policy, probing and
+ * locking every export uses, and selects the partition; refuses a probed-raw
+ * image for writing. The caller closes it.
+ */
+export async function openOneShotImage(o: OneShotImageOptions): Promise<OneShotImage> {
   const image = resolve(o.image);
-  // Symlinks resolved as the kernel resolves them: the mount table (and `umount`) name the target.
-  const mountpoint = await mountedPath(o.mountpoint ?? image);
   const rootsGiven = o.allowRoots.length ? o.allowRoots : [dirname(image)];
   const policy = await makePathPolicy(rootsGiven);
   const roots = policy.allowedRoots === 'any' ? [] : [...policy.allowedRoots];
@@ -105,32 +140,71 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
   await assertInsideRoots(image, roots, 'image');
   // Another blkexport process may serve this path already; opening the image
   // then would open that export's raw view instead of the image underneath.
-  for (const path of new Set([mountpoint, image])) {
+  for (const path of new Set([...(o.alsoUnmounted ?? []), image])) {
     const top = topMountAt(await readMountTable(), path);
     if (top && mountOwner(top))
       throw new BlkError('EXPORT_EXISTS', `There already is a FUSE export on '${path}'`);
   }
 
-  const overlay = o.overlay;
-  // An overlay export writes into its overlay only: the image (and every node under the overlay) is read-only.
-  const writesImage = o.writable && overlay === undefined;
   const opened = await openImage({
     filename: image,
     format: o.format,
-    readOnly: !writesImage,
-    ...(overlay !== undefined ? { forceShare: true } : {}),
+    readOnly: !o.writable,
+    ...(o.forceShare ? { forceShare: true } : {}),
     allowedRoots: roots,
     ...(o.snapshot !== undefined ? { snapshot: o.snapshot } : {}),
   });
+  try {
+    if (o.writable && o.format === 'auto' && opened.format === 'raw')
+      throw probedRawError(`'${image}'`, '--format raw');
+    const { node, partition } = await selectPartition(
+      opened.graph,
+      opened.node,
+      o.partition,
+      !o.writable,
+      image,
+    );
+    return {
+      image,
+      format: opened.format,
+      node,
+      graph: opened.graph,
+      partition,
+      snapshot: opened.node.resolved?.().snapshot,
+      roots,
+      close: () => opened.close(),
+    };
+  } catch (e) {
+    await opened.close().catch(() => undefined);
+    throw e;
+  }
+}
+
+/** Opens the image, selects the partition, mounts the export and checks it from another process. */
+export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
+  const image = resolve(o.image);
+  // Symlinks resolved as the kernel resolves them: the mount table (and `umount`) name the target.
+  const mountpoint = await mountedPath(o.mountpoint ?? image);
+  const overlay = o.overlay;
+  // An overlay export writes into its overlay only: the image (and every node under the overlay) is read-only.
+  const writesImage = o.writable && overlay === undefined;
+  const opened = await openOneShotImage({
+    image,
+    format: o.format,
+    writable: writesImage,
+    forceShare: overlay !== undefined,
+    allowRoots: o.allowRoots,
+    alsoUnmounted: [mountpoint],
+    ...(o.partition !== undefined ? { partition: o.partition } : {}),
+    ...(o.snapshot !== undefined ? { snapshot: o.snapshot } : {}),
+  });
+  const { partition } = opened;
   const cleanups: Array<() => Promise<void>> = [() => opened.close()];
   const closeAll = async () => {
     for (const c of cleanups.reverse()) await c().catch(() => undefined);
   };
   try {
-    if (writesImage && o.format === 'auto' && opened.format === 'raw')
-      throw probedRawError(`'${image}'`, '--format raw');
-    const { node: partNode, partition } = await selectPartition(opened, o.partition, !writesImage, image);
-    let node = partNode;
+    let node = opened.node;
 
     if (overlay !== undefined) {
       const overlays = new EphemeralOverlays(overlay.dir, true);
@@ -171,7 +245,7 @@ export async function startOneShot(o: OneShotOptions): Promise<OneShot> {
       image,
       mountpoint,
       format: opened.format,
-      snapshot: opened.node.resolved?.().snapshot,
+      snapshot: opened.snapshot,
       partition,
       overlayDir: overlay?.dir,
       export: exp,

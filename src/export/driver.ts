@@ -6,7 +6,7 @@
  * once in the export core (registry.ts).
  */
 import type { BlockNode } from '../block/types.js';
-import type { LatencyHistogram } from './latency.js';
+import { LatencyHistogram } from './latency.js';
 
 /** Counters every export keeps for status and metrics (plain increments: nothing on the hot path allocates). */
 export interface ExportStats {
@@ -22,6 +22,20 @@ export interface ExportStats {
   passthrough?: boolean;
   /** Why the last request answered EIO failed (status shows it with the error count). */
   lastError?: string;
+}
+
+/** Fresh counters for a new export. */
+export function newExportStats(): ExportStats {
+  return {
+    reads: 0,
+    readBytes: 0,
+    writes: 0,
+    writeBytes: 0,
+    flushes: 0,
+    errors: 0,
+    readLatency: new LatencyHistogram(),
+    writeLatency: new LatencyHistogram(),
+  };
 }
 
 /** Options every export type has. */

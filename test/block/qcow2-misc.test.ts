@@ -38,14 +38,17 @@ describe('qcow2 details', () => {
       length: 128 * K,
       data: true,
       zero: false,
+      depth: 1,
     });
     const z = await o.node.blockStatus(1 * M, 4 * M);
     assert.equal(z.zero, true);
     assert.equal(z.data, false);
+    assert.equal(z.depth, 1); // a zero cluster of this image hides the backing file
     const b = await o.node.blockStatus(2 * M, 64 * K);
     assert.equal(b.data, true);
+    assert.equal(b.depth, 2);
     const hole = await o.node.blockStatus(3 * M, 64 * K);
-    assert.deepEqual([hole.data, hole.zero], [false, true]);
+    assert.deepEqual([hole.data, hole.zero, hole.depth], [false, true, 0]);
     await assert.rejects(o.node.blockStatus(4 * M, 1), (e) => code(e) === 'OUT_OF_RANGE');
   });
 

@@ -289,7 +289,10 @@ describe('the qemu engine', { concurrency: false }, () => {
     );
     writeFileSync(
       join(d.manifests, 'c-default.yaml'),
-      manifest('dflt', `  exports:\n${shorthand('v', v, { ...mp('v.raw'), format: 'vhdx', writable: true })}`),
+      manifest(
+        'dflt',
+        `  exports:\n${shorthand('v', v, { ...mp('v.raw'), format: 'vhdx', writable: true })}`,
+      ),
     );
     const agent = await start('native');
     const by = await until('settled', async () => {

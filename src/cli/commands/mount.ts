@@ -3,8 +3,6 @@
  * manifest (the seed's qemu-fuse-disk-export.py use case). --daemonize
  * returns only once the export is mounted and readable from another process.
  */
-import { spawn } from 'node:child_process';
-import { unlink, writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { PROBED_FORMATS, type ProbedFormat } from '../../block/probe.js';
 import { type OneShot, type OneShotOptions, startOneShot } from '../../engine/one-shot.js';
@@ -12,6 +10,7 @@ import { defaultOneShotOverlayDir } from '../../engine/overlays.js';
 import { BlkError, describeError } from '../../errors.js';
 import { parseCommandArgs } from '../args.js';
 import { formatBytes } from '../format.js';
+import { runOneShot } from '../one-shot-process.js';
 
 export const summary = 'export one image as a raw file (default: over the image itself)';
 export const usage = `usage: blkexport mount IMAGE [MOUNTPOINT] [options]
@@ -41,8 +40,6 @@ options:
                          (repeatable; default: the image's directory). MOUNTPOINT, typed by you,
                          is not confined
 `;
-
-const DAEMON_ENV = 'BLKEXPORT_DAEMON_CHILD';
 
 function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidfile: string | undefined } {
   const { values, positionals } = parseCommandArgs('mount', args, {
@@ -130,106 +127,16 @@ function describe(s: OneShot): string {
   return `exported ${what}${view} on ${s.mountpoint} as raw, ${formatBytes(s.size)}, ${mode}${how}`;
 }
 
-/** Serves until a signal; resolves with the exit status. */
-async function serve(
-  opts: OneShotOptions,
-  pidfile: string | undefined,
-  ready: (msg: string) => void,
-): Promise<number> {
-  const session = await startOneShot(opts);
-  if (pidfile) {
-    try {
-      await writeFile(pidfile, `${process.pid}\n`);
-    } catch (e) {
-      await session.stop();
-      throw new BlkError('USAGE', `cannot write pidfile '${pidfile}': ${(e as Error).message}`);
-    }
-  }
-  session.export.onError = (op, err) => console.error(`blkexport mount: ${op} failed: ${describeError(err)}`);
-  ready(describe(session));
-  return new Promise((resolveExit) => {
-    let stopping = false;
-    const stop = (sig: string) => {
-      if (stopping) return;
-      stopping = true;
-      session
-        .stop()
-        .then(
-          () => 0,
-          (e) => {
-            console.error(`blkexport mount: stopping on ${sig}: ${describeError(e)}`);
-            return 1;
-          },
-        )
-        .then(async (code) => {
-          if (pidfile) await unlink(pidfile).catch(() => undefined);
-          resolveExit(code);
-        });
-    };
-    for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => stop(sig));
-  });
-}
-
-/** Starts a detached copy of this command and waits for its ready/failed message. */
-function daemonize(args: string[]): Promise<number> {
-  const childArgs = [
-    ...process.execArgv,
-    process.argv[1]!,
-    'mount',
-    ...args.filter((a) => a !== '--daemonize'),
-  ];
-  const child = spawn(process.execPath, childArgs, {
-    detached: true,
-    stdio: ['ignore', 'ignore', 'ignore', 'ipc'],
-    env: { ...process.env, [DAEMON_ENV]: '1' },
-  });
-  return new Promise((resolveExit) => {
-    let answered = false;
-    child.on('message', (m: { ok: boolean; message: string }) => {
-      answered = true;
-      if (m.ok) {
-        console.log(`${m.message} (pid ${child.pid})`);
-        child.disconnect();
-        child.unref();
-        resolveExit(0);
-      } else {
-        console.error(`blkexport mount: ${m.message}`);
-        resolveExit(1);
-      }
-    });
-    child.on('exit', (code, signal) => {
-      if (!answered) {
-        console.error(
-          `blkexport mount: the serving process exited (${signal ?? `status ${code}`}) before the export was ready`,
-        );
-        resolveExit(1);
-      }
-    });
-    child.on('error', (e) => {
-      if (!answered) {
-        answered = true;
-        console.error(`blkexport mount: cannot start the serving process: ${e.message}`);
-        resolveExit(1);
-      }
-    });
-  });
-}
-
 export async function run(args: string[]): Promise<number> {
-  const { opts, daemonize: bg, pidfile } = parse(args);
-  if (bg) return daemonize(args);
-  if (process.env[DAEMON_ENV] === '1' && process.send) {
-    // The detached child of --daemonize: report readiness or failure through IPC, then serve silently.
-    const send = process.send.bind(process);
-    try {
-      return await serve(opts, pidfile, (message) => {
-        send({ ok: true, message });
-        process.disconnect?.();
-      });
-    } catch (e) {
-      send({ ok: false, message: describeError(e) });
-      return 1;
-    }
-  }
-  return serve(opts, pidfile, (msg) => console.log(`${msg}; Ctrl-C to stop`));
+  const { opts, daemonize, pidfile } = parse(args);
+  return runOneShot('mount', args, {
+    daemonize,
+    pidfile,
+    async start() {
+      const session = await startOneShot(opts);
+      session.export.onError = (op, err) =>
+        console.error(`blkexport mount: ${op} failed: ${describeError(err)}`);
+      return { ready: describe(session), stop: () => session.stop() };
+    },
+  });
 }

@@ -8,8 +8,7 @@
 import { constants } from 'node:fs';
 import type { BlockNode } from '../../block/types.js';
 import { BlkError, describeError, Errno } from '../../errors.js';
-import type { ExportStats, LiveExport } from '../driver.js';
-import { LatencyHistogram } from '../latency.js';
+import { type ExportStats, type LiveExport, newExportStats } from '../driver.js';
 import { FastPathSync } from './fast-sync.js';
 import {
   type FileAttr,
@@ -58,16 +57,7 @@ export class FuseExport implements LiveExport<FuseExportOptions> {
   readonly id: string;
   readonly mountpoint: string;
   readonly node: BlockNode;
-  private readonly jsStats: ExportStats = {
-    reads: 0,
-    readBytes: 0,
-    writes: 0,
-    writeBytes: 0,
-    flushes: 0,
-    errors: 0,
-    readLatency: new LatencyHistogram(),
-    writeLatency: new LatencyHistogram(),
-  };
+  private readonly jsStats: ExportStats = newExportStats();
   /** Called with every failure answered as EIO (logs). */
   onError: ((op: string, err: unknown) => void) | undefined;
 

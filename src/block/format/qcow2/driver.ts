@@ -221,12 +221,15 @@ async function blockStatus(s: Qcow2State, offset: number, length: number): Promi
   await mapRange(s, offset, span, extents);
   const first = extents[0]!;
   if (first.kind === UNALLOCATED && s.backing !== null) {
-    if (offset >= s.backing.length()) return { offset, length: first.length, data: false, zero: true };
+    if (offset >= s.backing.length())
+      return { offset, length: first.length, data: false, zero: true, depth: 0 };
     const b = await s.backing.blockStatus(offset, Math.min(first.length, s.backing.length() - offset));
-    return { offset, length: b.length, data: b.data, zero: b.zero };
+    const below = b.depth ?? (b.data ? 1 : 0);
+    return { offset, length: b.length, data: b.data, zero: b.zero, depth: below ? below + 1 : 0 };
   }
   const data = first.kind === DATA || first.kind === COMPRESSED;
-  return { offset, length: first.length, data, zero: first.kind === ZERO || first.kind === UNALLOCATED };
+  const zero = first.kind === ZERO || first.kind === UNALLOCATED;
+  return { offset, length: first.length, data, zero, depth: first.kind === UNALLOCATED ? 0 : 1 };
 }
 
 /** The write state, prepared once (on the first write after a reopen read-write). */

@@ -1,0 +1,77 @@
+/**
+ * One client's byte stream: exact reads (reader.ts), writes that wait when
+ * the client reads slowly, and the swap to TLS after NBD_OPT_STARTTLS.
+ */
+import type { Duplex } from 'node:stream';
+import { Closed, ExactReader } from './reader.js';
+
+/** Bytes queued for a client before the server stops taking its requests (see waitWritable). */
+export const WRITE_HIGH_WATER = 8 * 1024 * 1024;
+
+export class Transport {
+  reader: ExactReader;
+  private closedFlag = false;
+
+  constructor(public stream: Duplex) {
+    this.reader = new ExactReader(stream);
+    stream.on('close', () => {
+      this.closedFlag = true;
+    });
+  }
+
+  get closed(): boolean {
+    return this.closedFlag || this.stream.destroyed;
+  }
+
+  read(n: number): Promise<Buffer> {
+    return this.reader.read(n);
+  }
+
+  /** Queues the buffers back to back (a reply never interleaves with another's bytes). */
+  write(...bufs: Buffer[]): void {
+    if (this.closed) return;
+    for (const b of bufs) if (b.length) this.stream.write(b);
+  }
+
+  /** Resolves once the queued bytes are below `limit` (or the stream closed): backpressure. */
+  async waitWritable(limit = WRITE_HIGH_WATER): Promise<void> {
+    while (!this.closed && this.stream.writableLength > limit) {
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          this.stream.off('drain', done);
+          this.stream.off('close', done);
+          resolve();
+        };
+        this.stream.on('drain', done);
+        this.stream.on('close', done);
+      });
+    }
+  }
+
+  /** Resolves once everything queued so far has been handed to the kernel. */
+  flushed(): Promise<void> {
+    if (this.closed) return Promise.resolve();
+    return new Promise((resolve) => this.stream.write(Buffer.alloc(0), () => resolve()));
+  }
+
+  /** Replaces the stream (the TLS socket over the plain one); nothing may be buffered unread. */
+  upgrade(next: Duplex): void {
+    this.reader.detach();
+    this.stream = next;
+    this.reader = new ExactReader(next);
+    this.closedFlag = false;
+    next.on('close', () => {
+      this.closedFlag = true;
+    });
+  }
+
+  /** Ends the connection (after what is queued has gone, unless `hard`). */
+  close(hard = false): void {
+    if (hard) this.stream.destroy();
+    else this.stream.end();
+    // A client that never reads what is queued must not keep the socket forever.
+    setTimeout(() => this.stream.destroy(), 5000).unref();
+  }
+}
+
+export { Closed };
