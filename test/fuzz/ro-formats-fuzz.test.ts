@@ -19,7 +19,7 @@ import { BlkError } from '../../src/errors.js';
 import { guest } from '../block/ro-formats.js';
 import { needTools, qemuImg, run, seededRandom, tempDir } from '../helpers/tools.js';
 
-const BUDGET_MS = Number(process.env.BLKEXPORT_FUZZ_MS ?? 20_000);
+const BUDGET_MS = Number(process.env.BLKEXPORT_FUZZ_MS ?? 12_000);
 const PER_IMAGE_MS = 5000;
 const M = 1024 * 1024;
 /** At most this many byte-oracle comparisons (each runs qemu-img) per seed image. */

@@ -20,7 +20,7 @@ import { applyWrites, scatteredWrites } from '../block/images.js';
 import { createVhdx, dataWriteGuid, K, M, makeDifferencing, regions } from '../block/vhdx-images.js';
 import { needTools, REPO, run, seededRandom, tempDir } from '../helpers/tools.js';
 
-const BUDGET_MS = Number(process.env.BLKEXPORT_VHDX_FUZZ_MS ?? 20_000);
+const BUDGET_MS = Number(process.env.BLKEXPORT_VHDX_FUZZ_MS ?? 12_000);
 const BATCH = 40;
 const PER_IMAGE_MS = 5000;
 const MAX_RSS = 1536 * M;

@@ -19,7 +19,7 @@ import { isBlkError } from '../../src/errors.js';
 import { convertToVmdk, footerStream, makeRawSource } from '../block/vmdk-images.js';
 import { needTools, qemuIo, seededRandom, tempDir } from '../helpers/tools.js';
 
-const BUDGET_MS = Number(process.env.BLKEXPORT_FUZZ_MS ?? 30_000) / 2;
+const BUDGET_MS = Number(process.env.BLKEXPORT_FUZZ_MS ?? 20_000) / 2;
 const PER_IMAGE_MS = 5000;
 const MAX_RSS = 1536 * 1024 * 1024;
 const READ_WHOLE = 16 * 1024 * 1024;
