@@ -3,6 +3,7 @@
  * registered before it starts: SIGTERM, then SIGKILL and lazy unmounts of
  * anything left under the test directory.
  */
+import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { appendFileSync, mkdirSync } from 'node:fs';
 import { request } from 'node:http';
@@ -59,6 +60,20 @@ export async function until<T>(
       throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${last}` : ''}`);
     await sleep(50);
   }
+}
+
+/**
+ * Waits until the agent's log matches `re`, then asserts it (so a failure
+ * shows the log). The log arrives over a pipe, which the test process may
+ * read after it has read an answer the agent sent later on its socket.
+ */
+export async function logMatches(agent: { log(): string }, re: RegExp, timeoutMs = 5000): Promise<void> {
+  try {
+    await until(`the log to match ${re}`, () => re.test(agent.log()), timeoutMs);
+  } catch {
+    // fall through to the assertion, which prints the log
+  }
+  assert.match(agent.log(), re);
 }
 
 /**

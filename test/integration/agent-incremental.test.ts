@@ -9,7 +9,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { agentDir, startAgent, until } from '../helpers/agent.js';
+import { agentDir, logMatches, startAgent, until } from '../helpers/agent.js';
 import { shorthand } from '../helpers/manifests.js';
 import { mountsUnder, readExport } from '../helpers/mounts.js';
 import { needTools, qemuImg, randomBytes, run, seededRandom } from '../helpers/tools.js';
@@ -93,7 +93,7 @@ describe('blkexport agent: incremental passes', { concurrency: false }, () => {
     // A full pass (what the resync timer does) repairs b.
     await agent.post('/reconcile');
     await until('b mounted again', () => isMounted(mnt('b')));
-    assert.match(agent.log(), /applied step="repair-export" export="b"/);
+    await logMatches(agent, /applied step="repair-export" export="b"/);
     assert.deepEqual(readExport(mnt('b')), imgs[1]!.data);
 
     // Removing a.yaml removes a and a2 only.

@@ -10,7 +10,7 @@ import { mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { type AgentHandle, agentDir, startAgent, until } from '../helpers/agent.js';
+import { type AgentHandle, agentDir, logMatches, startAgent, until } from '../helpers/agent.js';
 import { shorthand } from '../helpers/manifests.js';
 import { needTools, qemuImg, run } from '../helpers/tools.js';
 
@@ -95,7 +95,7 @@ describe('blkexport agent: the manifest directory goes away and returns', { conc
     writeFileSync(join(d.manifests, 'a.yaml'), a);
     await sleep(200);
     await addBAndExpectLive(agent, d.manifests, b);
-    assert.match(agent.log(), /manifest directory is back/);
+    await logMatches(agent, /manifest directory is back/);
   });
 
   test('a bind mount over it replaced', async (t) => {

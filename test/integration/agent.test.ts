@@ -19,7 +19,7 @@ import {
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import { agentDir, startAgent, until } from '../helpers/agent.js';
+import { agentDir, logMatches, startAgent, until } from '../helpers/agent.js';
 import { shorthand } from '../helpers/manifests.js';
 import { mountsUnder, readExport } from '../helpers/mounts.js';
 import { BIN, needTools, qemuImg, randomBytes, run, seededRandom } from '../helpers/tools.js';
@@ -116,7 +116,7 @@ describe('blkexport agent', { concurrency: false }, () => {
       ),
     );
     await until('plain writable', () => (statSync(rawImg).mode & 0o777) === 0o600);
-    assert.match(agent.log(), /applied step="reopen-export" export="plain"/);
+    await logMatches(agent, /applied step="reopen-export" export="plain"/);
     assert.doesNotMatch(agent.log(), /remove-export.*plain/);
     const again = Buffer.alloc(16);
     readSync(fd, again, 0, 16, 0);
@@ -224,7 +224,7 @@ describe('blkexport agent', { concurrency: false }, () => {
     assert.equal(run('umount', ['-l', mnt]).status, 0);
     await agent.post('/reconcile');
     await until('r mounted again', () => isMounted(mnt));
-    assert.match(agent.log(), /applied step="repair-export" export="r"/);
+    await logMatches(agent, /applied step="repair-export" export="r"/);
 
     // Replace the image file (new inode) with different content: the next pass reopens it.
     const b = makeImage(d.dir, 'other', 62, 1 << 20);
@@ -232,7 +232,7 @@ describe('blkexport agent', { concurrency: false }, () => {
     renameSync(join(d.images, 'r.new'), a.qcow2);
     await agent.post('/reconcile');
     await until('new content served', () => readExport(mnt).equals(b.data));
-    assert.match(agent.log(), /image changed under a live node; replacing/);
+    await logMatches(agent, /image changed under a live node; replacing/);
     const plan = run(BIN, ['plan', '--manifests', d.manifests, '--socket', agent.socket]);
     assert.equal(plan.status, 0, plan.stdout + plan.stderr);
   });

@@ -16,7 +16,7 @@ import {
   qsdPid,
   readExport,
 } from '../engine/qsd-helpers.js';
-import { until } from '../helpers/agent.js';
+import { logMatches, until } from '../helpers/agent.js';
 import { shorthand } from '../helpers/manifests.js';
 import { mountsUnder } from '../helpers/mounts.js';
 import { BIN, needTools, qemuImg, randomBytes, run, seededRandom } from '../helpers/tools.js';
@@ -91,8 +91,8 @@ for (const engine of ['native', 'qemu'] as const) {
         );
       });
       // The native engine changes writable in place; the qemu engine remounts (the plan said so).
-      assert.match(
-        agent.log(),
+      await logMatches(
+        agent,
         engine === 'native'
           ? /applied step="reopen-export" export="plain"/
           : /applied step="remove-export" export="plain" engine="qemu" replace="writable changed; the qemu engine remounts to change it"/,
@@ -141,7 +141,7 @@ for (const engine of ['native', 'qemu'] as const) {
       assert.equal(run('umount', ['-l', mnt]).status, 0);
       await agent.post('/reconcile');
       await until('r mounted again', () => isServed(mnt, engine));
-      assert.match(agent.log(), /applied step="repair-export" export="r"/);
+      await logMatches(agent, /applied step="repair-export" export="r"/);
       assert.ok(readExport(mnt).equals(img.data));
       const plan = run(BIN, ['plan', '--manifests', d.manifests, '--socket', agent.socket]);
       assert.equal(plan.status, 0, plan.stdout + plan.stderr);

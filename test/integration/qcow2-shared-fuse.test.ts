@@ -13,7 +13,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { SHARED_CLUSTER as CS, makeSharedImage } from '../block/shared-image.js';
-import { agentDir, startAgent, until } from '../helpers/agent.js';
+import { agentDir, logMatches, startAgent, until } from '../helpers/agent.js';
 import { shorthand } from '../helpers/manifests.js';
 import { needTools, run } from '../helpers/tools.js';
 
@@ -78,7 +78,7 @@ test('shared COPIED cluster over FUSE: the write answers EIO, the other cluster 
     s.reason,
     /^I\/O errors: \d+ since .*; last: write: .*guest cluster 1 .*host cluster at offset 0x50000 .*guest clusters 0, 1 use it/,
   );
-  assert.match(agent.log(), /export answered EIO.*0x50000/);
+  await logMatches(agent, /export answered EIO.*0x50000/);
 
   // The rest of the disk is written as usual.
   assert.equal(dd((2 * CS) / 4096).status, 0);
