@@ -26,8 +26,20 @@ if (files.length === 0) {
   console.error('run-tests: no test files found');
   process.exit(1);
 }
-const r = spawnSync(process.execPath, ['--import', 'tsx', '--test', '--test-reporter=spec', ...files], {
-  cwd: root,
-  stdio: 'inherit',
-});
+// BLKEXPORT_TEST_TIMES=FILE also writes the seconds each test file took (scripts/file-times.mjs).
+const times = process.env.BLKEXPORT_TEST_TIMES
+  ? [
+      '--test-reporter-destination=stdout',
+      '--test-reporter=./scripts/file-times.mjs',
+      `--test-reporter-destination=${process.env.BLKEXPORT_TEST_TIMES}`,
+    ]
+  : [];
+const r = spawnSync(
+  process.execPath,
+  ['--import', 'tsx', '--test', '--test-reporter=spec', ...times, ...files],
+  {
+    cwd: root,
+    stdio: 'inherit',
+  },
+);
 process.exit(r.status ?? 1);

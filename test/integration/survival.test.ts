@@ -12,7 +12,7 @@ import { existsSync, readFileSync, renameSync, rmSync, writeFileSync } from 'nod
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { type AgentHandle, agentDir, startAgent, until } from '../helpers/agent.js';
+import { type AgentHandle, agentDir, logMatches, startAgent, until } from '../helpers/agent.js';
 import { shorthand } from '../helpers/manifests.js';
 import { mountsUnder } from '../helpers/mounts.js';
 import { needTools, qemuImg, run, seededRandom } from '../helpers/tools.js';
@@ -259,7 +259,6 @@ describe('native exports outlive the agent process', { concurrency: false }, () 
     const first = await startAgent(t, d);
     await ready(first, 'gone', false);
     await ready(first, 'swap', false);
-    const swapMount = mountIdAt(join(d.images, 'swap.raw'));
     first.proc.kill('SIGKILL');
     await first.exited;
     // While no agent runs: one manifest goes, one image is replaced by another file.
@@ -269,11 +268,11 @@ describe('native exports outlive the agent process', { concurrency: false }, () 
     const second = await startAgent(t, d);
     await ready(second, 'swap', false);
     assert.equal(mountIdAt(join(d.images, 'gone.raw')), undefined, 'the unwanted kept mount is unmounted');
-    assert.notEqual(mountIdAt(join(d.images, 'swap.raw')), swapMount, 'the replaced image is mounted anew');
+    // (Not compared by mount id: the kernel hands a freed mount id to the next mount, and did in CI.)
     // Read from a child process: the new image's bytes, not the old one's.
     const r = run('od', ['-An', '-tx1', '-N4', join(d.images, 'swap.raw')]);
     assert.equal(r.stdout.trim(), '33 33 33 33');
-    assert.match(second.log(), /unmounting a kept export no manifest wants.*gone/);
-    assert.match(second.log(), /the image under a kept mount was replaced/);
+    await logMatches(second, /unmounting a kept export no manifest wants.*gone/);
+    await logMatches(second, /the image under a kept mount was replaced; unmounting it and mounting anew/);
   });
 });
