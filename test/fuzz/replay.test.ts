@@ -38,6 +38,8 @@ function qcow2Fixtures(todo: boolean): string[] {
 }
 
 for (const todo of [false, true]) {
+  // Known failures get a todo test only while there are some (none are known today).
+  if (todo && qcow2Fixtures(true).length === 0) continue;
   const title = todo
     ? 'qcow2 fixtures of known, not yet fixed failures (todo until fixed; then drop "todo" from the JSON)'
     : 'qcow2 fixtures: refused or served with coded errors, no crash or hang';
