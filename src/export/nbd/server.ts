@@ -130,14 +130,23 @@ export class NbdServer implements ServerContext {
     return entry;
   }
 
-  /** Removes an export: new clients no longer find it, connected ones finish what runs and are closed. */
-  async removeExport(name: string): Promise<void> {
+  /**
+   * Removes an export: new clients no longer find it; connected ones read no
+   * further request, get the replies of the requests in flight, and are
+   * closed. A connection still open after `drainMs` is cut.
+   */
+  async removeExport(name: string, drainMs = 10_000): Promise<void> {
     const entry = this.exports.get(name);
     if (!entry) return;
     this.exports.delete(name);
     const live = [...(this.sessions.get(entry) ?? [])];
-    for (const s of live) s.t.close(true);
+    for (const s of live) s.t.drain();
+    const cut = setTimeout(() => {
+      for (const s of live) s.t.close(true);
+    }, drainMs);
+    cut.unref();
     await Promise.allSettled(live.map((s) => s.done));
+    clearTimeout(cut);
     this.sessions.delete(entry);
   }
 
