@@ -29,6 +29,12 @@ function engineLabel(e: StatusDocument['exports'][number]): string {
   return e.passthrough ? `${e.engine}, passthrough` : e.engine;
 }
 
+/** Where an export is served: its mountpoint, or its NBD name and clients. */
+function servedAt(e: StatusDocument['exports'][number]): string {
+  if (e.mountpoint !== undefined) return e.mountpoint;
+  return e.nbd ? `nbd:${e.nbd.name} (${e.nbd.connections} connected)` : '-';
+}
+
 /** Renders the status document for people. */
 export function renderStatus(s: StatusDocument): string {
   const out: string[] = [
@@ -59,7 +65,7 @@ export function renderStatus(s: StatusDocument): string {
       e.id,
       engineLabel(e),
       e.state,
-      e.mountpoint,
+      servedAt(e),
       e.chain.join(' > ') || e.node,
       e.since,
       served,

@@ -109,6 +109,11 @@ export function exportArgs(e: ExportOptions): Record<string, unknown> {
       `export '${e.id}': overlay: ephemeral needs the native engine (spec.engine: native); the qemu engine does not build the overlay graph yet`,
     );
   }
+  if (e.type === 'nbd')
+    throw new BlkError(
+      'NOT_SUPPORTED',
+      `export '${e.id}': type: nbd needs the native engine (spec.engine: native); the qemu engine does not start QSD's NBD server yet`,
+    );
   return {
     type: 'fuse',
     id: e.id,

@@ -172,6 +172,7 @@ export class QsdSession {
   private async cleanAfterDeath(): Promise<void> {
     const table = await readMountTable();
     for (const e of this.state.exports) {
+      if (e.options.type !== 'fuse') continue;
       const mp = e.options.mountpoint;
       if (isQsdMount(topMountAt(table, mp))) {
         await lazyUnmount(mp).catch((err) =>
@@ -206,7 +207,8 @@ export class QsdSession {
     }
     if (pid === undefined || (await runningQsd(this.paths)) === undefined) {
       for (const e of this.state.exports) {
-        if (e.createdMountpoint) await unlink(e.options.mountpoint).catch(() => undefined);
+        if (e.createdMountpoint && e.options.type === 'fuse')
+          await unlink(e.options.mountpoint).catch(() => undefined);
       }
       this.state = emptyState();
       await unlink(this.paths.state).catch(() => undefined);
