@@ -40,6 +40,8 @@ export interface AgentConfig {
   defaultEngine?: EngineName;
   /** At most this many exports (--max-exports); default DEFAULT_MAX_EXPORTS. */
   maxExports?: number;
+  /** The addresses the host NBD server listens on now (empty until its first export). */
+  nbdAddresses?: () => string[];
 }
 
 export interface StatusExport {
@@ -66,7 +68,15 @@ export interface StatusExport {
 }
 
 export interface StatusDocument {
-  agent: { pid: number; hostname: string; manifests: string; passes: number; lastPass: string | null };
+  agent: {
+    pid: number;
+    hostname: string;
+    manifests: string;
+    passes: number;
+    lastPass: string | null;
+    /** Where the host NBD server listens (unix:PATH, tcp:HOST:PORT), once it runs. */
+    nbd?: string[];
+  };
   manifests: ManifestStatus[];
   exports: StatusExport[];
 }
@@ -179,6 +189,7 @@ export class Agent {
         manifests: this.config.manifests,
         passes: this.passes,
         lastPass: this.lastPass,
+        ...(this.config.nbdAddresses?.().length ? { nbd: this.config.nbdAddresses() } : {}),
       },
       manifests: this.manifests.status,
       exports: this.book.list().map((r) => {

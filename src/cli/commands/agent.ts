@@ -196,7 +196,14 @@ export async function run(args: string[]): Promise<number> {
   });
   const engines = [native, qemu];
   const agent = new Agent(
-    { manifests: dir, hostname: host, roots: policy.allowedRoots, defaultEngine, maxExports },
+    {
+      manifests: dir,
+      hostname: host,
+      roots: policy.allowedRoots,
+      defaultEngine,
+      maxExports,
+      nbdAddresses: () => nbd.addresses(),
+    },
     engines,
     log,
   );

@@ -1,0 +1,284 @@
+/**
+ * `type: nbd` exports served by a real agent process on its host-level NBD
+ * server, read and written by real clients (qemu-img, qemu-io, nbdinfo from
+ * Debian's qemu-utils and libnbd-bin): bytes equal to `qemu-img convert`,
+ * exports listed with their descriptions, added and removed live as
+ * manifests change (a removed export's connected client is closed, new
+ * clients cannot open it), a FUSE and an NBD export sharing one node,
+ * writes that leave a clean image equal to the same writes done by qemu-io
+ * on a copy, connection counts in status and /metrics, plain TCP refused.
+ */
+import assert from 'node:assert/strict';
+import { copyFileSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { agentDir, startAgent, until } from '../helpers/agent.js';
+import { readExport } from '../helpers/mounts.js';
+import { RawClient, sh } from '../helpers/nbd.js';
+import { BIN, needTools, qemuImg, qemuIo, run } from '../helpers/tools.js';
+
+const TOOLS = ['qemu-img', 'qemu-io', 'nbdinfo', '/dev/fuse'];
+
+interface Status {
+  agent: { nbd?: string[] };
+  manifests: { file: string; valid: boolean; errors: { message: string }[] }[];
+  exports: {
+    id: string;
+    type: string;
+    state: string;
+    reason: string;
+    mountpoint?: string;
+    nbd?: { name: string; connections: number };
+  }[];
+}
+
+function manifest(name: string, body: string): string {
+  return `apiVersion: blkexport/v1\nkind: ExportSet\nmetadata:\n  name: ${name}\nspec:\n${body}`;
+}
+
+/** A 16 MiB qcow2 with data, a zeroed run and unallocated space; returns it and its raw conversion. */
+function makeImage(dir: string, name: string, pattern: number): { qcow2: string; raw: Buffer } {
+  const qcow2 = join(dir, `${name}.qcow2`);
+  qemuImg('create', '-q', '-f', 'qcow2', qcow2, '16M');
+  qemuIo(qcow2, '-c', `write -P ${pattern} 0 1M`, '-c', 'write -z 4M 1M', '-c', 'write -P 0x5a 9000001 7777');
+  const ref = join(dir, `${name}.ref.raw`);
+  qemuImg('convert', '-f', 'qcow2', '-O', 'raw', qcow2, ref);
+  const raw = readFileSync(ref);
+  rmSync(ref);
+  return { qcow2, raw };
+}
+
+/** `qemu-img convert` of NBD export `name` on Unix socket `sock` to raw bytes. */
+async function readNbd(dir: string, sock: string, name: string): Promise<Buffer> {
+  const out = join(dir, `read-${name}.raw`);
+  await sh('qemu-img', ['convert', '-f', 'raw', `nbd+unix:///${name}?socket=${sock}`, '-O', 'raw', out]);
+  const data = readFileSync(out);
+  rmSync(out);
+  return data;
+}
+
+/** The export names (and descriptions) `nbdinfo --list` shows. */
+async function listNbd(sock: string): Promise<Array<{ name: string; description?: string }>> {
+  const out = await sh('nbdinfo', ['--list', '--json', `nbd+unix://?socket=${sock}`]);
+  const doc = JSON.parse(out.toString()) as {
+    exports: Array<{ 'export-name': string; description?: string }>;
+  };
+  return doc.exports.map((e) => ({
+    name: e['export-name'],
+    ...(e.description !== undefined ? { description: e.description } : {}),
+  }));
+}
+
+describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, () => {
+  test('served, listed, shared with a FUSE export, counted; added and removed live', async (t) => {
+    if (!needTools(t, ...TOOLS)) return;
+    const d = agentDir(t);
+    const web = makeImage(d.images, 'web', 0xab);
+    const db = makeImage(d.images, 'db', 0xcd);
+    const sock = join(d.dir, 'nbd.sock');
+    const fuseMp = join(d.images, 'web.qcow2');
+    // Long form: one node, exported over FUSE (on the image itself) and over NBD (read-only both).
+    writeFileSync(
+      join(d.manifests, 'web.yaml'),
+      manifest(
+        'web',
+        `  blockdevs:
+    - node-name: web-file
+      driver: file
+      filename: ${web.qcow2}
+    - node-name: web-fmt
+      driver: qcow2
+      file: web-file
+  exports:
+    - type: fuse
+      id: web-fuse
+      node-name: web-fmt
+      mountpoint: ${fuseMp}
+    - type: nbd
+      id: web-nbd
+      node-name: web-fmt
+      name: web
+      description: web server disk
+`,
+      ),
+    );
+    const agent = await startAgent(t, d, ['--nbd-listen', `unix:${sock}`]);
+    await until('web-nbd ready', async () => {
+      const s = await agent.get<Status>('/status');
+      return s.exports.length === 2 && s.exports.every((e) => e.state === 'ready');
+    });
+    let s = await agent.get<Status>('/status');
+    assert.deepEqual(s.agent.nbd, [`unix:${sock}`]);
+    const nbdExp = s.exports.find((e) => e.id === 'web-nbd')!;
+    assert.equal(nbdExp.type, 'nbd');
+    assert.equal(nbdExp.mountpoint, undefined);
+    assert.deepEqual(nbdExp.nbd, { name: 'web', connections: 0 });
+    assert.equal(s.exports.find((e) => e.id === 'web-fuse')!.mountpoint, fuseMp);
+
+    // Both exports of the one node read the image's bytes.
+    assert.ok((await readNbd(d.dir, sock, 'web')).equals(web.raw), 'NBD read differs from qemu-img convert');
+    assert.ok(readExport(fuseMp).equals(web.raw), 'FUSE read differs from qemu-img convert');
+    assert.deepEqual(await listNbd(sock), [{ name: 'web', description: 'web server disk' }]);
+
+    // A connected client shows in status, the table and /metrics.
+    const client = await RawClient.open(sock);
+    t.after(() => client.destroy());
+    await client.goStructured('web');
+    await until('one connection in status', async () => {
+      const x = await agent.get<Status>('/status');
+      return x.exports.find((e) => e.id === 'web-nbd')?.nbd?.connections === 1;
+    });
+    const metrics = await agent.get<string>('/metrics');
+    assert.match(metrics, /blkexport_export_nbd_connections\{export="web-nbd"\} 1/);
+    assert.match(
+      metrics,
+      /blkexport_export_info\{export="web-nbd",engine="native",type="nbd",counted="yes"\} 1/,
+    );
+    assert.match(metrics, /blkexport_export_read_bytes_total\{export="web-nbd"\} [1-9]/);
+    const table = run(BIN, ['status', '--socket', agent.socket]);
+    assert.equal(table.status, 0, table.stderr);
+    assert.match(table.stdout, /NBD server listening on unix:/);
+    assert.match(table.stdout, /web-nbd .* nbd:web \(1 connected\)/);
+
+    // A second manifest adds a shorthand NBD export live.
+    writeFileSync(
+      join(d.manifests, 'db.yaml'),
+      manifest('db', `  exports:\n    - type: nbd\n      id: db\n      image: ${db.qcow2}\n`),
+    );
+    await agent.post('/reconcile');
+    assert.deepEqual((await listNbd(sock)).map((e) => e.name).sort(), ['db', 'web']);
+    assert.ok((await readNbd(d.dir, sock, 'db')).equals(db.raw), 'shorthand NBD read differs');
+
+    // plan against the running agent: nothing to do; the NBD exports are named as such.
+    const plan = run(BIN, ['plan', '--manifests', d.manifests, '--socket', agent.socket]);
+    assert.equal(plan.status, 0, plan.stdout + plan.stderr);
+
+    // Removing the NBD export from the manifest: the connected client is closed, new ones find
+    // nothing, the FUSE export of the same node keeps serving.
+    writeFileSync(
+      join(d.manifests, 'web.yaml'),
+      readFileSync(join(d.manifests, 'web.yaml'), 'utf8').replace(/ {4}- type: nbd\n(?: {6}.*\n)+/, ''),
+    );
+    await agent.post('/reconcile');
+    assert.ok(await client.closedWithin(5000), 'the connected client of a removed export was not closed');
+    assert.deepEqual(
+      (await listNbd(sock)).map((e) => e.name),
+      ['db'],
+    );
+    await assert.rejects(readNbd(d.dir, sock, 'web'));
+    s = await agent.get<Status>('/status');
+    assert.deepEqual(s.exports.map((e) => `${e.id}:${e.state}`).sort(), ['db:ready', 'web-fuse:ready']);
+    assert.ok(readExport(fuseMp).equals(web.raw), 'the FUSE export stopped serving');
+  });
+
+  test('a writable NBD export: qemu-io writes, zeroes and discards; the image stays clean and equal to the same writes done by qemu-io', async (t) => {
+    if (!needTools(t, ...TOOLS)) return;
+    const d = agentDir(t);
+    const img = makeImage(d.images, 'rw', 0x11);
+    const copy = join(d.dir, 'copy.qcow2');
+    copyFileSync(img.qcow2, copy);
+    const sock = join(d.dir, 'nbd.sock');
+    const file = join(d.manifests, 'rw.yaml');
+    writeFileSync(
+      file,
+      manifest(
+        'rw',
+        `  exports:\n    - type: nbd\n      id: rw\n      image: ${img.qcow2}\n      format: qcow2\n      writable: true\n`,
+      ),
+    );
+    const agent = await startAgent(t, d, ['--nbd-listen', `unix:${sock}`]);
+    await until('rw ready', async () => (await agent.get<Status>('/status')).exports[0]?.state === 'ready');
+    const ops = [
+      'write -P 0x77 512 70000',
+      'write -z 2M 1M',
+      'discard 8M 1M',
+      'write -P 0x33 16773120 4096',
+      'flush',
+    ];
+    const args = ops.flatMap((o) => ['-c', o]);
+    await sh('qemu-io', ['-f', 'raw', ...args, `nbd+unix:///rw?socket=${sock}`]);
+    qemuIo(copy, ...args);
+    // The reads through the export equal the copy's.
+    const ref = join(d.dir, 'ref.raw');
+    qemuImg('convert', '-f', 'qcow2', '-O', 'raw', copy, ref);
+    assert.ok((await readNbd(d.dir, sock, 'rw')).equals(readFileSync(ref)), 'NBD read after writes differs');
+    // Removing the export flushes it; the image is then clean and equal to the copy.
+    rmSync(file);
+    await agent.post('/reconcile');
+    await until('rw gone', async () => (await agent.get<Status>('/status')).exports.length === 0);
+    const check = run('qemu-img', ['check', '-f', 'qcow2', img.qcow2]);
+    assert.equal(check.status, 0, check.stdout + check.stderr);
+    const cmp = run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', img.qcow2, copy]);
+    assert.equal(cmp.status, 0, cmp.stdout + cmp.stderr);
+  });
+
+  test('a manifest whose NBD name another manifest uses is refused, naming both; the first keeps serving', async (t) => {
+    if (!needTools(t, ...TOOLS)) return;
+    const d = agentDir(t);
+    const a = makeImage(d.images, 'a', 0x01);
+    const b = makeImage(d.images, 'b', 0x02);
+    const sock = join(d.dir, 'nbd.sock');
+    writeFileSync(
+      join(d.manifests, '10-a.yaml'),
+      manifest(
+        'first',
+        `  exports:\n    - type: nbd\n      id: a\n      name: disk\n      image: ${a.qcow2}\n`,
+      ),
+    );
+    writeFileSync(
+      join(d.manifests, '20-b.yaml'),
+      manifest(
+        'second',
+        `  exports:\n    - type: nbd\n      id: b\n      name: disk\n      image: ${b.qcow2}\n`,
+      ),
+    );
+    const agent = await startAgent(t, d, ['--nbd-listen', `unix:${sock}`]);
+    await until('a ready', async () => (await agent.get<Status>('/status')).exports[0]?.state === 'ready');
+    const s = await agent.get<Status>('/status');
+    assert.deepEqual(
+      s.exports.map((e) => e.id),
+      ['a'],
+    );
+    const refused = s.manifests.find((m) => m.file.endsWith('20-b.yaml'))!;
+    assert.equal(refused.valid, false);
+    assert.match(refused.errors[0]!.message, /NBD export name "disk" is already used by manifest "first"/);
+    assert.ok((await readNbd(d.dir, sock, 'disk')).equals(a.raw));
+  });
+
+  test('plain TCP is refused unless --nbd-insecure-tcp; with it, a loopback client reads', async (t) => {
+    if (!needTools(t, ...TOOLS)) return;
+    const d = agentDir(t);
+    const refused = run(
+      BIN,
+      [
+        'agent',
+        '--manifests',
+        d.manifests,
+        '--socket',
+        join(d.dir, 'x.sock'),
+        '--allow-root',
+        d.images,
+        '--nbd-listen',
+        'tcp:127.0.0.1:0',
+      ],
+      { timeoutMs: 20_000 },
+    );
+    assert.equal(refused.status, 1);
+    assert.match(refused.stderr, /refusing to serve tcp:127\.0\.0\.1:0 without TLS: .*--nbd-insecure-tcp/);
+    const img = makeImage(d.images, 'tcp', 0x44);
+    writeFileSync(
+      join(d.manifests, 'tcp.yaml'),
+      manifest('tcp', `  exports:\n    - type: nbd\n      id: tcp\n      image: ${img.qcow2}\n`),
+    );
+    const agent = await startAgent(t, d, ['--nbd-listen', 'tcp:127.0.0.1:0', '--nbd-insecure-tcp']);
+    const addr = await until(
+      'the NBD server to listen',
+      async () => (await agent.get<Status>('/status')).agent.nbd?.[0],
+    );
+    const port = Number(/^tcp:127\.0\.0\.1:([0-9]+)$/.exec(addr)![1]);
+    assert.ok(port > 0);
+    const out = join(d.dir, 'tcp.raw');
+    await sh('qemu-img', ['convert', '-f', 'raw', `nbd://127.0.0.1:${port}/tcp`, '-O', 'raw', out]);
+    assert.ok(readFileSync(out).equals(img.raw));
+  });
+});
