@@ -85,7 +85,12 @@ function stepLine(step: Step): string | undefined {
       return `> export ${step.export.id} ${exportTarget(step.export)} (adopt: ${step.reason ?? 'a kept connection'}${extra})`;
     }
     case 'repair-export': {
-      const why = step.state === 'stale' ? 'stale mount' : 'missing from the mount table';
+      const why =
+        step.state === 'stale'
+          ? 'stale mount'
+          : step.export.type === 'nbd'
+            ? 'not served'
+            : 'missing from the mount table';
       const extra = step.changes.length > 0 ? `; ${changeList(step.changes)}` : '';
       return `! export ${step.export.id} ${exportTarget(step.export)} (repair: ${why}${step.reason ? `, ${step.reason}` : ''}${extra})`;
     }
