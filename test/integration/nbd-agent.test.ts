@@ -171,23 +171,46 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
     assert.ok(readExport(fuseMp).equals(web.raw), 'the FUSE export stopped serving');
   });
 
-  test('a writable NBD export: qemu-io writes, zeroes and discards; the image stays clean and equal to the same writes done by qemu-io', async (t) => {
+  test('a writable NBD export sharing its node with a read-only FUSE export: qemu-io writes, zeroes and discards; the FUSE export sees them; the image stays clean and equal to the same writes done by qemu-io', async (t) => {
     if (!needTools(t, ...TOOLS)) return;
     const d = agentDir(t);
     const img = makeImage(d.images, 'rw', 0x11);
     const copy = join(d.dir, 'copy.qcow2');
     copyFileSync(img.qcow2, copy);
     const sock = join(d.dir, 'nbd.sock');
+    const view = join(d.images, 'rw-view.raw');
     const file = join(d.manifests, 'rw.yaml');
     writeFileSync(
       file,
       manifest(
         'rw',
-        `  exports:\n    - type: nbd\n      id: rw\n      image: ${img.qcow2}\n      format: qcow2\n      writable: true\n`,
+        `  blockdevs:
+    - node-name: rw-file
+      driver: file
+      filename: ${img.qcow2}
+    - node-name: rw-fmt
+      driver: qcow2
+      file: rw-file
+  exports:
+    - type: nbd
+      id: rw
+      node-name: rw-fmt
+      writable: true
+    - type: fuse
+      id: rw-view
+      node-name: rw-fmt
+      mountpoint: ${view}
+      create-mountpoint: true
+`,
       ),
     );
     const agent = await startAgent(t, d, ['--nbd-listen', `unix:${sock}`]);
-    await until('rw ready', async () => (await agent.get<Status>('/status')).exports[0]?.state === 'ready');
+    await until('rw ready', async () => {
+      const s = await agent.get<Status>('/status');
+      return s.exports.length === 2 && s.exports.every((e) => e.state === 'ready');
+    });
+    // The FUSE export reads before the writes (whatever it may cache must not outlive them).
+    assert.ok(readExport(view).equals(img.raw));
     const ops = [
       'write -P 0x77 512 70000',
       'write -z 2M 1M',
@@ -198,11 +221,13 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
     const args = ops.flatMap((o) => ['-c', o]);
     await sh('qemu-io', ['-f', 'raw', ...args, `nbd+unix:///rw?socket=${sock}`]);
     qemuIo(copy, ...args);
-    // The reads through the export equal the copy's.
+    // Reads through both exports equal the copy's.
     const ref = join(d.dir, 'ref.raw');
     qemuImg('convert', '-f', 'qcow2', '-O', 'raw', copy, ref);
-    assert.ok((await readNbd(d.dir, sock, 'rw')).equals(readFileSync(ref)), 'NBD read after writes differs');
-    // Removing the export flushes it; the image is then clean and equal to the copy.
+    const want = readFileSync(ref);
+    assert.ok((await readNbd(d.dir, sock, 'rw')).equals(want), 'NBD read after writes differs');
+    assert.ok(readExport(view).equals(want), 'the FUSE export of the same node misses the NBD writes');
+    // Removing the exports flushes them; the image is then clean and equal to the copy.
     rmSync(file);
     await agent.post('/reconcile');
     await until('rw gone', async () => (await agent.get<Status>('/status')).exports.length === 0);
