@@ -9,7 +9,7 @@
  * on a copy, connection counts in status and /metrics, plain TCP refused.
  */
 import assert from 'node:assert/strict';
-import { copyFileSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { agentDir, startAgent, until } from '../helpers/agent.js';
@@ -109,6 +109,7 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
     });
     let s = await agent.get<Status>('/status');
     assert.deepEqual(s.agent.nbd, [`unix:${sock}`]);
+    assert.equal(statSync(sock).mode & 0o777, 0o600, 'the NBD socket is owner-only by default');
     const nbdExp = s.exports.find((e) => e.id === 'web-nbd')!;
     assert.equal(nbdExp.type, 'nbd');
     assert.equal(nbdExp.mountpoint, undefined);
@@ -305,5 +306,50 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
     const out = join(d.dir, 'tcp.raw');
     await sh('qemu-img', ['convert', '-f', 'raw', `nbd://127.0.0.1:${port}/tcp`, '-O', 'raw', out]);
     assert.ok(readFileSync(out).equals(img.raw));
+  });
+  test('TLS PSK on loopback TCP, and a Unix socket for a group: nbdinfo reads with the key, a wrong key is refused', async (t) => {
+    if (!needTools(t, ...TOOLS)) return;
+    const d = agentDir(t);
+    const img = makeImage(d.images, 'psk', 0x66);
+    writeFileSync(
+      join(d.manifests, 'psk.yaml'),
+      manifest('psk', `  exports:\n    - type: nbd\n      id: p\n      image: ${img.qcow2}\n`),
+    );
+    const key = (fill: number) => Buffer.alloc(32, fill).toString('hex');
+    const keys = join(d.dir, 'keys.psk');
+    const wrong = join(d.dir, 'wrong.psk');
+    writeFileSync(keys, `alice:${key(0x42)}\n`);
+    writeFileSync(wrong, `alice:${key(0x43)}\n`);
+    const sock = join(d.dir, 'nbd.sock');
+    // A group that exists on every Debian system, by name: resolved from /etc/group.
+    const disk = readFileSync('/etc/group', 'utf8').match(/^disk:[^:]*:([0-9]+):/m);
+    assert.ok(disk, 'no disk group in /etc/group');
+    const agent = await startAgent(t, d, [
+      '--nbd-listen',
+      'tcp:127.0.0.1:0',
+      '--nbd-listen',
+      `unix:${sock}`,
+      '--nbd-tls-psk',
+      keys,
+      '--nbd-socket-group',
+      'disk',
+    ]);
+    const addr = await until(
+      'the NBD server to listen',
+      async () => (await agent.get<Status>('/status')).agent.nbd?.[0],
+    );
+    const port = Number(/^tcp:127\.0\.0\.1:([0-9]+)$/.exec(addr)![1]);
+    const st = statSync(sock);
+    assert.equal(st.mode & 0o777, 0o660);
+    assert.equal(st.gid, Number(disk[1]));
+    const info = (await sh('nbdinfo', [`nbds://alice@127.0.0.1:${port}/p?tls-psk-file=${keys}`])).toString();
+    assert.match(info, /with TLS/);
+    await assert.rejects(sh('nbdinfo', [`nbds://alice@127.0.0.1:${port}/p?tls-psk-file=${wrong}`]));
+    // TLS is forced on the Unix socket too: a plain client is refused.
+    await assert.rejects(readNbd(d.dir, sock, 'p'));
+    const out = (
+      await sh('nbdinfo', ['--size', `nbds+unix://alice@/p?socket=${sock}&tls-psk-file=${keys}`])
+    ).toString();
+    assert.equal(Number(out.trim()), img.raw.length);
   });
 });
