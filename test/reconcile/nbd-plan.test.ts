@@ -107,8 +107,5 @@ test('plan: applied, nothing changes; a new name replaces the NBD export; an NBD
     ),
   };
   const repair = renderPlan(diff(d, gone, nativeCapabilities));
-  assert.match(
-    repair,
-    /^! export b nbd name "b" \(repair: not served, not in the NBD server\) \[native\]$/m,
-  );
+  assert.match(repair, /^! export b nbd name "b" \(repair: not served, not in the NBD server\) \[native\]$/m);
 });
