@@ -117,12 +117,6 @@ function checkExports(
         message: `${what} is already used by export "${sameClaim.options.id}" at ${at(sameClaim.source)}`,
       });
     else claims.set(key, e);
-    if (e.options.type === 'nbd' && doc.engine === 'qemu')
-      problems.push({
-        pointer: `${e.source.path}/type`,
-        at: 'value',
-        message: 'type: nbd needs the native engine; the qemu engine does not serve NBD exports yet',
-      });
 
     const top = e.options['node-name'];
     if (!nodes.has(top)) {

@@ -12,6 +12,7 @@ import assert from 'node:assert/strict';
 import { copyFileSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
+import { qsdAgentSetup } from '../engine/qsd-helpers.js';
 import { agentDir, startAgent, until } from '../helpers/agent.js';
 import { readExport } from '../helpers/mounts.js';
 import { RawClient, sh } from '../helpers/nbd.js';
@@ -351,5 +352,87 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
       await sh('nbdinfo', ['--size', `nbds+unix://alice@/p?socket=${sock}&tls-psk-file=${keys}`])
     ).toString();
     assert.equal(Number(out.trim()), img.raw.length);
+  });
+  test('both engines serve the same manifest byte for byte (qemu: QSD nbd-server-start + block-export-add type=nbd); a removed export drops its client', async (t) => {
+    if (!needTools(t, ...TOOLS, 'qemu-storage-daemon')) return;
+    const seen: Record<string, { list: unknown; web: Buffer; db: Buffer; written: Buffer }> = {};
+    let images: { web: { raw: Buffer }; db: { raw: Buffer } } | undefined;
+    for (const engine of ['native', 'qemu'] as const) {
+      const { d, start } = qsdAgentSetup(t, engine);
+      const web = makeImage(d.images, 'web', 0xab);
+      const db = makeImage(d.images, 'db', 0xcd);
+      images = { web, db };
+      const sock = join(d.dir, 'nbd.sock');
+      writeFileSync(
+        join(d.manifests, 'm.yaml'),
+        manifest(
+          'm',
+          `  blockdevs:
+    - node-name: web-file
+      driver: file
+      filename: ${web.qcow2}
+    - node-name: web-fmt
+      driver: qcow2
+      file: web-file
+  exports:
+    - type: nbd
+      id: web-nbd
+      node-name: web-fmt
+      name: web
+      description: web server disk
+    - type: nbd
+      id: db
+      image: ${db.qcow2}
+      format: qcow2
+      writable: true
+`,
+        ),
+      );
+      const agent = await start(engine, ['--nbd-listen', `unix:${sock}`]);
+      await until(`${engine}: both ready`, async () => {
+        const s = await agent.get<Status & { exports: { engine: string }[] }>('/status');
+        return s.exports.length === 2 && s.exports.every((e) => e.state === 'ready' && e.engine === engine);
+      });
+      await sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x99 4096 65536', `nbd+unix:///db?socket=${sock}`]);
+      const client = await RawClient.open(sock);
+      t.after(() => client.destroy());
+      await client.goStructured('web');
+      seen[engine] = {
+        list: (await listNbd(sock)).sort((a, b) => a.name.localeCompare(b.name)),
+        web: await readNbd(d.dir, sock, 'web'),
+        db: await readNbd(d.dir, sock, 'db'),
+        written: Buffer.alloc(0),
+      };
+      // Removing the web export live: its connected client is closed, the other export serves on.
+      const file = join(d.manifests, 'm.yaml');
+      writeFileSync(
+        file,
+        readFileSync(file, 'utf8').replace(/ {4}- type: nbd\n {6}id: web-nbd\n(?: {6}.*\n)+/, ''),
+      );
+      await agent.post('/reconcile');
+      assert.ok(await client.closedWithin(5000), `${engine}: the client of a removed export was not closed`);
+      assert.deepEqual(
+        (await listNbd(sock)).map((e) => e.name),
+        ['db'],
+      );
+      // The agent stops; the write is in the image file.
+      agent.proc.kill('SIGTERM');
+      assert.equal(await agent.exited, 0);
+      const out = join(d.dir, 'db-after.raw');
+      qemuImg('convert', '-f', 'qcow2', '-O', 'raw', db.qcow2, out);
+      seen[engine]!.written = readFileSync(out);
+      const check = run('qemu-img', ['check', '-f', 'qcow2', db.qcow2]);
+      assert.equal(check.status, 0, check.stdout + check.stderr);
+    }
+    const want = Buffer.from(images!.db.raw);
+    want.fill(0x99, 4096, 4096 + 65536);
+    for (const engine of ['native', 'qemu']) {
+      const r = seen[engine]!;
+      assert.deepEqual(r.list, [{ name: 'db' }, { name: 'web', description: 'web server disk' }], engine);
+      assert.ok(r.web.equals(images!.web.raw), `${engine}: web differs from qemu-img convert`);
+      assert.ok(r.db.equals(want), `${engine}: db after the write differs`);
+      assert.ok(r.written.equals(want), `${engine}: the image file after stop differs`);
+    }
+    assert.ok(seen.native!.web.equals(seen.qemu!.web) && seen.native!.db.equals(seen.qemu!.db));
   });
 });

@@ -193,6 +193,7 @@ export async function run(args: string[]): Promise<number> {
       void agentRef?.requestPass('qemu-storage-daemon lost');
     },
     log: (msg, fields) => log.info(msg, fields),
+    nbd: nbd.config,
   });
   const engines = [native, qemu];
   const agent = new Agent(

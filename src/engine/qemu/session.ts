@@ -36,8 +36,9 @@ export function isQsdMount(e: MountEntry | undefined): boolean {
 }
 
 /** block-export-del, then wait for BLOCK_EXPORT_DELETED (the unmount is done by then). */
-export async function deleteExport(client: QmpClient, id: string): Promise<void> {
-  await client.executeAndWait('block-export-del', { id }, 'BLOCK_EXPORT_DELETED', (d) => d.id === id);
+export async function deleteExport(client: QmpClient, id: string, mode?: 'safe' | 'hard'): Promise<void> {
+  const args = mode === undefined ? { id } : { id, mode };
+  await client.executeAndWait('block-export-del', args, 'BLOCK_EXPORT_DELETED', (d) => d.id === id);
 }
 
 export interface SessionEvents {
