@@ -37,6 +37,18 @@ function manifest(name: string, body: string): string {
   return `apiVersion: blkexport/v1\nkind: ExportSet\nmetadata:\n  name: ${name}\nspec:\n${body}`;
 }
 
+/** `spec.blockdevs` of a qcow2 image: nodes web-file and web-fmt (web-fmt is the one to export). */
+function webNodes(qcow2: string): string {
+  return `  blockdevs:
+    - node-name: web-file
+      driver: file
+      filename: ${qcow2}
+    - node-name: web-fmt
+      driver: qcow2
+      file: web-file
+`;
+}
+
 /** A 16 MiB qcow2 with data, a zeroed run and unallocated space; returns it and its raw conversion. */
 function makeImage(dir: string, name: string, pattern: number): { qcow2: string; raw: Buffer } {
   const qcow2 = join(dir, `${name}.qcow2`);
@@ -83,14 +95,7 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
       join(d.manifests, 'web.yaml'),
       manifest(
         'web',
-        `  blockdevs:
-    - node-name: web-file
-      driver: file
-      filename: ${web.qcow2}
-    - node-name: web-fmt
-      driver: qcow2
-      file: web-file
-  exports:
+        `${webNodes(web.qcow2)}  exports:
     - type: fuse
       id: web-fuse
       node-name: web-fmt
@@ -367,14 +372,7 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
         join(d.manifests, 'm.yaml'),
         manifest(
           'm',
-          `  blockdevs:
-    - node-name: web-file
-      driver: file
-      filename: ${web.qcow2}
-    - node-name: web-fmt
-      driver: qcow2
-      file: web-file
-  exports:
+          `${webNodes(web.qcow2)}  exports:
     - type: nbd
       id: web-nbd
       node-name: web-fmt

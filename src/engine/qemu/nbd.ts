@@ -7,10 +7,10 @@
  * directory of links named as QEMU expects.
  */
 import { mkdir, rm, symlink } from 'node:fs/promises';
-import { connect } from 'node:net';
 import { join } from 'node:path';
 import { BlkError } from '../../errors.js';
 import { formatListen, type NbdListen } from '../../export/nbd/listen.js';
+import { socketAnswers } from '../../export/nbd/server.js';
 import type { NbdExportConfig } from '../../manifest/types.js';
 import { type NbdHostConfig, nbdHostAddresses } from '../native/nbd-host.js';
 import type { QmpClient } from './qmp.js';
@@ -44,18 +44,6 @@ export function qsdNbdAddress(c: NbdHostConfig): { listen: NbdListen; addr: Reco
       ? { type: 'unix', data: { path: l.path } }
       : { type: 'inet', data: { host: l.host, port: String(l.port) } };
   return { listen: l, addr };
-}
-
-/** True when a server answers on the Unix socket `path`. */
-function answers(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const c = connect(path);
-    c.once('connect', () => {
-      c.destroy();
-      resolve(true);
-    });
-    c.once('error', () => resolve(false));
-  });
 }
 
 /** Adds the TLS credentials object QSD's NBD server uses; returns its id, or undefined without TLS. */
@@ -103,7 +91,7 @@ async function addTlsCreds(client: QmpClient, c: NbdHostConfig, dir: string): Pr
  */
 export async function startQsdNbdServer(client: QmpClient, c: NbdHostConfig, dir: string): Promise<string> {
   const { listen, addr } = qsdNbdAddress(c);
-  if (listen.kind === 'unix' && (await answers(listen.path)))
+  if (listen.kind === 'unix' && (await socketAnswers(listen.path)))
     throw new BlkError(
       'EXPORT_EXISTS',
       `the qemu engine's NBD server cannot listen on ${formatListen(listen)}: another server answers there (the native engine's NBD exports and the qemu engine's cannot share an address)`,

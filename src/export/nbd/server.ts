@@ -45,6 +45,18 @@ export interface NbdExportOptions {
   maxConnections?: number;
 }
 
+/** True when a server accepts connections on the Unix socket `path`. */
+export function socketAnswers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const c = connect(path);
+    c.once('connect', () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.once('error', () => resolve(false));
+  });
+}
+
 /** A Unix socket path nobody answers on is stale (a previous server died): it may be removed. */
 async function removeStaleSocket(path: string): Promise<void> {
   let st: Awaited<ReturnType<typeof lstat>>;
@@ -54,15 +66,8 @@ async function removeStaleSocket(path: string): Promise<void> {
     return;
   }
   if (!st.isSocket()) throw new BlkError('USAGE', `'${path}' exists and is not a socket`);
-  const alive = await new Promise<boolean>((resolve) => {
-    const c = connect(path);
-    c.once('connect', () => {
-      c.destroy();
-      resolve(true);
-    });
-    c.once('error', () => resolve(false));
-  });
-  if (alive) throw new BlkError('EXPORT_EXISTS', `a server is already listening on '${path}'`);
+  if (await socketAnswers(path))
+    throw new BlkError('EXPORT_EXISTS', `a server is already listening on '${path}'`);
   await unlink(path);
 }
 
