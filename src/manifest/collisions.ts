@@ -110,7 +110,7 @@ function documentCollisions(
       new BlkError(
         'MANIFEST_COLLISION',
         `${claim.kind} "${claim.value}" is already used by manifest "${other.doc.name}" at ${where(other.source)}` +
-          (sameFile ? '' : '; this manifest is refused as a whole'),
+          (sameFile ? '' : `; this manifest ("${doc.name}") is refused as a whole`),
         { file, line: claim.source.line, col: claim.source.col, path: claim.source.path },
       ),
     );

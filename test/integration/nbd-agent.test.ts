@@ -273,7 +273,10 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
     );
     const refused = s.manifests.find((m) => m.file.endsWith('20-b.yaml'))!;
     assert.equal(refused.valid, false);
-    assert.match(refused.errors[0]!.message, /NBD export name "disk" is already used by manifest "first"/);
+    assert.match(
+      refused.errors[0]!.message,
+      /NBD export name "disk" is already used by manifest "first" at .*; this manifest \("second"\) is refused as a whole/,
+    );
     assert.ok((await readNbd(d.dir, sock, 'disk')).equals(a.raw));
   });
 
