@@ -9,7 +9,7 @@
  * on a copy, connection counts in status and /metrics, plain TCP refused.
  */
 import assert from 'node:assert/strict';
-import { copyFileSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { qsdAgentSetup } from '../engine/qsd-helpers.js';
@@ -19,6 +19,7 @@ import { RawClient, sh } from '../helpers/nbd.js';
 import { BIN, needTools, qemuImg, qemuIo, run } from '../helpers/tools.js';
 
 const TOOLS = ['qemu-img', 'qemu-io', 'nbdinfo', '/dev/fuse'];
+const MIB = 1024 * 1024;
 
 interface Status {
   agent: { nbd?: string[] };
@@ -435,5 +436,34 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
       assert.ok(r.written.equals(want), `${engine}: the image file after stop differs`);
     }
     assert.ok(seen.native!.web.equals(seen.qemu!.web) && seen.native!.db.equals(seen.qemu!.db));
+  });
+  test('overlay: ephemeral over NBD: a client writes, reads its writes back; the image stays as it was; the overlay goes with the export', async (t) => {
+    if (!needTools(t, ...TOOLS)) return;
+    const d = agentDir(t);
+    const img = makeImage(d.images, 'gold', 0x21);
+    const before = readFileSync(img.qcow2);
+    const ovl = join(d.dir, 'overlays');
+    mkdirSync(ovl);
+    const sock = join(d.dir, 'nbd.sock');
+    const file = join(d.manifests, 'gold.yaml');
+    writeFileSync(
+      file,
+      manifest(
+        'gold',
+        `  exports:\n    - type: nbd\n      id: gold\n      image: ${img.qcow2}\n      overlay: ephemeral\n`,
+      ),
+    );
+    const agent = await startAgent(t, d, ['--nbd-listen', `unix:${sock}`, '--overlay-dir', ovl]);
+    await until('gold ready', async () => (await agent.get<Status>('/status')).exports[0]?.state === 'ready');
+    assert.equal(readdirSync(ovl).length, 1, 'one overlay file while the export lives');
+    await sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 1M 2M', `nbd+unix:///gold?socket=${sock}`]);
+    const want = Buffer.from(img.raw);
+    want.fill(0x42, MIB, 3 * MIB);
+    assert.ok((await readNbd(d.dir, sock, 'gold')).equals(want), 'the writes are not read back');
+    rmSync(file);
+    await agent.post('/reconcile');
+    await until('gold gone', async () => (await agent.get<Status>('/status')).exports.length === 0);
+    assert.deepEqual(readdirSync(ovl), [], 'the overlay outlived its export');
+    assert.ok(readFileSync(img.qcow2).equals(before), 'the image file changed');
   });
 });
