@@ -466,4 +466,25 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
     assert.deepEqual(readdirSync(ovl), [], 'the overlay outlived its export');
     assert.ok(readFileSync(img.qcow2).equals(before), 'the image file changed');
   });
+  test('qemu engine with TLS PSK: QSD gets tls-creds-psk; nbdcopy reads with the key, a plain client is refused', async (t) => {
+    if (!needTools(t, ...TOOLS, 'qemu-storage-daemon', 'nbdcopy')) return;
+    const { d, start } = qsdAgentSetup(t, 'qemu');
+    const img = makeImage(d.images, 'q', 0x71);
+    writeFileSync(
+      join(d.manifests, 'q.yaml'),
+      manifest('q', `  exports:\n    - type: nbd\n      id: q\n      image: ${img.qcow2}\n`),
+    );
+    const keys = join(d.dir, 'keys.psk');
+    writeFileSync(keys, `alice:${Buffer.alloc(32, 0x42).toString('hex')}\n`);
+    const sock = join(d.dir, 'nbd.sock');
+    const agent = await start('qemu', ['--nbd-listen', `unix:${sock}`, '--nbd-tls-psk', keys]);
+    await until('q ready', async () => {
+      const e = (await agent.get<Status & { exports: { engine: string }[] }>('/status')).exports[0];
+      return e?.state === 'ready' && e.engine === 'qemu';
+    });
+    const out = join(d.dir, 'q.raw');
+    await sh('nbdcopy', [`nbds+unix://alice@/q?socket=${sock}&tls-psk-file=${keys}`, out]);
+    assert.ok(readFileSync(out).equals(img.raw), 'qemu engine over TLS PSK: bytes differ');
+    await assert.rejects(readNbd(d.dir, sock, 'q'));
+  });
 });
