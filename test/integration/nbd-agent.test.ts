@@ -487,4 +487,37 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
     assert.ok(readFileSync(out).equals(img.raw), 'qemu engine over TLS PSK: bytes differ');
     await assert.rejects(readNbd(d.dir, sock, 'q'));
   });
+  test('a handover (SIGUSR2) ends NBD connections; the next agent serves the NBD export again on the same socket', async (t) => {
+    if (!needTools(t, ...TOOLS)) return;
+    const d = agentDir(t);
+    const img = makeImage(d.images, 'h', 0x5e);
+    writeFileSync(
+      join(d.manifests, 'h.yaml'),
+      manifest(
+        'h',
+        `  exports:\n    - type: nbd\n      id: h\n      image: ${img.qcow2}\n      format: qcow2\n      writable: true\n`,
+      ),
+    );
+    const sock = join(d.dir, 'nbd.sock');
+    const first = await startAgent(t, d, ['--nbd-listen', `unix:${sock}`]);
+    await until('h ready', async () => (await first.get<Status>('/status')).exports[0]?.state === 'ready');
+    await sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x17 0 64k', `nbd+unix:///h?socket=${sock}`]);
+    const client = await RawClient.open(sock);
+    t.after(() => client.destroy());
+    await client.goStructured('h');
+    first.proc.kill('SIGUSR2');
+    assert.equal(await first.exited, 75);
+    assert.ok(await client.closedWithin(5000), 'a connection outlived the agent process');
+    const second = await startAgent(t, d, ['--nbd-listen', `unix:${sock}`]);
+    await until(
+      'h ready again',
+      async () => (await second.get<Status>('/status')).exports[0]?.state === 'ready',
+    );
+    const want = Buffer.from(img.raw);
+    want.fill(0x17, 0, 64 * 1024);
+    assert.ok(
+      (await readNbd(d.dir, sock, 'h')).equals(want),
+      'the write before the handover is not read back',
+    );
+  });
 });
