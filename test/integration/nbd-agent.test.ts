@@ -10,13 +10,14 @@
  */
 import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { type AddressInfo, createServer } from 'node:net';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { qsdAgentSetup } from '../engine/qsd-helpers.js';
 import { agentDir, startAgent, until } from '../helpers/agent.js';
 import { readExport } from '../helpers/mounts.js';
 import { RawClient, sh } from '../helpers/nbd.js';
-import { BIN, needTools, qemuImg, qemuIo, run } from '../helpers/tools.js';
+import { BIN, needTools, qemuImg, qemuIo, run, tempDir } from '../helpers/tools.js';
 
 const TOOLS = ['qemu-img', 'qemu-io', 'nbdinfo', '/dev/fuse'];
 const MIB = 1024 * 1024;
@@ -48,6 +49,91 @@ function webNodes(qcow2: string): string {
       driver: qcow2
       file: web-file
 `;
+}
+
+/** A free loopback TCP port (bound and released: the qemu engine's server needs a fixed one). */
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const a = srv.address() as AddressInfo;
+      srv.close(() => resolve(a.port));
+    });
+  });
+}
+
+/**
+ * A CA, a server certificate for localhost/127.0.0.1 and a client
+ * certificate, made by openssl; directories laid out as qemu and libnbd
+ * read them: `server` (ca-cert.pem, server-cert.pem, server-key.pem),
+ * `client` (ca-cert.pem, client-cert.pem, client-key.pem) and `anonymous`
+ * (ca-cert.pem only).
+ */
+async function makePki(
+  t: Parameters<typeof tempDir>[0],
+): Promise<{ server: string; client: string; anonymous: string }> {
+  const dir = tempDir(t, 'blkexport-nbd-pki-');
+  const server = join(dir, 'server');
+  const client = join(dir, 'client');
+  const anonymous = join(dir, 'anonymous');
+  for (const p of [server, client, anonymous]) mkdirSync(p);
+  const ossl = (...a: string[]) => sh('openssl', a);
+  const ca = join(server, 'ca-cert.pem');
+  const caKey = join(dir, 'ca-key.pem');
+  await ossl(
+    'req',
+    '-x509',
+    '-newkey',
+    'rsa:2048',
+    '-nodes',
+    '-keyout',
+    caKey,
+    '-out',
+    ca,
+    '-days',
+    '2',
+    '-subj',
+    '/CN=blkexport test CA',
+  );
+  const sign = async (key: string, cert: string, cn: string, ext: string) => {
+    const csr = join(dir, `${cn}.csr`);
+    const extFile = join(dir, `${cn}.cnf`);
+    writeFileSync(extFile, ext);
+    await ossl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', csr, '-subj', `/CN=${cn}`);
+    await ossl(
+      'x509',
+      '-req',
+      '-in',
+      csr,
+      '-CA',
+      ca,
+      '-CAkey',
+      caKey,
+      '-CAcreateserial',
+      '-out',
+      cert,
+      '-days',
+      '2',
+      '-extfile',
+      extFile,
+    );
+  };
+  await sign(
+    join(server, 'server-key.pem'),
+    join(server, 'server-cert.pem'),
+    'localhost',
+    'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n',
+  );
+  await sign(
+    join(client, 'client-key.pem'),
+    join(client, 'client-cert.pem'),
+    'client',
+    'extendedKeyUsage=clientAuth\n',
+  );
+  copyFileSync(ca, join(client, 'ca-cert.pem'));
+  copyFileSync(ca, join(anonymous, 'ca-cert.pem'));
+  return { server, client, anonymous };
 }
 
 /** A 16 MiB qcow2 with data, a zeroed run and unallocated space; returns it and its raw conversion. */
@@ -519,5 +605,42 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
       (await readNbd(d.dir, sock, 'h')).equals(want),
       'the write before the handover is not read back',
     );
+  });
+  test('x509 with client certificates on loopback TCP, both engines: a client with a certificate the CA signed reads, one without is refused', async (t) => {
+    if (!needTools(t, ...TOOLS, 'qemu-storage-daemon', 'openssl')) return;
+    const pki = await makePki(t);
+    for (const engine of ['native', 'qemu'] as const) {
+      const { d, start } = qsdAgentSetup(t, engine);
+      const img = makeImage(d.images, 'sec', 0x3c);
+      writeFileSync(
+        join(d.manifests, 'sec.yaml'),
+        manifest('sec', `  exports:\n    - type: nbd\n      id: sec\n      image: ${img.qcow2}\n`),
+      );
+      const port = await freePort();
+      const agent = await start(engine, [
+        '--nbd-listen',
+        `tcp:127.0.0.1:${port}`,
+        '--nbd-tls-cert',
+        join(pki.server, 'server-cert.pem'),
+        '--nbd-tls-key',
+        join(pki.server, 'server-key.pem'),
+        '--nbd-tls-ca',
+        join(pki.server, 'ca-cert.pem'),
+      ]);
+      await until(`${engine}: sec ready`, async () => {
+        const e = (await agent.get<Status & { exports: { engine: string }[] }>('/status')).exports[0];
+        return e?.state === 'ready' && e.engine === engine;
+      });
+      const out = join(d.dir, 'sec.raw');
+      await sh('nbdcopy', [`nbds://localhost:${port}/sec?tls-certificates=${pki.client}`, out]);
+      assert.ok(readFileSync(out).equals(img.raw), `${engine}: bytes over x509 differ`);
+      await assert.rejects(
+        sh('nbdinfo', [`nbds://localhost:${port}/sec?tls-certificates=${pki.anonymous}`]),
+        undefined,
+        `${engine}: a client without a certificate was served`,
+      );
+      agent.proc.kill('SIGTERM');
+      assert.equal(await agent.exited, 0);
+    }
   });
 });
