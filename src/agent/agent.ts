@@ -17,7 +17,7 @@
 import type { Engine } from '../engine/engine.js';
 import { describeError } from '../errors.js';
 import { NodeGraph } from '../manifest/graph.js';
-import type { EngineName } from '../manifest/types.js';
+import { type EngineName, mountpointOf } from '../manifest/types.js';
 import { desiredFromManifests } from '../reconcile/desired.js';
 import { type EnginePlanInput, planEngines } from '../reconcile/host-plan.js';
 import type { Desired, Observed } from '../reconcile/model.js';
@@ -40,6 +40,8 @@ export interface AgentConfig {
   defaultEngine?: EngineName;
   /** At most this many exports (--max-exports); default DEFAULT_MAX_EXPORTS. */
   maxExports?: number;
+  /** The addresses the host NBD server listens on now (empty until its first export). */
+  nbdAddresses?: () => string[];
 }
 
 export interface StatusExport {
@@ -49,7 +51,12 @@ export interface StatusExport {
   state: ExportRecord['state'];
   reason: string;
   since: string;
-  mountpoint: string;
+  /** The export's type (fuse, nbd). */
+  type: string;
+  /** FUSE exports: the mountpoint (absent for NBD exports). */
+  mountpoint?: string;
+  /** NBD exports: the export name and the clients connected to it now. */
+  nbd?: { name: string; connections: number };
   node: string;
   chain: string[];
   /** Served by this agent process since (ISO), when it serves it. */
@@ -61,7 +68,15 @@ export interface StatusExport {
 }
 
 export interface StatusDocument {
-  agent: { pid: number; hostname: string; manifests: string; passes: number; lastPass: string | null };
+  agent: {
+    pid: number;
+    hostname: string;
+    manifests: string;
+    passes: number;
+    lastPass: string | null;
+    /** Where the host NBD server listens (unix:PATH, tcp:HOST:PORT), once it runs. */
+    nbd?: string[];
+  };
   manifests: ManifestStatus[];
   exports: StatusExport[];
 }
@@ -174,6 +189,7 @@ export class Agent {
         manifests: this.config.manifests,
         passes: this.passes,
         lastPass: this.lastPass,
+        ...(this.config.nbdAddresses?.().length ? { nbd: this.config.nbdAddresses() } : {}),
       },
       manifests: this.manifests.status,
       exports: this.book.list().map((r) => {
@@ -188,7 +204,11 @@ export class Agent {
           state: failing ? 'failed' : r.state,
           reason: failing ? io : r.reason,
           since: r.since,
-          mountpoint: r.mountpoint,
+          type: r.nbdName === undefined ? 'fuse' : 'nbd',
+          ...(r.mountpoint !== undefined ? { mountpoint: r.mountpoint } : {}),
+          ...(r.nbdName !== undefined
+            ? { nbd: { name: r.nbdName, connections: live.get(r.id)?.connections ?? 0 } }
+            : {}),
           node: r.node,
           chain: live.get(r.id)?.nodeChain ?? [],
           ...(live.get(r.id)?.servedSince !== undefined ? { servedSince: live.get(r.id)!.servedSince! } : {}),
@@ -285,7 +305,14 @@ export class Agent {
 
   private trackExports(all: Desired, now: number, full: boolean): void {
     for (const e of all.exports)
-      this.book.track(e.options.id, e.origin.manifest, e.options.mountpoint, e.options['node-name'], now);
+      this.book.track(
+        e.options.id,
+        e.origin.manifest,
+        mountpointOf(e.options),
+        e.options['node-name'],
+        now,
+        e.options.type === 'nbd' ? e.options.name : undefined,
+      );
     this.book.retain(new Set(all.exports.map((e) => e.options.id)));
     if (full) this.engineOf.clear();
   }
@@ -354,7 +381,7 @@ export class Agent {
             .below(e['node-name'])
             .map((n) => graph.get(n)?.filename)
             .filter((p): p is string => p !== undefined);
-          files.push(e.mountpoint);
+          if (e.type === 'fuse') files.push(e.mountpoint);
           terminal = { files, fingerprint: await fingerprint(files) };
         }
         this.book.failed(
@@ -392,7 +419,10 @@ export class Agent {
       if (failedNow.has(id)) continue;
       if (mounted.has(id)) {
         if (this.book.get(id)?.state !== 'ready')
-          this.log.info('export ready', { export: id, mountpoint: e.options.mountpoint });
+          this.log.info('export ready', {
+            export: id,
+            ...(e.options.type === 'fuse' ? { mountpoint: e.options.mountpoint } : { nbd: e.options.name }),
+          });
         this.book.ready(id, Date.now());
       } else if (!this.book.inBackoff(id, now)) {
         this.book.pending(id, 'waiting for a pass', Date.now());

@@ -7,10 +7,11 @@
  */
 import { chmod, mkdir, unlink } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { dirname } from 'node:path';
 import { nativeHelper } from '../block/lock-native.js';
 import { BlkError, describeError } from '../errors.js';
+import { socketAnswers } from '../export/nbd/server.js';
 
 export interface ControlHandlers {
   status(): unknown;
@@ -21,18 +22,6 @@ export interface ControlHandlers {
 }
 
 export const DEFAULT_SOCKET = '/run/blkexport/agent.sock';
-
-/** True when something accepts connections on the Unix socket `path`. */
-function socketAnswers(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = connect(path);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-}
 
 /** Why the peer of `socket` may not talk to the agent, or undefined when it may (root or our own user). */
 export function refusePeer(socket: Socket): string | undefined {

@@ -15,7 +15,10 @@ export interface ExportRecord {
   reason: string;
   /** ISO time of the last state change. */
   since: string;
-  mountpoint: string;
+  /** FUSE exports: the mountpoint; undefined for NBD exports. */
+  mountpoint: string | undefined;
+  /** NBD exports: the export name clients ask for. */
+  nbdName?: string;
   node: string;
   /** Consecutive failures. */
   failures: number;
@@ -37,7 +40,14 @@ export class ExportBook {
   private readonly records = new Map<string, ExportRecord>();
 
   /** Makes sure a desired export has a record (pending when new); updates where it lives. */
-  track(id: string, manifest: string, mountpoint: string, node: string, now: number): ExportRecord {
+  track(
+    id: string,
+    manifest: string,
+    mountpoint: string | undefined,
+    node: string,
+    now: number,
+    nbdName?: string,
+  ): ExportRecord {
     let r = this.records.get(id);
     if (!r) {
       r = {
@@ -56,6 +66,8 @@ export class ExportBook {
     r.manifest = manifest;
     r.mountpoint = mountpoint;
     r.node = node;
+    if (nbdName !== undefined) r.nbdName = nbdName;
+    else delete r.nbdName;
     return r;
   }
 

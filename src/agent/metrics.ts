@@ -12,8 +12,10 @@ export interface ExportSample {
   state: string;
   /** The engine serving it (native, qemu). */
   engine: string;
-  /** Its export type (fuse). */
+  /** Its export type (fuse, nbd). */
   type: string | undefined;
+  /** NBD exports: the clients connected now. */
+  connections?: number | undefined;
   /** Request counters; undefined where the engine cannot count (the qemu engine: docs/engines.md). */
   stats: ExportStats | undefined;
 }
@@ -84,6 +86,16 @@ export function createAgentMetrics(exports: () => ExportSample[]): AgentMetrics 
     collect() {
       this.reset();
       for (const e of exports()) if (e.stats) this.set({ export: e.id }, e.stats.passthrough ? 1 : 0);
+    },
+  });
+  new Gauge({
+    name: 'blkexport_export_nbd_connections',
+    help: 'NBD exports: clients connected to the export now (transmission phase)',
+    labelNames: ['export'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const e of exports()) if (e.connections !== undefined) this.set({ export: e.id }, e.connections);
     },
   });
   new Gauge({

@@ -30,7 +30,7 @@ class Collected {
     }
     for (const e of exports) {
       this.exports.add(e.options.id);
-      this.mounts.add(e.options.mountpoint);
+      if (e.options.type === 'fuse') this.mounts.add(e.options.mountpoint);
     }
   }
 
@@ -41,7 +41,12 @@ class Collected {
         (n) =>
           this.nodes.has(n.options['node-name']) ||
           (n.options.filename !== undefined && this.mounts.has(n.options.filename)),
-      ) || doc.exports.some((e) => this.exports.has(e.options.id) || this.files.has(e.options.mountpoint))
+      ) ||
+      doc.exports.some(
+        (e) =>
+          this.exports.has(e.options.id) ||
+          (e.options.type === 'fuse' && this.files.has(e.options.mountpoint)),
+      )
     );
   }
 }

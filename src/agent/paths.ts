@@ -55,7 +55,7 @@ export async function refusedByRoots(desired: Desired, roots: readonly string[] 
   if (roots === 'any') return out;
   const paths = new Set<string>();
   for (const n of desired.nodes) if (n.options.filename !== undefined) paths.add(n.options.filename);
-  for (const e of desired.exports) paths.add(e.options.mountpoint);
+  for (const e of desired.exports) if (e.options.type === 'fuse') paths.add(e.options.mountpoint);
   // A path a FUSE mount covers is never resolved here: realpath would ask the mount's server (for
   // our own mounts, this process: many at once fill libuv's pool with requests that wait on the
   // pool themselves). The mount table holds it canonical already, so the string is checked as is.
@@ -75,7 +75,7 @@ export async function refusedByRoots(desired: Desired, roots: readonly string[] 
   }
   const graph = new NodeGraph(desired.nodes.map((n) => n.options));
   for (const e of desired.exports) {
-    const why = verdicts.get(e.options.mountpoint);
+    const why = e.options.type === 'fuse' ? verdicts.get(e.options.mountpoint) : undefined;
     const bad = graph.below(e.options['node-name']).find((n) => badNodes.has(n));
     if (why) out.exports.set(e.options.id, `mountpoint ${why}`);
     else if (bad !== undefined) out.exports.set(e.options.id, badNodes.get(bad)!);

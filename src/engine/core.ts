@@ -13,12 +13,14 @@ import { createMountpoint } from '../export/fuse/driver.js';
 import { lazyUnmount } from '../export/fuse/file-fs.js';
 import { fuseMountOn, type MountEntry, readMountTable, topMountAt } from '../export/mount-table.js';
 import { NodeGraph } from '../manifest/graph.js';
+import { mountpointOf } from '../manifest/types.js';
 import type {
   EngineCapabilities,
   EngineName,
   ExportOptions,
   NodeOptions,
   Observed,
+  ObservedExport,
   ObservedNode,
   Scope,
   Step,
@@ -84,6 +86,10 @@ export interface EngineDriver {
   /** Unmounts a held export nobody wants and lets its connection go. */
   releaseHeld?(id: string): Promise<void>;
   stats?(id: string): ExportStats | undefined;
+  /** NBD exports: whether the export is in the NBD server now (the observe half of exports without a mountpoint). */
+  nbdServed?(id: string): boolean;
+  /** NBD exports: the clients connected to it now. */
+  connections?(id: string): number | undefined;
   /** Removes every export and closes every node. */
   shutdown(): Promise<void>;
   /** Flushes and leaves every export serving for the next agent (absent: nothing to do). */
@@ -164,17 +170,25 @@ export class StepEngine implements Engine {
         if (why !== undefined) o.drift = why;
         observed.nodes.push(o);
       }
-      for (const e of exports) {
-        if (this.driver.ownsMount(topMountAt(table, e.options.mountpoint)))
-          observed.exports.push({ options: e.options, state: 'mounted' });
-        else
-          observed.exports.push({ options: e.options, state: 'unmounted', reason: 'not in the mount table' });
-      }
+      for (const e of exports) observed.exports.push(this.observeExport(e.options, table));
       for (const h of this.driver.held?.() ?? [])
         if (!scope || scope.exports.has(h.options.id))
           observed.exports.push({ options: h.options, state: 'held', reason: h.reason });
       return observed;
     });
+  }
+
+  /**
+   * One export's state: a FUSE export by the mount table, an NBD export by
+   * the NBD server's table of exports (`mounted` then means served).
+   */
+  private observeExport(e: ExportOptions, table: MountEntry[]): ObservedExport {
+    if (e.type === 'nbd')
+      return this.driver.nbdServed?.(e.id)
+        ? { options: e, state: 'mounted' }
+        : { options: e, state: 'unmounted', reason: 'not in the NBD server' };
+    if (this.driver.ownsMount(topMountAt(table, e.mountpoint))) return { options: e, state: 'mounted' };
+    return { options: e, state: 'unmounted', reason: 'not in the mount table' };
   }
 
   exportIds(): string[] {
@@ -187,7 +201,9 @@ export class StepEngine implements Engine {
     return exports.map((e) => ({
       id: e.options.id,
       type: e.options.type,
-      mountpoint: e.options.mountpoint,
+      ...(e.options.type === 'fuse'
+        ? { mountpoint: e.options.mountpoint }
+        : { nbdName: e.options.name, connections: this.driver.connections?.(e.options.id) ?? 0 }),
       nodeChain: graph.below(e.options['node-name']),
       stats: this.driver.stats?.(e.options.id),
       ...(e.servedSince !== undefined ? { servedSince: e.servedSince } : {}),
@@ -231,7 +247,8 @@ export class StepEngine implements Engine {
       const created = this.driver
         .records()
         .exports.filter((e) => e.createdMountpoint)
-        .map((e) => e.options.mountpoint);
+        .map((e) => mountpointOf(e.options))
+        .filter((mp) => mp !== undefined);
       await this.driver.shutdown();
       await Promise.all(created.map((mp) => unlink(mp).catch(() => undefined)));
     });
@@ -306,11 +323,13 @@ export class StepEngine implements Engine {
     if (this.exportRecord(e.id))
       throw new BlkError('EXPORT_EXISTS', `Block export id '${e.id}' is already in use`);
     if (e.writable) this.checkWritable(e);
-    const created = e['create-mountpoint'] ? await createMountpoint(e.mountpoint) : false;
+    const mountpoint = mountpointOf(e);
+    const created =
+      e.type === 'fuse' && e['create-mountpoint'] ? await createMountpoint(e.mountpoint) : false;
     try {
       await this.driver.addExport(e, created);
     } catch (err) {
-      if (created) await unlink(e.mountpoint).catch(() => undefined);
+      if (created && mountpoint !== undefined) await unlink(mountpoint).catch(() => undefined);
       throw err;
     }
   }
@@ -322,7 +341,8 @@ export class StepEngine implements Engine {
       return;
     }
     await this.driver.removeExport(live.options);
-    if (live.createdMountpoint) await unlink(live.options.mountpoint).catch(() => undefined);
+    const mountpoint = mountpointOf(live.options);
+    if (live.createdMountpoint && mountpoint !== undefined) await unlink(mountpoint).catch(() => undefined);
   }
 
   private async reopenExport(e: ExportOptions): Promise<void> {
@@ -349,7 +369,7 @@ export class StepEngine implements Engine {
   /** Removes what is left of the export, clears a stale mount of ours on its mountpoint, mounts again. */
   private async repairExport(e: ExportOptions): Promise<void> {
     await this.removeExport(e).catch(() => undefined);
-    if (this.driver.ownsMount(topMountAt(await readMountTable(), e.mountpoint)))
+    if (e.type === 'fuse' && this.driver.ownsMount(topMountAt(await readMountTable(), e.mountpoint)))
       await lazyUnmount(e.mountpoint).catch(() => undefined);
     await this.addExport(e);
   }

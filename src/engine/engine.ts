@@ -14,7 +14,11 @@ import type { EngineCapabilities, EngineName, Observed, Scope, Step } from '../r
 export interface EngineExport {
   id: string;
   type: string;
-  mountpoint: string;
+  /** FUSE exports: where it is mounted. */
+  mountpoint?: string;
+  /** NBD exports: the export name, and the clients connected to it now. */
+  nbdName?: string;
+  connections?: number;
   /** node-names from the exported node down through file and backing children. */
   nodeChain: string[];
   stats: ExportStats | undefined;

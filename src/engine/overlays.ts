@@ -1,8 +1,8 @@
 /**
  * The ephemeral overlays of exports (`overlay: ephemeral`), independent of
  * the export type: an engine asks for the overlay node of an export, serves
- * that node instead of the export's own (FUSE today; an NBD export the same
- * way), and drops it when the export goes.
+ * that node instead of the export's own (FUSE and NBD exports alike),
+ * and drops it when the export goes.
  *
  * Overlay files live in one directory that belongs to the process using it
  * (the agent's --overlay-dir, or a one-shot mount's), named

@@ -1,5 +1,5 @@
 /**
- * The export driver contract. An export type (FUSE today, NBD next) is one
+ * The export driver contract. An export type (FUSE, NBD) is one
  * object like a block driver: its type name, the options a reopen changes in
  * place, the resource only one export may hold, and start(). A live export
  * sees one block node, never the graph; the checks every type shares live

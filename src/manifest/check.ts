@@ -91,10 +91,12 @@ function checkExports(
   problems: DocumentProblem[],
 ): void {
   const graph = new NodeGraph(doc.nodes.map((n) => n.options));
+  const writers = new Map<string, ExportSpec>();
   const ids = new Map<string, ExportSpec>();
   const mountpoints = new Map<string, ExportSpec>();
+  const nbdNames = new Map<string, ExportSpec>();
   for (const e of doc.exports) {
-    const { id, mountpoint } = e.options;
+    const { id } = e.options;
     const first = ids.get(id);
     if (first)
       problems.push({
@@ -103,14 +105,18 @@ function checkExports(
         message: `export id "${id}" is already defined at ${at(first.source)}`,
       });
     else ids.set(id, e);
-    const sameMount = mountpoints.get(mountpoint);
-    if (sameMount)
+    const [claims, key, what] =
+      e.options.type === 'fuse'
+        ? [mountpoints, e.options.mountpoint, `mountpoint ${e.options.mountpoint}`]
+        : [nbdNames, e.options.name, `NBD export name "${e.options.name}"`];
+    const sameClaim = claims.get(key);
+    if (sameClaim)
       problems.push({
         pointer: e.source.path,
         at: 'value',
-        message: `mountpoint ${mountpoint} is already used by export "${sameMount.options.id}" at ${at(sameMount.source)}`,
+        message: `${what} is already used by export "${sameClaim.options.id}" at ${at(sameClaim.source)}`,
       });
-    else mountpoints.set(mountpoint, e);
+    else claims.set(key, e);
 
     const top = e.options['node-name'];
     if (!nodes.has(top)) {
@@ -139,6 +145,7 @@ function checkExports(
       continue;
     }
     if (!e.options.writable) continue;
+    sharedWriter(e, graph, writers, problems);
     // A writable export needs every node it writes through (node, then its file chain) writable.
     const view = graph.fileChain(top).find((name) => nodes.get(name)?.options.snapshot !== undefined);
     if (view !== undefined) {
@@ -169,5 +176,35 @@ function checkExports(
         message: `writable export "${id}" over a ${readOnlyFormat} image: the native engine reads ${readOnlyFormat} only (make the export read-only, or use spec.engine: qemu)`,
       });
     }
+  }
+}
+
+/**
+ * A FUSE and an NBD export may share nodes, but only one of them may write
+ * through them: two writers of different types (a mount and network
+ * clients) would each see the other's writes only through the node, with no
+ * common flush or cache. Two writable FUSE exports keep their old rule
+ * (allowed; the FUSE export stops trusting its read cache when shared).
+ * Records `e` as a writer of its file chain; `writers` maps node → first writer.
+ */
+function sharedWriter(
+  e: ExportSpec,
+  graph: NodeGraph,
+  writers: Map<string, ExportSpec>,
+  problems: DocumentProblem[],
+): void {
+  for (const name of graph.fileChain(e.options['node-name'])) {
+    const other = writers.get(name);
+    if (!other) {
+      writers.set(name, e);
+      continue;
+    }
+    if (other.options.type === 'fuse' && e.options.type === 'fuse') continue;
+    problems.push({
+      pointer: `${e.source.path}/writable`,
+      at: 'value',
+      message: `writable ${e.options.type} export "${e.options.id}" writes through node "${name}", which writable ${other.options.type} export "${other.options.id}" (at ${at(other.source)}) already writes: an NBD export shares a node with another export only when at most one of them is writable`,
+    });
+    return;
   }
 }

@@ -1,6 +1,6 @@
 /**
  * Names that must be unique across all manifests of a host: metadata.name,
- * node-names, export ids and mountpoints. Files are taken in order; a file that
+ * node-names, export ids, mountpoints and NBD export names. Files are taken in order; a file that
  * collides with an earlier accepted one is refused as a whole, and the earlier
  * one stays valid.
  */
@@ -8,7 +8,7 @@ import { BlkError } from '../errors.js';
 import { appliesToHost, hostsOverlap } from './hosts.js';
 import type { ManifestDocument, ManifestFile, SourcePos } from './types.js';
 
-type Kind = 'manifest name' | 'node-name' | 'export id' | 'mountpoint';
+type Kind = 'manifest name' | 'node-name' | 'export id' | 'mountpoint' | 'NBD export name';
 
 interface Claim {
   kind: Kind;
@@ -23,7 +23,10 @@ function claimsOf(doc: ManifestDocument): Claim[] {
   const claims: Claim[] = [{ kind: 'manifest name', value: doc.name, doc, source: doc.source }];
   for (const e of doc.exports) {
     claims.push({ kind: 'export id', value: e.options.id, doc, source: e.source });
-    claims.push({ kind: 'mountpoint', value: e.options.mountpoint, doc, source: e.source });
+    // One host-level NBD server: its export names are as unique as mountpoints.
+    if (e.options.type === 'fuse')
+      claims.push({ kind: 'mountpoint', value: e.options.mountpoint, doc, source: e.source });
+    else claims.push({ kind: 'NBD export name', value: e.options.name, doc, source: e.source });
   }
   for (const n of doc.nodes) {
     const claim: Claim = { kind: 'node-name', value: n.options['node-name'], doc, source: n.source };
@@ -107,7 +110,7 @@ function documentCollisions(
       new BlkError(
         'MANIFEST_COLLISION',
         `${claim.kind} "${claim.value}" is already used by manifest "${other.doc.name}" at ${where(other.source)}` +
-          (sameFile ? '' : '; this manifest is refused as a whole'),
+          (sameFile ? '' : `; this manifest ("${doc.name}") is refused as a whole`),
         { file, line: claim.source.line, col: claim.source.col, path: claim.source.path },
       ),
     );

@@ -44,7 +44,7 @@ interface RawBlockdev {
 }
 
 interface RawExport {
-  type?: 'fuse';
+  type?: 'fuse' | 'nbd';
   id: string;
   'node-name'?: string;
   image?: string;
@@ -57,6 +57,10 @@ interface RawExport {
   growable?: boolean;
   'allow-other'?: OnOffAuto;
   overlay?: 'ephemeral';
+  /** nbd: the NBD export name (default: the id). */
+  name?: string;
+  /** nbd: free text sent to clients. */
+  description?: string;
 }
 
 /** The document shape the schema admits. */
@@ -157,27 +161,45 @@ class Expander {
       });
   }
 
+  /** The type-specific options of an export whose node is `node` (shorthand fields aside). */
+  private exportOptions(e: RawExport, node: string, mountpoint: string | undefined): ExportOptions {
+    const overlay = e.overlay;
+    const common = {
+      id: e.id,
+      'node-name': node,
+      writable: overlay !== undefined || (e.writable ?? false),
+      ...(overlay !== undefined ? { overlay } : {}),
+    } as const;
+    if (e.type === 'nbd')
+      return {
+        type: 'nbd',
+        ...common,
+        name: e.name ?? e.id,
+        ...(e.description !== undefined ? { description: e.description } : {}),
+      };
+    return {
+      type: 'fuse',
+      ...common,
+      mountpoint: mountpoint!,
+      'create-mountpoint': e['create-mountpoint'] ?? false,
+      growable: e.growable ?? false,
+      'allow-other': e['allow-other'] ?? 'auto',
+    };
+  }
+
   export(e: RawExport, pointer: string): void {
     const overlay = e.overlay;
     this.overlayProblems(e, pointer);
-    const common = {
-      type: e.type ?? 'fuse',
-      id: e.id,
-      'create-mountpoint': e['create-mountpoint'] ?? false,
-      writable: overlay !== undefined || (e.writable ?? false),
-      growable: e.growable ?? false,
-      'allow-other': e['allow-other'] ?? 'auto',
-      ...(overlay !== undefined ? { overlay } : {}),
-    } as const;
     const source = this.locate(pointer);
     if (e.image === undefined) {
-      const options: ExportOptions = { ...common, 'node-name': e['node-name']!, mountpoint: e.mountpoint! };
+      const options = this.exportOptions(e, e['node-name']!, e.mountpoint);
       this.exports.push({ options, source, shorthand: false });
       return;
     }
+    const writable = overlay !== undefined || (e.writable ?? false);
     const names = shorthandNodeNames(e.id);
     // An overlay reads the image read-only, sharing it as QEMU's force-share does (a running VM may hold it).
-    const readOnly = overlay !== undefined || !common.writable;
+    const readOnly = overlay !== undefined || !writable;
     const format = e.format ?? 'auto';
     const why = `shorthand export ${e.id}`;
     this.nodes.push({
@@ -227,9 +249,7 @@ class Expander {
       top = names.partition;
     }
     const options: ExportOptions = {
-      ...common,
-      'node-name': top,
-      mountpoint: e.mountpoint ?? e.image,
+      ...this.exportOptions(e, top, e.mountpoint ?? e.image),
       image: e.image,
       format,
     };

@@ -52,18 +52,40 @@ function lastSegment(pointer: string): string {
   return pointer.slice(i + 1);
 }
 
+/** Options of FUSE exports only (named when an NBD export has one). */
+const FUSE_ONLY: readonly string[] = ['mountpoint', 'create-mountpoint', 'growable', 'allow-other'];
+
+/** True when `data`, at `pointer`, is an export that says type: nbd. */
+function isNbdExport(pointer: string, data: unknown): boolean {
+  return (
+    /^\/spec\/exports\/[0-9]+$/.test(pointer) &&
+    typeof data === 'object' &&
+    data !== null &&
+    (data as Record<string, unknown>).type === 'nbd'
+  );
+}
+
 function messageOf(e: ErrorObject, data: unknown): SchemaProblem | undefined {
   const p = e.params as Record<string, unknown>;
   const here = e.instancePath;
   switch (e.keyword) {
     case 'additionalProperties': {
       const key = String(p.additionalProperty);
-      return { pointer: `${here}${toPointer([key])}`, at: 'key', message: `unknown field "${key}"` };
+      const fuseOnly = isNbdExport(here, data) && FUSE_ONLY.includes(key);
+      const message = fuseOnly
+        ? `unknown field "${key}" (a FUSE export option: an NBD export has no mountpoint)`
+        : `unknown field "${key}"`;
+      return { pointer: `${here}${toPointer([key])}`, at: 'key', message };
     }
     case 'required': {
       const missing = String(p.missingProperty);
       let message = `missing required field "${missing}"`;
-      if (/^\/spec\/exports\/[0-9]+$/.test(here) && (missing === 'node-name' || missing === 'mountpoint')) {
+      if (isNbdExport(here, data) && missing === 'node-name') {
+        message += ' (a long-form NBD export needs node-name; the shorthand needs image)';
+      } else if (
+        /^\/spec\/exports\/[0-9]+$/.test(here) &&
+        (missing === 'node-name' || missing === 'mountpoint')
+      ) {
         message += ' (a long-form export needs node-name and mountpoint; the shorthand needs image)';
       }
       return { pointer: here, at: 'value', message };

@@ -63,16 +63,11 @@ export interface NodeOptions {
   unresolved?: Unresolved[];
 }
 
-/** Normalized options of one export (long form; the shorthand fields stay for display). */
-export interface ExportOptions {
-  type: 'fuse';
+/** What every export type has (long form; the shorthand fields stay for display). */
+interface ExportCommon {
   id: string;
   'node-name': string;
-  mountpoint: string;
-  'create-mountpoint': boolean;
   writable: boolean;
-  growable: boolean;
-  'allow-other': OnOffAuto;
   /** ephemeral: writes go to a temporary qcow2 overlay over the (read-only) node; `writable` is then true. */
   overlay?: 'ephemeral';
   /** Shorthand only: the image the export was written with. */
@@ -81,6 +76,32 @@ export interface ExportOptions {
   format?: 'auto' | 'raw' | 'qcow2' | QemuOnlyDriver;
   /** Shorthand only: the partition exported. */
   partition?: number;
+}
+
+/** Normalized options of one FUSE export: a node as one raw file on `mountpoint`. */
+export interface FuseExportConfig extends ExportCommon {
+  type: 'fuse';
+  mountpoint: string;
+  'create-mountpoint': boolean;
+  growable: boolean;
+  'allow-other': OnOffAuto;
+}
+
+/** Normalized options of one NBD export: a node served by the host's NBD server under `name`. */
+export interface NbdExportConfig extends ExportCommon {
+  type: 'nbd';
+  /** The NBD export name clients ask for (default: the id); unique per host. */
+  name: string;
+  /** Sent to clients that ask (NBD_INFO_DESCRIPTION, `nbdinfo --list`). */
+  description?: string;
+}
+
+/** Normalized options of one export, by type. */
+export type ExportOptions = FuseExportConfig | NbdExportConfig;
+
+/** The mountpoint of a FUSE export; undefined for types that have none. */
+export function mountpointOf(e: ExportOptions): string | undefined {
+  return e.type === 'fuse' ? e.mountpoint : undefined;
 }
 
 /** A node as declared, with where it came from. */

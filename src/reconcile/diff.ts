@@ -19,6 +19,7 @@
  * in the observed graph (parent nodes, exports on any of them).
  */
 import { NodeGraph } from '../manifest/graph.js';
+import { mountpointOf } from '../manifest/types.js';
 import { changedReason, compareExports, compareNodes } from './compare.js';
 import type {
   Change,
@@ -133,7 +134,8 @@ function exportChanges(x: Inputs, nodes: NodeChanges): ExportChanges {
     const mutableOptions = x.caps.exportMutable(d.options.type);
     const { mutable, immutable } = compareExports(o.options, d.options, mutableOptions);
     const under = o.options['node-name'];
-    const reopenedFile = underReopen.get(o.options.mountpoint);
+    const mountpoint = mountpointOf(o.options);
+    const reopenedFile = mountpoint === undefined ? undefined : underReopen.get(mountpoint);
     if (immutable.length > 0) {
       out.replaced.set(id, {
         reason: exportReplaceReason(x, d.options.type, immutable),

@@ -33,14 +33,21 @@ export function describeNode(n: NodeOptions): string {
   return parts.join(' ');
 }
 
-/** `exp0 (fuse) /srv/images/foo.qcow2 writable (node fmt0)`. */
+/** Where an export is served: `/srv/images/foo.qcow2`, or `nbd name "web"`. */
+export function exportTarget(e: ExportOptions): string {
+  return e.type === 'fuse' ? e.mountpoint : `nbd name "${e.name}"`;
+}
+
+/** `exp0 (fuse) /srv/images/foo.qcow2 writable (node fmt0)`, `web (nbd) nbd name "web" read-only (node fmt0)`. */
 export function describeExport(e: ExportOptions): string {
   const mode =
     e.overlay !== undefined ? `writable into an ${e.overlay} overlay (image read-only)` : undefined;
-  const parts = [`${e.id} (${e.type}) ${e.mountpoint}`, mode ?? (e.writable ? 'writable' : 'read-only')];
-  if (e.growable) parts.push('growable');
-  if (e['allow-other'] !== 'auto') parts.push(`allow-other=${e['allow-other']}`);
-  if (e['create-mountpoint']) parts.push('create-mountpoint');
+  const parts = [`${e.id} (${e.type}) ${exportTarget(e)}`, mode ?? (e.writable ? 'writable' : 'read-only')];
+  if (e.type === 'fuse') {
+    if (e.growable) parts.push('growable');
+    if (e['allow-other'] !== 'auto') parts.push(`allow-other=${e['allow-other']}`);
+    if (e['create-mountpoint']) parts.push('create-mountpoint');
+  } else if (e.description !== undefined) parts.push(`description=${JSON.stringify(e.description)}`);
   let tail = `node ${e['node-name']}`;
   if (e.image !== undefined) {
     tail += `; shorthand: image ${e.image}, format ${e.format ?? 'auto'}`;
@@ -75,12 +82,17 @@ function stepLine(step: Step): string | undefined {
       return step.replace ? undefined : `+ export ${describeExport(step.export)}`;
     case 'adopt-export': {
       const extra = step.changes.length > 0 ? `; ${changeList(step.changes)}` : '';
-      return `> export ${step.export.id} ${step.export.mountpoint} (adopt: ${step.reason ?? 'a kept connection'}${extra})`;
+      return `> export ${step.export.id} ${exportTarget(step.export)} (adopt: ${step.reason ?? 'a kept connection'}${extra})`;
     }
     case 'repair-export': {
-      const why = step.state === 'stale' ? 'stale mount' : 'missing from the mount table';
+      const why =
+        step.state === 'stale'
+          ? 'stale mount'
+          : step.export.type === 'nbd'
+            ? 'not served'
+            : 'missing from the mount table';
       const extra = step.changes.length > 0 ? `; ${changeList(step.changes)}` : '';
-      return `! export ${step.export.id} ${step.export.mountpoint} (repair: ${why}${step.reason ? `, ${step.reason}` : ''}${extra})`;
+      return `! export ${step.export.id} ${exportTarget(step.export)} (repair: ${why}${step.reason ? `, ${step.reason}` : ''}${extra})`;
     }
   }
 }

@@ -107,8 +107,8 @@ export function qsdAgentSetup(
   const d = agentDir(t);
   root = d.dir;
   const qsdDir = join(d.dir, 'qsd');
-  const start = async (engine: string = defaultEngine) => {
-    const a = await startAgent(t, d, ['--engine', engine, '--qsd-dir', qsdDir]);
+  const start = async (engine: string = defaultEngine, extra: string[] = []) => {
+    const a = await startAgent(t, d, ['--engine', engine, '--qsd-dir', qsdDir, ...extra]);
     agents.push(a);
     return a;
   };

@@ -17,10 +17,19 @@ import { makePathPolicy, type PathPolicy } from '../../block/path-policy.js';
 import { NativeEngine } from '../../engine/native/engine.js';
 import { ConnectionKeeper, DEFAULT_FDSTORE_SOCKET } from '../../engine/native/keeper.js';
 import { liveAgentMounts, ownerGone } from '../../engine/native/live-mounts.js';
+import {
+  checkNbdHostConfig,
+  NbdHost,
+  type NbdHostConfig,
+  type NbdTlsFiles,
+  nbdHostAddresses,
+} from '../../engine/native/nbd-host.js';
+import { DEFAULT_NBD_SOCKET } from '../../engine/nbd-one-shot.js';
 import { DEFAULT_AGENT_OVERLAY_DIR } from '../../engine/overlays.js';
 import { DEFAULT_QSD_DIR } from '../../engine/qemu/daemon.js';
 import { QemuEngine } from '../../engine/qemu/engine.js';
 import { BlkError, describeError } from '../../errors.js';
+import { formatListen, parseListen } from '../../export/nbd/listen.js';
 import { parseCommandArgs } from '../args.js';
 
 export const summary = 'the host agent: reconcile a manifest directory, watch it, serve until SIGTERM';
@@ -58,9 +67,43 @@ options:
   --overlay-dir DIR        where overlay: ephemeral exports keep their overlay files (default
                            ${DEFAULT_AGENT_OVERLAY_DIR}); the agent's own: at start it deletes
                            the overlays a previous agent left, except those of exports it adopts
+  --nbd-listen ADDR        where the host's NBD server listens for type: nbd exports:
+                           unix:PATH or tcp:HOST:PORT (repeatable; default unix:${DEFAULT_NBD_SOCKET});
+                           the server starts with the first NBD export
+  --nbd-tls-cert FILE      NBD over TLS (x509): the server's certificate ...
+  --nbd-tls-key FILE       ... and its key
+  --nbd-tls-ca FILE        ... and a CA: clients must present a certificate it signed
+  --nbd-tls-psk FILE       NBD over TLS with pre-shared keys (identity:hexkey lines, as psktool writes)
+  --nbd-insecure-tcp       serve tcp: addresses without TLS (refused otherwise)
+  --nbd-socket-group GROUP the NBD Unix sockets are mode 0660 for GROUP (default 0600, owner only)
   --log-format text|json   log lines on stderr (default text)
   --hostname NAME          the host name manifests' hosts: are matched against (default: this host's)
 `;
+
+/** The host NBD server from the --nbd-* flags, checked (plain TCP, half a TLS setup) before anything starts. */
+function nbdHostFromFlags(values: Record<string, unknown>): NbdHost {
+  const str = (k: string) => values[k] as string | undefined;
+  const file = (k: string) => (str(k) === undefined ? undefined : resolve(str(k)!));
+  const tls: NbdTlsFiles = {};
+  for (const [flag, key] of [
+    ['nbd-tls-cert', 'cert'],
+    ['nbd-tls-key', 'key'],
+    ['nbd-tls-ca', 'ca'],
+    ['nbd-tls-psk', 'psk'],
+  ] as const) {
+    const f = file(flag);
+    if (f !== undefined) tls[key] = f;
+  }
+  const config: NbdHostConfig = {
+    listen: (values['nbd-listen'] as string[]).map(parseListen),
+    tls,
+    insecureTcp: values['nbd-insecure-tcp'] as boolean,
+  };
+  const group = str('nbd-socket-group');
+  if (group !== undefined) config.socketGroup = group;
+  checkNbdHostConfig(config);
+  return new NbdHost(config);
+}
 
 /** Deletes the overlays a previous agent left (a crash), but for those of exports about to be adopted. */
 async function cleanOverlays(native: NativeEngine, log: ReturnType<typeof createLogger>): Promise<void> {
@@ -86,6 +129,13 @@ export async function run(args: string[]): Promise<number> {
     'overlay-dir': { type: 'string', default: DEFAULT_AGENT_OVERLAY_DIR },
     'log-format': { type: 'string', default: 'text' },
     hostname: { type: 'string' },
+    'nbd-listen': { type: 'string', multiple: true, default: [] },
+    'nbd-tls-cert': { type: 'string' },
+    'nbd-tls-key': { type: 'string' },
+    'nbd-tls-ca': { type: 'string' },
+    'nbd-tls-psk': { type: 'string' },
+    'nbd-insecure-tcp': { type: 'boolean', default: false },
+    'nbd-socket-group': { type: 'string' },
   });
   if (positionals.length) throw new BlkError('USAGE', `unexpected argument '${positionals[0]}'`);
   if (!values.manifests) throw new BlkError('USAGE', '--manifests DIR is required');
@@ -114,6 +164,7 @@ export async function run(args: string[]): Promise<number> {
       throw new BlkError('USAGE', `none of the allowed roots exists: ${rootsGiven.join(', ')}`);
     }
   }
+  const nbd = nbdHostFromFlags(values);
   const log = createLogger(format as LogFormat);
   const dir = resolve(values.manifests);
   const socketPath = resolve(values.socket as string);
@@ -129,6 +180,7 @@ export async function run(args: string[]): Promise<number> {
     policy,
     keeper,
     overlayDir: resolve(values['overlay-dir'] as string),
+    nbd,
     log: (level, msg, fields) => (level === 'warn' ? log.warn(msg, fields) : log.info(msg, fields)),
   });
   let agentRef: Agent | undefined;
@@ -141,10 +193,18 @@ export async function run(args: string[]): Promise<number> {
       void agentRef?.requestPass('qemu-storage-daemon lost');
     },
     log: (msg, fields) => log.info(msg, fields),
+    nbd: nbd.config,
   });
   const engines = [native, qemu];
   const agent = new Agent(
-    { manifests: dir, hostname: host, roots: policy.allowedRoots, defaultEngine, maxExports },
+    {
+      manifests: dir,
+      hostname: host,
+      roots: policy.allowedRoots,
+      defaultEngine,
+      maxExports,
+      nbdAddresses: () => nbd.addresses(),
+    },
     engines,
     log,
   );
@@ -157,6 +217,7 @@ export async function run(args: string[]): Promise<number> {
       engine: e.engine,
       type: live.get(e.id)?.type,
       stats: live.get(e.id)?.stats,
+      connections: live.get(e.id)?.connections,
     }));
   });
   agent.onPass = (r, ok) => metrics.observePass(r.durationMs / 1000, ok ? 'ok' : 'error');
@@ -176,6 +237,7 @@ export async function run(args: string[]): Promise<number> {
     hostname: host,
     roots: policy.allowedRoots,
     engine: defaultEngine,
+    nbd: nbdHostAddresses(nbd.config).map(formatListen),
   });
 
   // Connections a previous agent left in the fd holder are adopted, not cleaned as stale.

@@ -29,12 +29,21 @@ function engineLabel(e: StatusDocument['exports'][number]): string {
   return e.passthrough ? `${e.engine}, passthrough` : e.engine;
 }
 
+/** Where an export is served: its mountpoint, or its NBD name and clients. */
+function servedAt(e: StatusDocument['exports'][number]): string {
+  if (e.mountpoint !== undefined) return e.mountpoint;
+  return e.nbd ? `nbd:${e.nbd.name} (${e.nbd.connections} connected)` : '-';
+}
+
+/** The agent's line, and where its NBD server listens once it runs. */
+function agentLines(a: StatusDocument['agent']): string {
+  const line = `agent pid ${a.pid} on ${a.hostname}, manifests ${a.manifests}, ${a.passes} passes`;
+  return a.nbd?.length ? `${line}\nNBD server listening on ${a.nbd.join(', ')}` : line;
+}
+
 /** Renders the status document for people. */
 export function renderStatus(s: StatusDocument): string {
-  const out: string[] = [
-    `agent pid ${s.agent.pid} on ${s.agent.hostname}, manifests ${s.agent.manifests}, ${s.agent.passes} passes`,
-  ];
-  out.push('', 'MANIFESTS');
+  const out: string[] = [agentLines(s.agent), '', 'MANIFESTS'];
   const mrows = [['FILE', 'NAME', 'VALID', 'NOTE']];
   for (const m of s.manifests) {
     const note = m.valid
@@ -59,7 +68,7 @@ export function renderStatus(s: StatusDocument): string {
       e.id,
       engineLabel(e),
       e.state,
-      e.mountpoint,
+      servedAt(e),
       e.chain.join(' > ') || e.node,
       e.since,
       served,

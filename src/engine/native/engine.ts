@@ -10,7 +10,7 @@ import { BlockGraph } from '../../block/graph.js';
 import type { PathPolicy } from '../../block/path-policy.js';
 import type { BlockNode } from '../../block/types.js';
 import { BlkError, describeError } from '../../errors.js';
-import type { ExportStats, LiveExport } from '../../export/driver.js';
+import type { ExportDriverOptions, ExportStats, LiveExport } from '../../export/driver.js';
 import { findExportDriver } from '../../export/drivers.js';
 import { fuseExportDriver } from '../../export/fuse/driver.js';
 import type { FuseExport, FuseExportOptions } from '../../export/fuse/export.js';
@@ -22,7 +22,9 @@ import {
   readMountTable,
   topMountAt,
 } from '../../export/mount-table.js';
+import { type NbdDriverOptions, NbdLiveExport } from '../../export/nbd/driver.js';
 import { ExportRegistry } from '../../export/registry.js';
+import type { FuseExportConfig } from '../../manifest/types.js';
 import { inParallel } from '../../parallel.js';
 import type { ExportOptions, NodeOptions } from '../../reconcile/model.js';
 import {
@@ -37,6 +39,7 @@ import { DEFAULT_AGENT_OVERLAY_DIR, EphemeralOverlays, type LiveOverlay } from '
 import { nativeCapabilities } from './capabilities.js';
 import type { ConnectionKeeper } from './keeper.js';
 import { KeptExports, type LogFn } from './kept-exports.js';
+import type { NbdHost } from './nbd-host.js';
 import { resolveNode } from './resolve-node.js';
 
 /** Exports flushed and unmounted at once on shutdown (each unmount is a umount(8) child process). */
@@ -87,10 +90,12 @@ export interface NativeEngineOptions {
   log?: LogFn;
   /** Where `overlay: ephemeral` exports keep their overlay files (default DEFAULT_AGENT_OVERLAY_DIR). */
   overlayDir?: string;
+  /** The host-level NBD server `type: nbd` exports are added to; absent: such exports are refused. */
+  nbd?: NbdHost;
 }
 
-/** The export driver's options for a manifest export (QAPI spelling → the driver's). */
-function driverOptions(e: ExportOptions): FuseExportOptions {
+/** The FUSE export driver's options for a manifest export (QAPI spelling → the driver's). */
+function driverOptions(e: FuseExportConfig): FuseExportOptions {
   return {
     id: e.id,
     mountpoint: e.mountpoint,
@@ -111,6 +116,7 @@ class NativeDriver implements EngineDriver {
   readonly kept: KeptExports;
   readonly overlays: EphemeralOverlays;
   private readonly log: LogFn;
+  readonly nbd: NbdHost | undefined;
   /** Passthrough outcomes already logged (one line each, naming the first export). */
   private readonly passthroughSaid = new Set<string>();
 
@@ -119,6 +125,32 @@ class NativeDriver implements EngineDriver {
     this.log = opts.log ?? (() => undefined);
     this.kept = new KeptExports(opts.keeper, this.log);
     this.overlays = new EphemeralOverlays(opts.overlayDir ?? DEFAULT_AGENT_OVERLAY_DIR);
+    this.nbd = opts.nbd;
+  }
+
+  nbdServed(id: string): boolean {
+    const exp = this.live.get(id)?.exp;
+    return exp instanceof NbdLiveExport && exp.served;
+  }
+
+  connections(id: string): number | undefined {
+    const exp = this.live.get(id)?.exp;
+    return exp instanceof NbdLiveExport ? exp.connections : undefined;
+  }
+
+  /** The export driver's options for `e`: FUSE mount options, or the NBD name and the host's server. */
+  private async startOptions(e: ExportOptions): Promise<ExportDriverOptions> {
+    if (e.type === 'fuse') return driverOptions(e);
+    if (!this.nbd)
+      throw new BlkError('NOT_SUPPORTED', `export '${e.id}': this engine runs no NBD server (type: nbd)`);
+    const opts: NbdDriverOptions = {
+      id: e.id,
+      writable: e.writable,
+      name: e.name,
+      description: e.description,
+      server: await this.nbd.server(),
+    };
+    return opts;
   }
 
   records(): { nodes: NodeRecord[]; exports: ExportRecord[] } {
@@ -210,13 +242,14 @@ class NativeDriver implements EngineDriver {
   async addExport(e: ExportOptions, createdMountpoint: boolean): Promise<void> {
     const driver = findExportDriver(e.type);
     if (!driver) throw new BlkError('NOT_SUPPORTED', `export '${e.id}': type '${e.type}' is not supported`);
-    this.pinCovered(e.mountpoint);
+    const opts = await this.startOptions(e);
+    if (e.type === 'fuse') this.pinCovered(e.mountpoint);
     const base = this.nodes.get(e['node-name'])!.node;
     const overlay =
       e.overlay === 'ephemeral' ? await this.overlays.create(this.graph, e.id, base) : undefined;
     let exp: LiveExport;
     try {
-      exp = await this.registry.add(driver, overlay?.node ?? base, driverOptions(e));
+      exp = await this.registry.add(driver, overlay?.node ?? base, opts);
     } catch (err) {
       if (overlay) await this.overlays.drop(this.graph, overlay).catch(() => undefined);
       throw err;
@@ -224,7 +257,7 @@ class NativeDriver implements EngineDriver {
     exp.onError = errorLogger(this.log, e.id);
     this.notePassthrough(e.id, exp);
     const since = new Date().toISOString();
-    const mountId = await this.mountIdOf(e.mountpoint);
+    const mountId = e.type === 'fuse' ? await this.mountIdOf(e.mountpoint) : undefined;
     const record: LiveExportRecord = {
       options: e,
       createdMountpoint,
@@ -266,7 +299,7 @@ class NativeDriver implements EngineDriver {
     mountId: number | undefined,
     createdMountpoint: boolean,
   ): Promise<void> {
-    if (e.type !== 'fuse') return;
+    if (e.type !== 'fuse') return; // an NBD connection is a socket of this process: nothing to keep
     const pin = [...this.nodes.values()].find(
       (n) => n.options.filename === e.mountpoint && n.pin !== undefined,
     );
@@ -360,6 +393,8 @@ class NativeDriver implements EngineDriver {
   }
 
   async reopenExport(e: ExportOptions): Promise<void> {
+    if (e.type !== 'fuse')
+      throw new BlkError('INTERNAL', `export '${e.id}': ${e.type} exports change nothing in place`);
     await this.registry.reopen(e.id, driverOptions(e));
     this.live.get(e.id)!.options = e;
   }
@@ -389,6 +424,9 @@ class NativeDriver implements EngineDriver {
       await this.overlays.remove(f).catch((err) => {
         first ??= err;
       });
+    await this.nbd?.close().catch((err) => {
+      first ??= err;
+    });
     if (first !== undefined) throw first;
   }
 

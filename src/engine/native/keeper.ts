@@ -15,7 +15,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { type NativeHelper, nativeHelper } from '../../block/lock-native.js';
 import { BlkError, describeError } from '../../errors.js';
 import type { FuseInit } from '../../export/fuse/file-fs.js';
-import type { ExportOptions } from '../../reconcile/model.js';
+import type { FuseExportConfig } from '../../manifest/types.js';
 
 /** Where the agent's holder listens unless told otherwise (--fdstore). */
 export const DEFAULT_FDSTORE_SOCKET = '/run/blkexport/fdstore.sock';
@@ -24,7 +24,7 @@ export const DEFAULT_FDSTORE_SOCKET = '/run/blkexport/fdstore.sock';
 export interface HeldMeta {
   version: 1;
   /** The export's options when it was mounted. */
-  options: ExportOptions;
+  options: FuseExportConfig;
   /** The mount's id in /proc/self/mountinfo: the successor adopts only that very mount. */
   mountId: number;
   /** `dev:ino` of the image file behind the export's file node. */

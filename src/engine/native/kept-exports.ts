@@ -12,7 +12,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { FuseExport } from '../../export/fuse/export.js';
 import { type FuseInit, lazyUnmount } from '../../export/fuse/file-fs.js';
 import { type MountEntry, readMountTable, topMountAt } from '../../export/mount-table.js';
-import type { ExportOptions } from '../../reconcile/model.js';
+import type { FuseExportConfig } from '../../manifest/types.js';
 import type { HeldExport } from '../core.js';
 import type { ConnectionKeeper, HeldConnection, HeldMeta } from './keeper.js';
 
@@ -158,7 +158,7 @@ export class KeptExports {
    */
   async keep(
     exp: FuseExport,
-    options: ExportOptions,
+    options: FuseExportConfig,
     extra: {
       pinFd: number | undefined;
       imageKey: string | undefined;

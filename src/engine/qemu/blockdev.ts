@@ -8,6 +8,7 @@ import { identifyFormat, PROBE_BYTES } from '../../block/probe.js';
 import { preadFull } from '../../block/protocol/file-io.js';
 import { BlkError } from '../../errors.js';
 import type { ExportOptions, NodeOptions } from '../../reconcile/model.js';
+import { nbdExportArgs } from './nbd.js';
 
 /** Format drivers the qemu engine passes to QEMU. */
 export const QEMU_FORMATS: readonly string[] = ['raw', 'qcow2', 'vmdk', 'vhdx', 'vpc', 'vdi', 'qed'];
@@ -109,6 +110,7 @@ export function exportArgs(e: ExportOptions): Record<string, unknown> {
       `export '${e.id}': overlay: ephemeral needs the native engine (spec.engine: native); the qemu engine does not build the overlay graph yet`,
     );
   }
+  if (e.type === 'nbd') return nbdExportArgs(e);
   return {
     type: 'fuse',
     id: e.id,

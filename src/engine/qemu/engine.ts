@@ -11,6 +11,7 @@ import { BlkError } from '../../errors.js';
 import type { MountEntry } from '../../export/mount-table.js';
 import type { ExportOptions, NodeOptions } from '../../reconcile/model.js';
 import { type EngineDriver, type Resolved, StepEngine } from '../core.js';
+import type { NbdHostConfig } from '../native/nbd-host.js';
 import { addBackingChain, namedBacking } from './backing.js';
 import {
   BACKING_FORMATS,
@@ -23,6 +24,7 @@ import {
 } from './blockdev.js';
 import { qemuCapabilities } from './capabilities.js';
 import { DEFAULT_QSD_DIR, type QsdPaths, qsdPaths } from './daemon.js';
+import { startQsdNbdServer } from './nbd.js';
 import { partitionWindow } from './partition.js';
 import { QmpError } from './qmp.js';
 import { deleteExport, isQsdMount, QsdSession } from './session.js';
@@ -42,6 +44,8 @@ export interface QemuEngineOptions {
   policy?: PathPolicy;
   /** Where to say what happened outside any step (re-attach, stale clean-up). */
   log?: (msg: string, fields?: Record<string, unknown>) => void;
+  /** The agent's NBD server configuration (--nbd-listen, TLS), for type: nbd exports; absent: refused. */
+  nbd?: NbdHostConfig;
 }
 
 function notFound(e: unknown): boolean {
@@ -55,6 +59,7 @@ class QemuDriver implements EngineDriver {
   constructor(
     readonly session: QsdSession,
     private readonly policy: PathPolicy | undefined,
+    private readonly nbd: NbdHostConfig | undefined,
   ) {}
 
   private get state() {
@@ -205,8 +210,20 @@ class QemuDriver implements EngineDriver {
     await this.session.save();
   }
 
+  nbdServed(id: string): boolean {
+    return this.state.exports.some((e) => e.options.id === id && e.options.type === 'nbd');
+  }
+
   async addExport(e: ExportOptions, createdMountpoint: boolean): Promise<void> {
     const client = await this.session.connected();
+    if (e.type === 'nbd') {
+      if (!this.nbd)
+        throw new BlkError('NOT_SUPPORTED', `export '${e.id}': this engine runs no NBD server (type: nbd)`);
+      if (this.state.nbdServer === undefined) {
+        this.state.nbdServer = await startQsdNbdServer(client, this.nbd, this.session.paths.dir);
+        await this.session.save();
+      }
+    }
     await client.execute('block-export-add', exportArgs(e));
     this.state.exports.push({ options: e, createdMountpoint });
     await this.session.save();
@@ -215,7 +232,8 @@ class QemuDriver implements EngineDriver {
   async removeExport(e: ExportOptions): Promise<void> {
     const client = await this.session.attach(false);
     try {
-      if (client) await deleteExport(client, e.id);
+      // An NBD export with clients connected is refused in QEMU's default (safe) mode: hard closes them.
+      if (client) await deleteExport(client, e.id, e.type === 'nbd' ? 'hard' : undefined);
     } catch (err) {
       if (!notFound(err)) throw err;
     }
@@ -243,7 +261,7 @@ export class QemuEngine extends StepEngine {
       ...(opts.onLost ? { onLost: opts.onLost } : {}),
       ...(opts.log ? { log: opts.log } : {}),
     });
-    super(new QemuDriver(session, opts.policy));
+    super(new QemuDriver(session, opts.policy, opts.nbd));
     this.session = session;
     this.paths = session.paths;
   }

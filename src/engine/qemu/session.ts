@@ -36,8 +36,9 @@ export function isQsdMount(e: MountEntry | undefined): boolean {
 }
 
 /** block-export-del, then wait for BLOCK_EXPORT_DELETED (the unmount is done by then). */
-export async function deleteExport(client: QmpClient, id: string): Promise<void> {
-  await client.executeAndWait('block-export-del', { id }, 'BLOCK_EXPORT_DELETED', (d) => d.id === id);
+export async function deleteExport(client: QmpClient, id: string, mode?: 'safe' | 'hard'): Promise<void> {
+  const args = mode === undefined ? { id } : { id, mode };
+  await client.executeAndWait('block-export-del', args, 'BLOCK_EXPORT_DELETED', (d) => d.id === id);
 }
 
 export interface SessionEvents {
@@ -172,6 +173,7 @@ export class QsdSession {
   private async cleanAfterDeath(): Promise<void> {
     const table = await readMountTable();
     for (const e of this.state.exports) {
+      if (e.options.type !== 'fuse') continue;
       const mp = e.options.mountpoint;
       if (isQsdMount(topMountAt(table, mp))) {
         await lazyUnmount(mp).catch((err) =>
@@ -206,7 +208,8 @@ export class QsdSession {
     }
     if (pid === undefined || (await runningQsd(this.paths)) === undefined) {
       for (const e of this.state.exports) {
-        if (e.createdMountpoint) await unlink(e.options.mountpoint).catch(() => undefined);
+        if (e.createdMountpoint && e.options.type === 'fuse')
+          await unlink(e.options.mountpoint).catch(() => undefined);
       }
       this.state = emptyState();
       await unlink(this.paths.state).catch(() => undefined);

@@ -33,6 +33,8 @@ export interface QemuState {
   pid: number;
   nodes: AppliedNode[];
   exports: AppliedExport[];
+  /** The address this daemon's NBD server listens on, once started (type: nbd exports). */
+  nbdServer?: string;
 }
 
 /** Nothing applied to any daemon. */

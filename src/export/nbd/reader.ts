@@ -15,6 +15,8 @@ export class Closed extends Error {
 
 export class ExactReader {
   private ended = false;
+  /** stop() was called: no further request is read, whatever the client sends. */
+  private stopped = false;
   private error: Error | undefined;
   private wake: (() => void) | undefined;
   private readonly onReadable = () => this.notify();
@@ -49,6 +51,7 @@ export class ExactReader {
   /** Exactly `n` bytes (n > 0), or a Closed rejection when the stream ends first. */
   async read(n: number): Promise<Buffer> {
     for (;;) {
+      if (this.stopped) throw new Closed('the server stopped reading');
       if (this.error) throw new Closed(this.error.message);
       const b = this.stream.read(n) as Buffer | null;
       if (b !== null) {
@@ -67,6 +70,12 @@ export class ExactReader {
       await this.read(k);
       left -= k;
     }
+  }
+
+  /** Reads nothing more: the pending read and every later one reject with Closed; the stream stays open. */
+  stop(): void {
+    this.stopped = true;
+    this.notify();
   }
 
   /** Stops listening (before the stream is handed to TLS, or at the end). */

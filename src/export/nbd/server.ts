@@ -45,6 +45,18 @@ export interface NbdExportOptions {
   maxConnections?: number;
 }
 
+/** True when a server accepts connections on the Unix socket `path`. */
+export function socketAnswers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const c = connect(path);
+    c.once('connect', () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.once('error', () => resolve(false));
+  });
+}
+
 /** A Unix socket path nobody answers on is stale (a previous server died): it may be removed. */
 async function removeStaleSocket(path: string): Promise<void> {
   let st: Awaited<ReturnType<typeof lstat>>;
@@ -54,15 +66,8 @@ async function removeStaleSocket(path: string): Promise<void> {
     return;
   }
   if (!st.isSocket()) throw new BlkError('USAGE', `'${path}' exists and is not a socket`);
-  const alive = await new Promise<boolean>((resolve) => {
-    const c = connect(path);
-    c.once('connect', () => {
-      c.destroy();
-      resolve(true);
-    });
-    c.once('error', () => resolve(false));
-  });
-  if (alive) throw new BlkError('EXPORT_EXISTS', `a server is already listening on '${path}'`);
+  if (await socketAnswers(path))
+    throw new BlkError('EXPORT_EXISTS', `a server is already listening on '${path}'`);
   await unlink(path);
 }
 
@@ -130,14 +135,23 @@ export class NbdServer implements ServerContext {
     return entry;
   }
 
-  /** Removes an export: new clients no longer find it, connected ones finish what runs and are closed. */
-  async removeExport(name: string): Promise<void> {
+  /**
+   * Removes an export: new clients no longer find it; connected ones read no
+   * further request, get the replies of the requests in flight, and are
+   * closed. A connection still open after `drainMs` is cut.
+   */
+  async removeExport(name: string, drainMs = 10_000): Promise<void> {
     const entry = this.exports.get(name);
     if (!entry) return;
     this.exports.delete(name);
     const live = [...(this.sessions.get(entry) ?? [])];
-    for (const s of live) s.t.close(true);
+    for (const s of live) s.t.drain();
+    const cut = setTimeout(() => {
+      for (const s of live) s.t.close(true);
+    }, drainMs);
+    cut.unref();
     await Promise.allSettled(live.map((s) => s.done));
+    clearTimeout(cut);
     this.sessions.delete(entry);
   }
 

@@ -65,6 +65,14 @@ export class Transport {
     });
   }
 
+  /**
+   * Takes no further request: the serving loop ends, answers what is in
+   * flight, then closes (an export removed while clients use it).
+   */
+  drain(): void {
+    this.reader.stop();
+  }
+
   /** Ends the connection (after what is queued has gone, unless `hard`). */
   close(hard = false): void {
     if (hard) this.stream.destroy();
