@@ -31,6 +31,7 @@ interface Status {
     state: string;
     reason: string;
     mountpoint?: string;
+    engine?: string;
     nbd?: { name: string; connections: number };
   }[];
 }
@@ -478,7 +479,7 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
       );
       const agent = await start(engine, ['--nbd-listen', `unix:${sock}`]);
       await until(`${engine}: both ready`, async () => {
-        const s = await agent.get<Status & { exports: { engine: string }[] }>('/status');
+        const s = await agent.get<Status>('/status');
         return s.exports.length === 2 && s.exports.every((e) => e.state === 'ready' && e.engine === engine);
       });
       await sh('qemu-io', ['-f', 'raw', '-c', 'write -P 0x99 4096 65536', `nbd+unix:///db?socket=${sock}`]);
@@ -636,7 +637,7 @@ describe('agent: type: nbd exports', { concurrency: false, timeout: 240_000 }, (
       assert.ok(readFileSync(out).equals(img.raw), `${engine}: bytes over x509 differ`);
       await assert.rejects(
         sh('nbdinfo', [`nbds://localhost:${port}/sec?tls-certificates=${pki.anonymous}`]),
-        undefined,
+        Error,
         `${engine}: a client without a certificate was served`,
       );
       agent.proc.kill('SIGTERM');

@@ -273,7 +273,10 @@ describe('diff: the reconciliation table (docs/agent.md)', () => {
     );
     assert.deepEqual(outline(plan), ['repair-export exp0']);
     const step = plan.steps[0]!;
-    assert.equal(step.action === 'repair-export' && step.export.growable, true);
+    assert.equal(
+      step.action === 'repair-export' && step.export.type === 'fuse' && step.export.growable,
+      true,
+    );
     assert.deepEqual(step.action === 'repair-export' && step.changes, [
       { option: 'growable', from: false, to: true },
     ]);

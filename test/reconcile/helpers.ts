@@ -1,7 +1,7 @@
 /** Builders for desired and observed states in diff tests. */
 
 import { nativeCapabilities } from '../../src/engine/native/capabilities.js';
-import type { ExportOptions, NodeOptions } from '../../src/manifest/types.js';
+import type { ExportOptions, FuseExportConfig, NodeOptions } from '../../src/manifest/types.js';
 import { diff } from '../../src/reconcile/diff.js';
 import type { Desired, EngineCapabilities, ExportState, Observed, Plan } from '../../src/reconcile/model.js';
 import { deriveWritability } from '../../src/reconcile/writability.js';
@@ -35,8 +35,8 @@ export function fuseExport(
   id: string,
   node: string,
   mountpoint: string,
-  extra: Partial<ExportOptions> = {},
-): ExportOptions {
+  extra: Partial<FuseExportConfig> = {},
+): FuseExportConfig {
   return {
     type: 'fuse',
     id,
