@@ -14,6 +14,7 @@ import { NbdServer } from '../export/nbd/server.js';
 import { loadTlsConfig } from '../export/nbd/tls.js';
 import type { NbdExportEntry } from '../export/nbd/types.js';
 import { type OneShotImage, openOneShotImage } from './one-shot.js';
+import { EphemeralOverlays } from './overlays.js';
 
 /** Where `blkexport nbd` listens when --listen is not given. */
 export const DEFAULT_NBD_SOCKET = '/run/blkexport/nbd.sock';
@@ -23,6 +24,10 @@ export interface NbdOneShotOptions {
   format: 'auto' | ProbedFormat;
   writable: boolean;
   partition?: number;
+  /** qcow2: a read-only view of this internal snapshot (id, else name). */
+  snapshot?: string;
+  /** A writable view whose writes go to a throwaway qcow2 overlay in `dir`; the image is opened read-only, shared. */
+  overlay?: { dir: string };
   allowRoots: string[];
   listen: NbdListen[];
   /** The export name (default ''; an empty name is also what clients ask for by default). */
@@ -38,6 +43,8 @@ export interface NbdOneShot {
   server: NbdServer;
   entry: NbdExportEntry;
   addresses: NbdListen[];
+  /** overlay: the directory the (already unlinked) overlay file was made in. */
+  overlayDir: string | undefined;
   stop(): Promise<void>;
 }
 
@@ -62,20 +69,37 @@ export async function startNbdOneShot(o: NbdOneShotOptions): Promise<NbdOneShot>
   const wantsTls = o.tls !== undefined && Object.values(o.tls).some((v) => v !== undefined);
   checkTcpPolicy(o.listen, wantsTls, o.insecureTcp, '--insecure-tcp');
   const tls = wantsTls ? await loadTlsConfig(o.tls!) : undefined;
+  const overlay = o.overlay;
+  // An overlay export writes into its overlay only: the image (and every node under the overlay) is read-only.
   const opened = await openOneShotImage({
     image: o.image,
     format: o.format,
-    writable: o.writable,
+    writable: o.writable && overlay === undefined,
+    forceShare: overlay !== undefined,
     allowRoots: o.allowRoots,
     ...(o.partition !== undefined ? { partition: o.partition } : {}),
+    ...(o.snapshot !== undefined ? { snapshot: o.snapshot } : {}),
   });
   const server = new NbdServer({ tls });
+  let dropOverlay = async () => {};
+  const closeImage = async () => {
+    await dropOverlay().catch(() => undefined);
+    await opened.close();
+  };
   try {
+    let node = opened.node;
+    if (overlay !== undefined) {
+      const overlays = new EphemeralOverlays(overlay.dir, true);
+      const ov = await overlays.create(opened.graph, 'nbd', node);
+      dropOverlay = () => overlays.drop(opened.graph, ov);
+      node = ov.node;
+    }
+    const writable = o.writable || overlay !== undefined;
     const entry = server.addExport({
       name: o.name,
       description: o.description,
-      node: opened.node,
-      writable: o.writable,
+      node,
+      writable,
     });
     const addresses: NbdListen[] = [];
     for (const l of o.listen) {
@@ -89,20 +113,21 @@ export async function startNbdOneShot(o: NbdOneShotOptions): Promise<NbdOneShot>
       server,
       entry,
       addresses,
+      overlayDir: overlay?.dir,
       async stop() {
         if (stopped) return;
         stopped = true;
         try {
           await server.close();
-          if (o.writable) await opened.node.flush();
+          if (writable) await node.flush();
         } finally {
-          await opened.close();
+          await closeImage();
         }
       },
     };
   } catch (e) {
     await server.close().catch(() => undefined);
-    await opened.close().catch(() => undefined);
+    await closeImage().catch(() => undefined);
     throw e;
   }
 }

@@ -7,7 +7,7 @@
  * descriptions, TLS with x509 and PSK, and plain TCP refused.
  */
 import assert from 'node:assert/strict';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { sh, startNbdCommand } from '../helpers/nbd.js';
@@ -164,6 +164,64 @@ describe('blkexport nbd with real clients', { timeout: 180_000 }, () => {
     assert.equal(check.status, 0, check.stdout + check.stderr);
     assert.match(check.stdout, /No errors were found/);
     assert.equal(run('qemu-img', ['compare', img, oracle]).status, 0, 'image differs from the oracle');
+  });
+
+  test('--overlay: writes through NBD land in a throwaway overlay; the image stays byte-identical, the overlay goes', async (t) => {
+    if (!needTools(t, 'qemu-img', 'qemu-io')) return;
+    const dir = tempDir(t, 'blkexport-nbd-');
+    const img = makeImage(dir);
+    const before = readFileSync(img);
+    const ovDir = join(dir, 'overlays');
+    mkdirSync(ovDir);
+    const sock = join(dir, 'nbd.sock');
+    const srv = await startNbdCommand(t, BIN, [
+      img,
+      '--overlay',
+      '--overlay-dir',
+      ovDir,
+      '--listen',
+      `unix:${sock}`,
+    ]);
+    assert.match(srv.ready, /writable into a throwaway overlay in .*overlays \(the image is not written\)/);
+    await sh('qemu-io', ['-f', 'raw', unixUri('', sock), '-c', 'write -P 0x77 0 128k', '-c', 'flush']);
+    const read = await sh('qemu-io', [
+      '-f',
+      'raw',
+      unixUri('', sock),
+      '-c',
+      'read -P 0x77 0 128k',
+      '-c',
+      'read -P 0xcd 10M 1M',
+    ]);
+    assert.doesNotMatch(read.toString(), /fail|mismatch/i, read.toString());
+    // The overlay file's name is removed at once; only the server holds it.
+    assert.deepEqual(readdirSync(ovDir), []);
+    assert.equal(await srv.stop(), 0);
+    assert.ok(readFileSync(img).equals(before), 'the image was written');
+    assert.deepEqual(readdirSync(ovDir), []);
+  });
+
+  test('--snapshot NAME serves an internal snapshot read-only, like qemu-img convert -l', async (t) => {
+    if (!needTools(t, 'qemu-img', 'qemu-io')) return;
+    const dir = tempDir(t, 'blkexport-nbd-');
+    const img = makeImage(dir);
+    qemuImg('snapshot', '-c', 'before', img);
+    qemuIo(img, '-c', 'write -P 0xee 0 2M');
+    const ref = join(dir, 'ref.raw');
+    qemuImg('convert', '-f', 'qcow2', '-l', 'snapshot.name=before', '-O', 'raw', img, ref);
+    const sock = join(dir, 'nbd.sock');
+    const srv = await startNbdCommand(t, BIN, [img, '--snapshot', 'before', '--listen', `unix:${sock}`]);
+    assert.match(srv.ready, /at internal snapshot "before" \(id 1\).*read-only/);
+    const out = join(dir, 'out.raw');
+    await sh('qemu-img', ['convert', '-f', 'raw', unixUri('', sock), '-O', 'raw', out]);
+    assert.ok(
+      readFileSync(out).equals(readFileSync(ref)),
+      'the snapshot view differs from qemu-img convert -l',
+    );
+    assert.equal(await srv.stop(), 0);
+    const bad = run(BIN, ['nbd', img, '--snapshot', 'before', '--writable', '--listen', `unix:${sock}`]);
+    assert.equal(bad.status, 1, bad.stderr);
+    assert.match(bad.stderr, /--snapshot shows an internal snapshot read-only: it cannot be --writable/);
   });
 
   test('plain TCP is refused unless --insecure-tcp; with it qemu-img reads over loopback', async (t) => {

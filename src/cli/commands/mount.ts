@@ -6,11 +6,11 @@
 import { resolve } from 'node:path';
 import { PROBED_FORMATS, type ProbedFormat } from '../../block/probe.js';
 import { type OneShot, type OneShotOptions, startOneShot } from '../../engine/one-shot.js';
-import { defaultOneShotOverlayDir } from '../../engine/overlays.js';
 import { BlkError, describeError } from '../../errors.js';
 import { parseCommandArgs } from '../args.js';
 import { formatBytes } from '../format.js';
 import { runOneShot } from '../one-shot-process.js';
+import { parseViewOptions, VIEW_OPTIONS, VIEW_USAGE } from '../view-options.js';
 
 export const summary = 'export one image as a raw file (default: over the image itself)';
 export const usage = `usage: blkexport mount IMAGE [MOUNTPOINT] [options]
@@ -25,15 +25,7 @@ options:
   --writable             allow writes (a probed-raw image needs --format raw)
   --growable             writes past the end grow the image; allows truncate
   --allow-other          let other users open the export (default: try, fall back)
-  --partition N          export only partition N of the MBR or GPT table
-  --snapshot NAME        qcow2: a read-only view of internal snapshot NAME (its id, else its name)
-  --overlay              a writable view that never writes the image: writes go to a throwaway
-                         qcow2 overlay, deleted when the export ends (however it ends); the image
-                         is opened read-only and shared (QEMU's force-share), so it may be in use
-                         by a running VM. Implies --writable
-  --overlay-dir DIR      where the overlay file is made (default $TMPDIR, else /var/tmp); its name
-                         is removed at once, its space is freed when the export ends
-  --daemonize            return once the export is mounted and readable
+${VIEW_USAGE}  --daemonize            return once the export is mounted and readable
   --pidfile F            write the serving process's pid to F once exported
   --create-mountpoint    create MOUNTPOINT as an empty file if missing (removed at unmount)
   --allow-root DIR       the image and the backing/data files it names must lie inside DIR
@@ -47,10 +39,7 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
     writable: { type: 'boolean', default: false },
     growable: { type: 'boolean', default: false },
     'allow-other': { type: 'boolean' },
-    partition: { type: 'string' },
-    snapshot: { type: 'string' },
-    overlay: { type: 'boolean', default: false },
-    'overlay-dir': { type: 'string' },
+    ...VIEW_OPTIONS,
     daemonize: { type: 'boolean', default: false },
     pidfile: { type: 'string' },
     'create-mountpoint': { type: 'boolean', default: false },
@@ -63,26 +52,13 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
   if (format !== 'auto' && !(PROBED_FORMATS as readonly string[]).includes(format)) {
     throw new BlkError('USAGE', `--format must be auto, ${PROBED_FORMATS.join(', ')}, not '${format}'`);
   }
-  let partition: number | undefined;
-  if (values.partition !== undefined) {
-    if (!/^[1-9][0-9]{0,3}$/.test(values.partition)) {
-      throw new BlkError(
-        'USAGE',
-        `--partition takes a partition number (1, 2, ...), not '${values.partition}'`,
-      );
-    }
-    partition = Number(values.partition);
-  }
+  const view = parseViewOptions(values);
   if (values.overlay && values.growable)
     throw new BlkError(
       'USAGE',
       "--overlay keeps the image's size (the overlay is a qcow2 image of that size): no --growable",
     );
-  if (values['overlay-dir'] !== undefined && !values.overlay)
-    throw new BlkError('USAGE', '--overlay-dir needs --overlay');
   if (values.growable && !values.writable) throw new BlkError('USAGE', '--growable needs --writable');
-  if (values.snapshot !== undefined && values.writable && !values.overlay)
-    throw new BlkError('USAGE', '--snapshot shows an internal snapshot read-only: it cannot be --writable');
   const opts: OneShotOptions = {
     image: resolve(positionals[0]!),
     format: format as 'auto' | ProbedFormat,
@@ -91,14 +67,9 @@ function parse(args: string[]): { opts: OneShotOptions; daemonize: boolean; pidf
     allowOther: values['allow-other'] === undefined ? 'auto' : values['allow-other'] ? 'on' : 'off',
     createMountpoint: values['create-mountpoint'] as boolean,
     allowRoots: (values['allow-root'] as string[]).map((r) => resolve(r)),
+    ...view,
   };
   if (positionals[1] !== undefined) opts.mountpoint = resolve(positionals[1]);
-  if (partition !== undefined) opts.partition = partition;
-  if (values.overlay)
-    opts.overlay = {
-      dir: resolve((values['overlay-dir'] as string | undefined) ?? defaultOneShotOverlayDir()),
-    };
-  if (values.snapshot !== undefined) opts.snapshot = values.snapshot as string;
   return { opts, daemonize: values.daemonize as boolean, pidfile: values.pidfile && resolve(values.pidfile) };
 }
 

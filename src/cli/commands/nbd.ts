@@ -16,6 +16,7 @@ import { formatListen, parseListen } from '../../export/nbd/listen.js';
 import { parseCommandArgs } from '../args.js';
 import { formatBytes } from '../format.js';
 import { runOneShot } from '../one-shot-process.js';
+import { parseViewOptions, VIEW_OPTIONS, VIEW_USAGE } from '../view-options.js';
 
 export const summary = 'serve one image over NBD (like qemu-nbd)';
 export const usage = `usage: blkexport nbd IMAGE [options]
@@ -29,8 +30,7 @@ options:
   --description TEXT     shown to clients that list exports (nbdinfo --list)
   --writable             allow writes (a probed-raw image needs --format raw)
   --format F             auto (default), raw, qcow2, or (read-only) vpc, vdi, qed, vmdk, vhdx
-  --partition N          export only partition N of the MBR or GPT table
-  --daemonize            return once the server listens
+${VIEW_USAGE}  --daemonize            return once the server listens
   --pidfile F            write the serving process's pid to F once serving
   --tls-cert F --tls-key F [--tls-ca F]
                          require TLS with this certificate; with a CA, clients need certificates it signed
@@ -46,7 +46,7 @@ function parse(args: string[]): { opts: NbdOneShotOptions; daemonize: boolean; p
     description: { type: 'string' },
     writable: { type: 'boolean', default: false },
     format: { type: 'string', default: 'auto' },
-    partition: { type: 'string' },
+    ...VIEW_OPTIONS,
     daemonize: { type: 'boolean', default: false },
     pidfile: { type: 'string' },
     'tls-cert': { type: 'string' },
@@ -70,17 +70,9 @@ function parse(args: string[]): { opts: NbdOneShotOptions; daemonize: boolean; p
     listen: (listens.length ? listens : [`unix:${DEFAULT_NBD_SOCKET}`]).map(parseListen),
     name: values.name as string,
     insecureTcp: values['insecure-tcp'] as boolean,
+    ...parseViewOptions(values),
   };
   if (values.description !== undefined) opts.description = values.description;
-  if (values.partition !== undefined) {
-    if (!/^[1-9][0-9]{0,3}$/.test(values.partition)) {
-      throw new BlkError(
-        'USAGE',
-        `--partition takes a partition number (1, 2, ...), not '${values.partition}'`,
-      );
-    }
-    opts.partition = Number(values.partition);
-  }
   const tls = {
     cert: values['tls-cert'] && resolve(values['tls-cert']),
     key: values['tls-key'] && resolve(values['tls-key']),
@@ -101,10 +93,18 @@ function describe(s: NbdOneShot): string {
   const what = o.partition
     ? `partition ${o.partition.index} (${o.partition.scheme}, offset ${o.partition.offset}) of ${o.image} (${o.format})`
     : `${o.image} (${o.format})`;
-  const mode = s.entry.writable ? 'writable' : 'read-only';
+  const view = o.snapshot
+    ? ` at internal snapshot ${JSON.stringify(o.snapshot.name)} (id ${o.snapshot.id})`
+    : '';
+  const mode =
+    s.overlayDir !== undefined
+      ? `writable into a throwaway overlay in ${s.overlayDir} (the image is not written)`
+      : s.entry.writable
+        ? 'writable'
+        : 'read-only';
   const tls = s.server.tls ? `, TLS ${s.server.tls.kind}` : '';
   const where = s.addresses.map(formatListen).join(', ');
-  return `serving ${what} over NBD as '${s.entry.name}' on ${where}, ${formatBytes(o.node.length())}, ${mode}${tls}`;
+  return `serving ${what}${view} over NBD as '${s.entry.name}' on ${where}, ${formatBytes(o.node.length())}, ${mode}${tls}`;
 }
 
 export async function run(args: string[]): Promise<number> {
