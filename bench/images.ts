@@ -4,7 +4,7 @@
  * its raw twin, and fresh (empty) images for allocating writes.
  */
 import { randomFillSync } from 'node:crypto';
-import { copyFile, open, rm, stat } from 'node:fs/promises';
+import { copyFile, mkdir, open, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BlkError } from '../src/errors.js';
 import { runCommand } from './proc.js';
@@ -162,10 +162,15 @@ export async function removePair(pair: ImagePair): Promise<void> {
   await rm(pair.raw, { force: true });
 }
 
+/** The directory a format row's image lives in (with its extent files, for flat vmdk). */
+export function formatImageDir(dir: string, v: FormatVariant): string {
+  return join(dir, `fmt-${v.name}`);
+}
+
 /**
- * The raw twin converted to a format row's image (`fmt-<variant>.<format>`
- * in `dir`), checked with qemu-img compare against it and for its virtual
- * size: the exports' sizes are compared with the raw twin's.
+ * The raw twin converted to a format row's image (`disk.<format>` in
+ * formatImageDir), checked with qemu-img compare against it and for its
+ * virtual size: the exports' sizes are compared with the raw twin's.
  */
 export async function makeFormatImage(
   dir: string,
@@ -173,7 +178,8 @@ export async function makeFormatImage(
   v: FormatVariant,
   log: (msg: string) => void,
 ): Promise<string> {
-  const image = join(dir, `fmt-${v.name}.${v.format}`);
+  await mkdir(formatImageDir(dir, v), { recursive: true });
+  const image = join(formatImageDir(dir, v), `disk.${v.format}`);
   log(`images: converting the allocated raw image to ${v.label} (-o ${v.options})`);
   await mustRun('qemu-img', ['convert', '-f', 'raw', '-O', v.format, '-o', v.options, raw, image]);
   await mustRun('qemu-img', ['compare', '-q', '-f', v.format, '-F', 'raw', image, raw]);

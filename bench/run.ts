@@ -19,6 +19,7 @@ import { Cleanup, cleanUpOnSignals } from './cleanup.js';
 import { headline, runFio } from './fio.js';
 import {
   type BenchImages,
+  formatImageDir,
   type ImagePair,
   makeFormatImage,
   makeFreshPair,
@@ -30,7 +31,7 @@ import { cpuSeconds, mountPoints, runCommand, unmountIfMounted } from './proc.js
 import { type Cell, type RowResult, renderReport, SAME_AS_PLAIN } from './report.js';
 import { runScale } from './scale-run.js';
 import { makeServers, SERVER_IDS, type Server, type ServerId } from './servers.js';
-import { FORMAT_WORKLOADS, isDirect, WORKLOADS, type Workload } from './workloads.js';
+import { FORMAT_WORKLOADS, type FormatVariant, isDirect, WORKLOADS, type Workload } from './workloads.js';
 
 const REPO = new URL('..', import.meta.url).pathname.replace(/\/$/, '');
 const MiB = 2 ** 20;
@@ -183,20 +184,26 @@ async function removeWorkDir(dir: string): Promise<void> {
   }
 }
 
-/** The format rows' converted images, made when a row first needs one (path by variant name). */
-const converted = new Map<string, Promise<string>>();
+/**
+ * The format row image made last: made when a row first needs it, and
+ * removed when a row needs another variant's (a variant's rows run one
+ * after another), so a run holds one converted image at a time.
+ */
+let converted: { variant: FormatVariant; image: Promise<string> } | undefined;
 
 async function pairFor(images: BenchImages, w: Workload, dir: string): Promise<ImagePair | undefined> {
   if (w.image === 'fresh') return undefined;
   const pair = images[w.image];
   const v = w.variant;
   if (v === undefined) return pair;
-  let image = converted.get(v.name);
-  if (image === undefined) {
-    image = makeFormatImage(dir, pair.raw, v, log);
-    converted.set(v.name, image);
+  if (converted?.variant !== v) {
+    if (converted) {
+      await converted.image.catch(() => undefined);
+      await rm(formatImageDir(dir, converted.variant), { recursive: true, force: true });
+    }
+    converted = { variant: v, image: makeFormatImage(dir, pair.raw, v, log) };
   }
-  return { ...pair, converted: await image };
+  return { ...pair, converted: await converted.image };
 }
 
 /** Workloads an --only item selects: items starting with `fmt` choose among the (opt-in) format rows. */
