@@ -52,16 +52,18 @@ function violationOf(e: unknown, what: string, needFile: boolean): string | unde
 const compared = new Set<string>();
 
 /**
- * The compressed clusters the node maps in [off, off+len) from its caches, each
- * inflated by the binding's native decoder (what the FUSE workers run) and by
- * JavaScript's: where the native one gives a cluster, JavaScript's must give the
- * same bytes (the native decoder accepts a subset). A violation, or undefined.
+ * The compressed clusters (or vmdk grains) the node maps in [off, off+len)
+ * from its caches, each inflated by the binding's native decoder (what the
+ * FUSE workers run) and by JavaScript's: where the native one gives a cluster,
+ * JavaScript's must give the same bytes (the native decoder accepts a
+ * subset). Each host range once per `seen` set. A violation, or undefined.
  */
-async function compareInflate(
+export async function compareInflate(
   node: BlockNode,
   off: number,
   len: number,
-  r: CheckResult,
+  r: { inflateCompared: number },
+  seen: Set<string> = compared,
 ): Promise<string | undefined> {
   const addon = loadFuse3();
   if (!addon || len <= 0) return undefined;
@@ -69,8 +71,8 @@ async function compareInflate(
     if (!('compressed' in x)) continue;
     const c = x.compressed;
     const key = `${c.host}:${c.clen}:${c.clusterSize}`;
-    if (compared.has(key)) continue;
-    compared.add(key);
+    if (seen.has(key)) continue;
+    seen.add(key);
     r.inflateCompared++;
     const native = addon.inflateCluster(
       c.fd,
