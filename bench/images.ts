@@ -4,15 +4,18 @@
  * its raw twin, and fresh (empty) images for allocating writes.
  */
 import { randomFillSync } from 'node:crypto';
-import { copyFile, open, rm } from 'node:fs/promises';
+import { copyFile, mkdir, open, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BlkError } from '../src/errors.js';
 import { runCommand } from './proc.js';
+import type { FormatVariant } from './workloads.js';
 
 /** The same guest disk in the form each server reads: qcow2 for the FUSE exports, raw for the host file. */
 export interface ImagePair {
   qcow2: string;
   raw: string;
+  /** Format rows: the raw twin converted to the row's read-only format (makeFormatImage). */
+  converted?: string;
 }
 
 export interface BenchImages {
@@ -157,4 +160,38 @@ export async function makeFreshPair(dir: string, size: number): Promise<ImagePai
 export async function removePair(pair: ImagePair): Promise<void> {
   await rm(pair.qcow2, { force: true });
   await rm(pair.raw, { force: true });
+}
+
+/** The directory a format row's image lives in (with its extent files, for flat vmdk). */
+export function formatImageDir(dir: string, v: FormatVariant): string {
+  return join(dir, `fmt-${v.name}`);
+}
+
+/**
+ * The raw twin converted to a format row's image (`disk.<format>` in
+ * formatImageDir), checked with qemu-img compare against it and for its
+ * virtual size: the exports' sizes are compared with the raw twin's.
+ */
+export async function makeFormatImage(
+  dir: string,
+  raw: string,
+  v: FormatVariant,
+  log: (msg: string) => void,
+): Promise<string> {
+  await mkdir(formatImageDir(dir, v), { recursive: true });
+  const image = join(formatImageDir(dir, v), `disk.${v.format}`);
+  log(`images: converting the allocated raw image to ${v.label} (-o ${v.options})`);
+  await mustRun('qemu-img', ['convert', '-f', 'raw', '-O', v.format, '-o', v.options, raw, image]);
+  await mustRun('qemu-img', ['compare', '-q', '-f', v.format, '-F', 'raw', image, raw]);
+  const info = JSON.parse(await mustRun('qemu-img', ['info', '--output=json', '-f', v.format, image])) as {
+    'virtual-size': number;
+  };
+  const rawSize = (await stat(raw)).size;
+  if (info['virtual-size'] !== rawSize) {
+    throw new BlkError(
+      'INTERNAL',
+      `${image}: virtual size ${info['virtual-size']}, not the raw image's ${rawSize}`,
+    );
+  }
+  return image;
 }

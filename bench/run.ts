@@ -17,13 +17,21 @@ import { BlkError, describeError } from '../src/errors.js';
 import { type AgentOutcome, measureAgent } from './agent.js';
 import { Cleanup, cleanUpOnSignals } from './cleanup.js';
 import { headline, runFio } from './fio.js';
-import { type BenchImages, type ImagePair, makeFreshPair, makeImages, removePair } from './images.js';
+import {
+  type BenchImages,
+  formatImageDir,
+  type ImagePair,
+  makeFormatImage,
+  makeFreshPair,
+  makeImages,
+  removePair,
+} from './images.js';
 import { describeMachine } from './machine.js';
 import { cpuSeconds, mountPoints, runCommand, unmountIfMounted } from './proc.js';
 import { type Cell, type RowResult, renderReport, SAME_AS_PLAIN } from './report.js';
 import { runScale } from './scale-run.js';
 import { makeServers, SERVER_IDS, type Server, type ServerId } from './servers.js';
-import { isDirect, WORKLOADS, type Workload } from './workloads.js';
+import { FORMAT_WORKLOADS, type FormatVariant, isDirect, WORKLOADS, type Workload } from './workloads.js';
 
 const REPO = new URL('..', import.meta.url).pathname.replace(/\/$/, '');
 const MiB = 2 ** 20;
@@ -50,6 +58,8 @@ const USAGE = `usage: npm run bench -- [--quick] [--size SIZE] [--runtime SEC] [
   --runtime    seconds per fio run (default 10; env BENCH_RUNTIME)
   --reps       repetitions per server and workload (default 3; env BENCH_REPS)
   --only       workloads with these ids, or whose id contains one of these strings (ids: ${WORKLOADS.map((w) => w.id).join(', ')})
+               format rows, only when asked for (items starting with fmt: 'fmt' is all of them; ids:
+               fmt-VARIANT-seq-read, fmt-VARIANT-rand-read-qd16, VARIANT one of ${[...new Set(FORMAT_WORKLOADS.map((w) => w.variant!.name))].join(', ')})
   --servers    which columns to measure (default all: ${SERVER_IDS.join(',')})
   --dir        where the temporary images and mountpoints go (default: env BENCH_DIR, else the OS temp dir)
   --out        where the report goes (default bench/results)
@@ -174,8 +184,46 @@ async function removeWorkDir(dir: string): Promise<void> {
   }
 }
 
-function pairFor(images: BenchImages, w: Workload): ImagePair | undefined {
-  return w.image === 'fresh' ? undefined : images[w.image];
+/**
+ * The format row image made last: made when a row first needs it, and
+ * removed when a row needs another variant's (a variant's rows run one
+ * after another), so a run holds one converted image at a time.
+ */
+let converted: { variant: FormatVariant; image: Promise<string> } | undefined;
+
+async function pairFor(images: BenchImages, w: Workload, dir: string): Promise<ImagePair | undefined> {
+  if (w.image === 'fresh') return undefined;
+  const pair = images[w.image];
+  const v = w.variant;
+  if (v === undefined) return pair;
+  if (converted?.variant !== v) {
+    if (converted) {
+      await converted.image.catch(() => undefined);
+      await rm(formatImageDir(dir, converted.variant), { recursive: true, force: true });
+    }
+    converted = { variant: v, image: makeFormatImage(dir, pair.raw, v, log) };
+  }
+  return { ...pair, converted: await converted.image };
+}
+
+/** Workloads an --only item selects: items starting with `fmt` choose among the (opt-in) format rows. */
+function selected(only: readonly string[]): Workload[] {
+  if (!only.length) return [...WORKLOADS];
+  // An item selects the workload with exactly that id, else every workload whose id contains it.
+  const selects = (o: string, w: Workload, all: readonly Workload[]): boolean =>
+    all.some((x) => x.id === o) ? w.id === o : w.id.includes(o);
+  const pick = (all: readonly Workload[], items: string[]) =>
+    all.filter((w) => items.some((o) => selects(o, w, all)));
+  return [
+    ...pick(
+      WORKLOADS,
+      only.filter((o) => !o.startsWith('fmt')),
+    ),
+    ...pick(
+      FORMAT_WORKLOADS,
+      only.filter((o) => o.startsWith('fmt')),
+    ),
+  ];
 }
 
 /** One server, one workload, one repetition: serve, run fio, stop. Returns the headline figure. */
@@ -187,7 +235,7 @@ async function measureOnce(
   opts: Options,
   cell: Cell,
 ): Promise<void> {
-  const pair = pairFor(images, w) ?? (await makeFreshPair(dir, opts.size));
+  const pair = (await pairFor(images, w, dir)) ?? (await makeFreshPair(dir, opts.size));
   try {
     const exported = await server.serve(pair, { writable: w.writes, size: opts.size, format: w.format });
     try {
@@ -209,15 +257,12 @@ async function measureOnce(
 async function main(argv: string[]): Promise<number> {
   const opts = parseOptions(argv);
   if (!opts) return 0;
-  // An --only item selects the workload with exactly that id, else every workload whose id contains it.
-  const selects = (o: string, w: Workload): boolean =>
-    WORKLOADS.some((x) => x.id === o) ? w.id === o : w.id.includes(o);
-  const workloads =
-    opts.agent === 'only' || opts.agent === 'scale'
-      ? []
-      : WORKLOADS.filter((w) => !opts.only.length || opts.only.some((o) => selects(o, w)));
+  const workloads = opts.agent === 'only' || opts.agent === 'scale' ? [] : selected(opts.only);
   if (!workloads.length && opts.agent !== 'only' && opts.agent !== 'scale')
-    throw new BlkError('USAGE', `--only matches no workload (${WORKLOADS.map((w) => w.id).join(', ')})`);
+    throw new BlkError(
+      'USAGE',
+      `--only matches no workload (${[...WORKLOADS, ...FORMAT_WORKLOADS].map((w) => w.id).join(', ')})`,
+    );
   await preflight(opts);
 
   const cleanup = new Cleanup();

@@ -35,7 +35,7 @@ export interface Exported {
 export interface ServeOptions {
   writable: boolean;
   size: number;
-  /** qcow2: the pair's qcow2; raw: its raw twin, exported as a raw image. */
+  /** qcow2: the pair's qcow2; raw: its raw twin, exported as a raw image; another format: the pair's converted image. */
   format: ImageFormat;
 }
 
@@ -66,6 +66,15 @@ function complaint(text: string): string {
   return s.length > 240 ? `${s.slice(0, 237)}...` : s || 'no message';
 }
 
+/** The file a server opens for `format`: the pair's raw twin, its qcow2, or its converted image (format rows). */
+function imageOf(pair: ImagePair, format: ImageFormat): string {
+  if (format === 'raw') return pair.raw;
+  if (format === 'qcow2') return pair.qcow2;
+  if (pair.converted === undefined)
+    throw new BlkError('INTERNAL', `no ${format} image was made for this row`);
+  return pair.converted;
+}
+
 /** QEMU's option syntax doubles commas inside values. */
 function qemuValue(s: string): string {
   return s.replaceAll(',', ',,');
@@ -92,7 +101,7 @@ function qsdServer(ctx: ServerContext): Server {
     async serve(pair, { writable, size, format }) {
       const args = [
         '--blockdev',
-        `node-name=prot,driver=file,filename=${qemuValue(format === 'raw' ? pair.raw : pair.qcow2)}`,
+        `node-name=prot,driver=file,filename=${qemuValue(imageOf(pair, format))}`,
         '--blockdev',
         `node-name=fmt,driver=${format},file=prot`,
         '--export',
@@ -194,7 +203,7 @@ function blkexportServer(ctx: ServerContext): Server {
       const stop = ctx.cleanup.add('blkexport mount', shutdown);
       await emptyMountpoint(mnt);
       await rm(pidfile, { force: true });
-      const image = format === 'raw' ? pair.raw : pair.qcow2;
+      const image = imageOf(pair, format);
       const args = ['mount', image, mnt, '--format', format, '--daemonize', '--pidfile', pidfile];
       if (writable) args.push('--writable');
       try {

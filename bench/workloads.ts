@@ -12,8 +12,25 @@ export type ImageKind = 'allocated' | 'compressed' | 'fresh' | 'overwrite';
 
 export type Unit = 'MB/s' | 'IOPS';
 
-/** The format the exports present: the qcow2 of the pair, or its raw twin. */
-export type ImageFormat = 'qcow2' | 'raw';
+/** The native read-only formats that have bench rows of their own (see FORMAT_VARIANTS). */
+export type ReadOnlyFormat = 'vmdk' | 'vhdx' | 'vpc' | 'vdi' | 'qed';
+
+/**
+ * The format the exports present: the qcow2 of the pair, its raw twin, or
+ * (format rows) a conversion of the raw twin to one of the read-only formats.
+ */
+export type ImageFormat = 'qcow2' | 'raw' | ReadOnlyFormat;
+
+/** One image of a format row: how `qemu-img convert` makes it from the allocated raw twin. */
+export interface FormatVariant {
+  /** The id's middle part: `fmt-<name>-...`. */
+  name: string;
+  format: ReadOnlyFormat;
+  /** `-o` options of qemu-img convert. */
+  options: string;
+  /** What the report's title says about the image. */
+  label: string;
+}
 
 export interface Workload {
   /** Short id for --only and the JSON results. */
@@ -35,6 +52,8 @@ export interface Workload {
   onePass?: boolean;
   /** fio job options (besides file, runtime and output format, which fio.ts adds). */
   fio: string[];
+  /** Format rows: the image converted from the allocated raw twin (format is its format). */
+  variant?: FormatVariant;
 }
 
 /** fio opens the file with O_DIRECT: the plain file's same-cache-mode baseline is then the pre-read file, buffered. */
@@ -146,3 +165,67 @@ export const WORKLOADS: readonly Workload[] = QCOW2_WORKLOADS.flatMap((w) =>
     ? [{ ...w, format: 'qcow2' as const }]
     : [{ ...w, format: 'qcow2' as const }, rawVariant(w)],
 );
+
+/**
+ * The read-only formats' images (docs/benchmarks.md, "Format rows"), each a
+ * conversion of the allocated raw twin: every block holds data, so every
+ * grain, block or cluster is allocated; streamOptimized vmdk compresses each
+ * grain (random data does not shrink, the grains stay compressed on disk).
+ * vpc with force_size keeps the virtual size exactly the raw twin's (without
+ * it qemu-img rounds up to a CHS geometry).
+ */
+export const FORMAT_VARIANTS: readonly FormatVariant[] = [
+  {
+    name: 'vmdk-sparse',
+    format: 'vmdk',
+    options: 'subformat=monolithicSparse',
+    label: 'vmdk monolithicSparse',
+  },
+  { name: 'vmdk-flat', format: 'vmdk', options: 'subformat=monolithicFlat', label: 'vmdk monolithicFlat' },
+  {
+    name: 'vmdk-stream',
+    format: 'vmdk',
+    options: 'subformat=streamOptimized',
+    label: 'vmdk streamOptimized',
+  },
+  { name: 'vhdx', format: 'vhdx', options: 'subformat=dynamic', label: 'vhdx dynamic' },
+  {
+    name: 'vpc-dynamic',
+    format: 'vpc',
+    options: 'subformat=dynamic,force_size=on',
+    label: 'vpc (vhd) dynamic',
+  },
+  { name: 'vpc-fixed', format: 'vpc', options: 'subformat=fixed,force_size=on', label: 'vpc (vhd) fixed' },
+  { name: 'vdi-static', format: 'vdi', options: 'static=on', label: 'vdi static' },
+  { name: 'vdi-dynamic', format: 'vdi', options: 'static=off', label: 'vdi dynamic' },
+  { name: 'qed', format: 'qed', options: 'cluster_size=65536', label: 'qed 64 KiB clusters' },
+];
+
+/** The row pair every variant gets: the qcow2 rows' O_DIRECT sequential 1 MiB and random 4 KiB QD16 reads. */
+function formatRows(v: FormatVariant): Workload[] {
+  return [
+    {
+      id: `fmt-${v.name}-seq-read`,
+      title: `seq read 1 MiB, O_DIRECT, ${v.label}`,
+      image: 'allocated',
+      format: v.format,
+      variant: v,
+      writes: false,
+      unit: 'MB/s',
+      fio: ['--rw=read', '--bs=1M', '--ioengine=psync', '--direct=1'],
+    },
+    {
+      id: `fmt-${v.name}-rand-read-qd16`,
+      title: `rand read 4 KiB, QD16 (libaio, O_DIRECT), ${v.label}`,
+      image: 'allocated',
+      format: v.format,
+      variant: v,
+      writes: false,
+      unit: 'IOPS',
+      fio: ['--rw=randread', '--bs=4k', ...libaio(16)],
+    },
+  ];
+}
+
+/** The format rows: opt-in (`--only fmt`, or an id or part of one); a run without --only leaves them out. */
+export const FORMAT_WORKLOADS: readonly Workload[] = FORMAT_VARIANTS.flatMap(formatRows);

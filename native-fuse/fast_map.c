@@ -42,9 +42,9 @@ struct map_entry {
 
 /* ---- compressed granules (inflate.c does the work) ------------------------------- */
 
-/* A compressed granule's entry: clen (23 bits), the granule's offset in the cluster (22), cbits (5), algo (1), set (1). */
+/* A compressed granule's entry: clen (23 bits), the granule's offset in the cluster (22), cbits (5), algo (2), set (1). */
 static uint64_t comp_pack(uint32_t clen, uint32_t skip, unsigned cbits, unsigned algo) {
-  return (uint64_t)clen | (uint64_t)skip << 23 | (uint64_t)cbits << 45 | (uint64_t)algo << 50 | 1ULL << 51;
+  return (uint64_t)clen | (uint64_t)skip << 23 | (uint64_t)cbits << 45 | (uint64_t)algo << 50 | 1ULL << 52;
 }
 #define COMP_SKIP_BITS (((1ULL << 22) - 1) << 23)
 static uint32_t comp_skip(uint64_t c) {
@@ -52,7 +52,7 @@ static uint32_t comp_skip(uint64_t c) {
 }
 static inflate_desc comp_desc(const map_entry *e) {
   return (inflate_desc){e->host, (uint32_t)(e->comp & ((1u << 23) - 1)), (uint8_t)((e->comp >> 45) & 31),
-                        (uint8_t)((e->comp >> 50) & 1)};
+                        (uint8_t)((e->comp >> 50) & 3)};
 }
 /* An entry leaves the map: a decompressed copy of its cluster must not outlive it. Caller holds the write lock. */
 static void comp_forget(fast_map *m, const map_entry *e) {
@@ -444,9 +444,9 @@ void fast_install(fast_map *m, double gen, double off, const double *x, size_t c
 /*
  * `x` holds `count` doubles, records of 8: [offset, length, fd, host, clen,
  * cbits, skip, algo], each a guest range [offset, offset+length) inside one
- * compressed cluster: its compressed bytes at `host` (at most `clen` of them)
- * in `fd`, 1 << cbits bytes decompressed, `skip` the offset in it of guest
- * byte `offset`. Whole granules are installed; a granule must lie inside its
+ * compressed cluster (a qcow2 cluster or a vmdk grain; algo: inflate.h): its
+ * compressed bytes at `host` (at most `clen` of them) in `fd`, 1 << cbits
+ * bytes decompressed, `skip` the offset in it of guest byte `offset`. Whole granules are installed; a granule must lie inside its
  * cluster (clusters smaller than a granule are left to JavaScript); granules
  * invalidated since `gen` are skipped.
  */
@@ -459,7 +459,7 @@ void fast_install_compressed(fast_map *m, double gen, const double *x, size_t co
       const double *r = x + i;
       int fd = (int)r[2], cbits = (int)r[5], algo = (int)r[7];
       if (r[0] < 0 || r[1] <= 0 || r[3] < 0 || r[6] < 0 || fd < 0) continue;
-      if (cbits < GRANULE_BITS || cbits > INFLATE_MAX_CLUSTER_BITS || (algo != INFLATE_ZLIB && algo != INFLATE_ZSTD))
+      if (cbits < GRANULE_BITS || cbits > INFLATE_MAX_CLUSTER_BITS || algo < 0 || algo >= INFLATE_ALGOS)
         continue;
       uint64_t cs = 1ULL << cbits, pos = (uint64_t)r[0], len = (uint64_t)r[1], host = (uint64_t)r[3];
       uint64_t clen = (uint64_t)r[4], sk = (uint64_t)r[6];

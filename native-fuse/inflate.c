@@ -10,6 +10,12 @@
  *         is the cluster, so a longer stream stops there and is refused;
  *         bytes after the stream's end (the descriptor's sector rounding) are
  *         ignored.
+ *   zlib format (vmdk grains, src/block/format/vmdk/stream.ts): the same rule
+ *         with the zlib header and its Adler-32 check (window up to 2^15), on
+ *         the grain's bytes, or (with a marker) on exactly the marker's length
+ *         of bytes after it: a length of 0 or past the bytes read is refused.
+ *         JavaScript also serves a stream that ends short of a grain; here
+ *         only whole grains are accepted.
  *   zstd: one frame at the start of the bytes (its length found by
  *         ZSTD_findFrameCompressedSize, so trailing bytes are ignored); no
  *         dictionary, window <= 8 MiB, content size (when stored) equal to the
@@ -36,6 +42,7 @@
 #include <zstd.h>
 
 #define ZSTD_MAX_WINDOW (8u << 20)
+#define VMDK_MARKER_BYTES 12
 #define DEFAULT_CACHE_MIB 64
 #define BUCKETS 4096
 
@@ -130,15 +137,16 @@ static thread_bufs *bufs_get(size_t in, size_t out) {
 
 /* ---- the decoders ------------------------------------------------------------------ */
 
-static int inflate_zlib(thread_bufs *b, size_t n, size_t cs) {
+/* Inflates n bytes at `in` (raw deflate: wbits -12; zlib format: 15) into exactly cs bytes of b->out. */
+static int inflate_zlib(thread_bufs *b, const char *in, size_t n, size_t cs, int wbits) {
   if (!b->zready) {
     memset(&b->z, 0, sizeof(b->z));
-    if (inflateInit2(&b->z, -12) != Z_OK) return -1;
+    if (inflateInit2(&b->z, wbits) != Z_OK) return -1;
     b->zready = 1;
-  } else if (inflateReset(&b->z) != Z_OK) {
+  } else if (inflateReset2(&b->z, wbits) != Z_OK) { /* frees the window when wbits changed */
     return -1;
   }
-  b->z.next_in = (Bytef *)b->in;
+  b->z.next_in = (Bytef *)in;
   b->z.avail_in = (uInt)n;
   b->z.next_out = (Bytef *)b->out;
   b->z.avail_out = (uInt)cs;
@@ -171,7 +179,23 @@ static int inflate_with(thread_bufs *b, int fd, const inflate_desc *d) {
     if (r == 0) break; /* the last cluster's descriptor may reach past the end of the file */
     n += (size_t)r;
   }
-  return d->algo == INFLATE_ZLIB ? inflate_zlib(b, n, cs) : d->algo == INFLATE_ZSTD ? inflate_zstd(b, n, cs) : -1;
+  switch (d->algo) {
+  case INFLATE_ZLIB:
+    return inflate_zlib(b, b->in, n, cs, -12);
+  case INFLATE_ZSTD:
+    return inflate_zstd(b, n, cs);
+  case INFLATE_ZLIB_WRAPPED:
+    return inflate_zlib(b, b->in, n, cs, 15);
+  case INFLATE_VMDK_MARKER: {
+    if (n < VMDK_MARKER_BYTES) return -1;
+    const unsigned char *m = (const unsigned char *)b->in + 8;
+    size_t len = (size_t)m[0] | (size_t)m[1] << 8 | (size_t)m[2] << 16 | (size_t)m[3] << 24;
+    if (len == 0 || len > n - VMDK_MARKER_BYTES) return -1;
+    return inflate_zlib(b, b->in + VMDK_MARKER_BYTES, len, cs, 15);
+  }
+  default:
+    return -1;
+  }
 }
 
 /* The bounds every caller needs: a cluster size qcow2 allows, at most two clusters of input. */

@@ -1,6 +1,7 @@
 /*
- * Compressed qcow2 clusters for the read fast path: inflating one cluster in
- * a worker thread (zlib raw deflate or zstd, through the C libraries) into
+ * Compressed qcow2 clusters and vmdk grains for the read fast path: inflating
+ * one cluster in a worker thread (zlib raw deflate, zstd, or vmdk's zlib
+ * format, through the C libraries) into
  * that thread's own buffers, and a process-wide decompressed-cluster cache
  * with a byte bound, shared by every mount's workers.
  *
@@ -25,6 +26,11 @@
 
 #define INFLATE_ZLIB 0
 #define INFLATE_ZSTD 1
+/* vmdk grains (src/block/format/vmdk/stream.ts): zlib format (RFC 1950, header and Adler-32), */
+#define INFLATE_ZLIB_WRAPPED 2
+/* and the same after a 12-byte grain marker whose little-endian u32 at byte 8 is the data's length. */
+#define INFLATE_VMDK_MARKER 3
+#define INFLATE_ALGOS 4
 #define INFLATE_MIN_CLUSTER_BITS 9
 #define INFLATE_MAX_CLUSTER_BITS 21
 
@@ -33,7 +39,7 @@ typedef struct {
   uint64_t host;  /* offset of the compressed bytes in the host file */
   uint32_t clen;  /* bytes to read from there (an upper bound of the stream, clipped to the file) */
   uint8_t cbits;  /* cluster size 1 << cbits: exactly what the stream must give */
-  uint8_t algo;   /* INFLATE_ZLIB or INFLATE_ZSTD */
+  uint8_t algo;   /* INFLATE_ZLIB, INFLATE_ZSTD, INFLATE_ZLIB_WRAPPED or INFLATE_VMDK_MARKER */
 } inflate_desc;
 
 typedef struct inflate_entry inflate_entry; /* private to inflate.c */

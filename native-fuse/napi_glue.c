@@ -206,7 +206,8 @@ static napi_value js_fast_install(napi_env env, napi_callback_info info) {
 /*
  * fastInstallCompressed(handle, gen, records): records is a Float64Array of
  * [offset, length, fd, host, clen, clusterBits, skip, algorithm] (algorithm 0
- * zlib, 1 zstd), each a guest range inside one compressed cluster
+ * zlib, 1 zstd, 2 zlib format, 3 vmdk marker + zlib format: inflate.h), each
+ * a guest range inside one compressed cluster
  * (fast_install_compressed in fast_map.c).
  */
 static napi_value js_fast_install_compressed(napi_env env, napi_callback_info info) {

@@ -23,6 +23,14 @@ export interface BlockExtent {
 }
 
 /**
+ * How a compressed cluster's bytes are encoded: qcow2's raw deflate (`zlib`)
+ * or zstd; a vmdk grain's zlib format (RFC 1950: header, Adler-32) straight
+ * away (`zlib-wrapped`) or after a 12-byte grain marker whose u32 at byte 8
+ * is the length of the data (`vmdk-marker`).
+ */
+export type CompressionAlgorithm = 'zlib' | 'zstd' | 'zlib-wrapped' | 'vmdk-marker';
+
+/**
  * One compressed cluster on the host: its compressed bytes at `host` in `fd`
  * (at most `clen` of them: the descriptor's bound, clipped to the file), which
  * must decompress to exactly `clusterSize` bytes; `skip` is the offset in the
@@ -34,7 +42,7 @@ export interface CompressedHost {
   clen: number;
   clusterSize: number;
   skip: number;
-  algorithm: 'zlib' | 'zstd';
+  algorithm: CompressionAlgorithm;
 }
 
 /**

@@ -7,10 +7,10 @@
  * petabytes: only bounded ranges are read).
  */
 import { readSync } from 'node:fs';
-import { decompressCluster } from '../../src/block/format/qcow2/decompress.js';
 import { type BlockNode, openImage } from '../../src/block/index.js';
 import { isBlkError } from '../../src/errors.js';
-import { loadFuse3 } from '../../src/export/fuse/fuse3.js';
+import { ALGORITHM_CODES, loadFuse3 } from '../../src/export/fuse/fuse3.js';
+import { inflateJs } from '../block/read-via-map.js';
 import { seededRandom } from '../helpers/tools.js';
 
 export interface CheckResult {
@@ -52,16 +52,18 @@ function violationOf(e: unknown, what: string, needFile: boolean): string | unde
 const compared = new Set<string>();
 
 /**
- * The compressed clusters the node maps in [off, off+len) from its caches, each
- * inflated by the binding's native decoder (what the FUSE workers run) and by
- * JavaScript's: where the native one gives a cluster, JavaScript's must give the
- * same bytes (the native decoder accepts a subset). A violation, or undefined.
+ * The compressed clusters (or vmdk grains) the node maps in [off, off+len)
+ * from its caches, each inflated by the binding's native decoder (what the
+ * FUSE workers run) and by JavaScript's: where the native one gives a cluster,
+ * JavaScript's must give the same bytes (the native decoder accepts a
+ * subset). Each host range once per `seen` set. A violation, or undefined.
  */
-async function compareInflate(
+export async function compareInflate(
   node: BlockNode,
   off: number,
   len: number,
-  r: CheckResult,
+  r: { inflateCompared: number },
+  seen: Set<string> = compared,
 ): Promise<string | undefined> {
   const addon = loadFuse3();
   if (!addon || len <= 0) return undefined;
@@ -69,20 +71,20 @@ async function compareInflate(
     if (!('compressed' in x)) continue;
     const c = x.compressed;
     const key = `${c.host}:${c.clen}:${c.clusterSize}`;
-    if (compared.has(key)) continue;
-    compared.add(key);
+    if (seen.has(key)) continue;
+    seen.add(key);
     r.inflateCompared++;
     const native = addon.inflateCluster(
       c.fd,
       c.host,
       c.clen,
       Math.log2(c.clusterSize),
-      c.algorithm === 'zstd' ? 1 : 0,
+      ALGORITHM_CODES[c.algorithm],
     );
     if (!native) continue;
     const input = Buffer.alloc(c.clen);
     readSync(c.fd, input, 0, c.clen, c.host);
-    const js = await decompressCluster(c.algorithm, input, c.clusterSize).catch((e: Error) => e);
+    const js = await inflateJs(c, input).catch((e: Error) => e);
     if (js instanceof Error)
       return `compressed cluster at ${c.host}: the native decoder accepts what JavaScript refuses (${js.message})`;
     if (!js.equals(native)) return `compressed cluster at ${c.host}: native and JavaScript inflation differ`;

@@ -8,7 +8,7 @@
  * falls back to fuse-native.
  */
 import { createRequire } from 'node:module';
-import type { HostExtent } from '../../block/types.js';
+import type { CompressionAlgorithm, HostExtent } from '../../block/types.js';
 import { BlkError, Errno } from '../../errors.js';
 import {
   type FastPath,
@@ -89,7 +89,7 @@ interface Fuse3Addon {
   fastAllowWrites(handle: object, on: boolean): void;
   fastStats(handle: object): [number, number, number, number];
   /**
-   * Records of [offset, length, fd, host, clen, clusterBits, skip, algorithm (0 zlib, 1 zstd)],
+   * Records of [offset, length, fd, host, clen, clusterBits, skip, algorithm (ALGORITHM_CODES)],
    * each a guest range inside one compressed cluster.
    */
   fastInstallCompressed(handle: object, gen: number, records: Float64Array): void;
@@ -107,6 +107,14 @@ interface Fuse3Addon {
   passthrough(handle: object): PassthroughInfo | undefined;
   backingClose(handle: object): number;
 }
+
+/** The binding's codes for compression algorithms (INFLATE_* in native-fuse/inflate.h). */
+export const ALGORITHM_CODES: Readonly<Record<CompressionAlgorithm, number>> = {
+  zlib: 0,
+  zstd: 1,
+  'zlib-wrapped': 2,
+  'vmdk-marker': 3,
+};
 
 /** Compressed clusters inflated by the binding's workers, process-wide (native-fuse/inflate.h). */
 export interface InflateStats {
@@ -359,7 +367,7 @@ function serve(
         if ('compressed' in x) {
           flush();
           const c = x.compressed;
-          const algorithm = c.algorithm === 'zstd' ? 1 : 0;
+          const algorithm = ALGORITHM_CODES[c.algorithm];
           compressed.push(pos, x.length, c.fd, c.host, c.clen, Math.log2(c.clusterSize), c.skip, algorithm);
           runAt = pos + x.length;
         } else if ('zero' in x) {

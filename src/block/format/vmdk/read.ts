@@ -5,11 +5,12 @@
  * sparse extents go through their grain tables, unallocated grains show the
  * parent (or zeroes), zero grains are zeroes even with a parent, compressed
  * grains are inflated. mapHostCached answers the same from caches only, for
- * the FUSE fast path (null where a table is not cached or a grain is
- * compressed: those ranges take this JavaScript path).
+ * the FUSE fast path (null where a table is not cached: those ranges take
+ * this JavaScript path); compressed grains map to their compressed bytes,
+ * which the binding's workers inflate under the rules of stream.ts.
  */
 import { BlkError } from '../../../errors.js';
-import type { BlockExtent, BlockNode, HostExtent } from '../../types.js';
+import type { BlockExtent, BlockNode, CompressedHost, HostExtent } from '../../types.js';
 import type { Extent } from './extents.js';
 import {
   GRAIN_COMPRESSED,
@@ -19,6 +20,7 @@ import {
   type GrainLookup,
   lookupGrain,
   lookupGrainCached,
+  type SparseExtent,
 } from './grains.js';
 
 export interface VmdkReadState {
@@ -163,11 +165,14 @@ export async function readGuest(s: VmdkReadState, offset: number, buf: Buffer): 
   await Promise.all(tasks);
 }
 
-/** Appends host extents, merging neighbours of the same fd or zero runs. */
+/** Appends host extents (never writable), merging neighbours of the same fd or zero runs. */
 function append(out: HostExtent[], more: HostExtent[] | null | undefined): boolean {
   if (!more) return false;
   for (const y of more) {
-    if ('compressed' in y) return false;
+    if ('compressed' in y) {
+      out.push({ length: y.length, compressed: { ...y.compressed } });
+      continue;
+    }
     const last = out[out.length - 1];
     if (last && 'zero' in last && 'zero' in y) last.length += y.length;
     else if (last && 'fd' in last && 'fd' in y && last.fd === y.fd && last.host + last.length === y.host)
@@ -211,8 +216,15 @@ function mapSparse(s: VmdkReadState, x: Extent & { kind: 'sparse' }, rel: number
     const inGrain = r % gb;
     const k = Math.min(gb - inGrain, n - done);
     const g = lookupGrainCached(sp, r);
-    if (g === undefined || g.kind === GRAIN_COMPRESSED) return null;
+    if (g === undefined) return null;
     let piece: HostExtent[] | null | undefined;
+    if (g.kind === GRAIN_COMPRESSED) {
+      const c = compressedGrain(sp, g.host);
+      if (c === null) return null;
+      out.push({ length: k, compressed: { ...c, skip: inGrain } });
+      done += k;
+      continue;
+    }
     if (g.kind === GRAIN_DATA) {
       const host = g.host + inGrain;
       if (host + k > sp.fileLength) return null;
@@ -223,6 +235,28 @@ function mapSparse(s: VmdkReadState, x: Extent & { kind: 'sparse' }, rel: number
     done += k;
   }
   return out;
+}
+
+/** Grain sizes the binding's workers inflate (its cluster bits, 2^9 to 2^21: native-fuse/inflate.h). */
+function nativeGrain(bytes: number): boolean {
+  return bytes >= 512 && bytes <= 2 * 1024 * 1024 && (bytes & (bytes - 1)) === 0;
+}
+
+/**
+ * The compressed bytes of the grain whose marker (or data) is at `host`, as
+ * inflateGrain reads them: with markers, the marker and up to two grains
+ * after it (the workers take the data's length from the marker); without,
+ * up to one grain. Null when the grain cannot be inflated natively.
+ */
+function compressedGrain(sp: SparseExtent, host: number): Omit<CompressedHost, 'skip'> | null {
+  const gb = sp.grainBytes;
+  const clen = Math.min(sp.header.markers ? 2 * gb : gb, sp.fileLength - host);
+  if (!nativeGrain(gb) || clen <= 0) return null;
+  const m = sp.node.mapHostCached?.(host, clen);
+  const x = m?.length === 1 ? m[0]! : undefined;
+  if (x === undefined || !('fd' in x) || x.host !== host || x.length !== clen) return null;
+  const algorithm = sp.header.markers ? 'vmdk-marker' : 'zlib-wrapped';
+  return { fd: x.fd, host, clen, clusterSize: gb, algorithm };
 }
 
 /** Host extents of guest [offset, offset+length) from caches only; null when they cannot tell. */

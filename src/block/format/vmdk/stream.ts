@@ -29,26 +29,56 @@ function inflateLimited(input: Buffer, max: number): Promise<Buffer> {
 
 /** Reads and inflates the compressed grain whose marker (or data) starts at `host`. */
 export async function inflateGrain(s: SparseExtent, host: number): Promise<Buffer> {
-  const field = `compressed grain at ${host}`;
-  const corrupt = (why: string, cause?: unknown) =>
-    new BlkError('IMAGE_CORRUPT', `compressed grain at ${host}: ${why}`, { file: s.path, field }, { cause });
   const avail = Math.min(2 * s.grainBytes, s.fileLength - host);
-  if (avail <= 0) throw corrupt('it lies past the end of the file');
+  if (avail <= 0) throw grainCorrupt(s.path, host, 'it lies past the end of the file');
   const buf = Buffer.allocUnsafe(avail);
   await s.node.read(host, buf);
-  let data = buf;
-  if (s.header.markers) {
-    if (avail < MARKER_BYTES) throw corrupt('the grain marker is cut off by the end of the file');
+  return inflateGrainBytes(buf, s.header.markers, s.grainBytes, s.path, host);
+}
+
+function grainCorrupt(path: string, host: number, why: string, cause?: unknown): BlkError {
+  const field = `compressed grain at ${host}`;
+  return new BlkError('IMAGE_CORRUPT', `${field}: ${why}`, { file: path, field }, { cause });
+}
+
+/**
+ * Inflates a compressed grain from `buf`, the file's bytes from its marker (or
+ * data) on, at most two grains of them: with markers, exactly the marker's
+ * length of zlib data after it; without, the first grain's worth of bytes.
+ * The result is at most one grain. The workers' decoder (native-fuse/inflate.c)
+ * accepts a subset of this: only streams that give a whole grain.
+ */
+export async function inflateGrainBytes(
+  buf: Buffer,
+  markers: boolean,
+  grainBytes: number,
+  path: string,
+  host: number,
+): Promise<Buffer> {
+  const avail = buf.length;
+  let data: Buffer;
+  if (markers) {
+    if (avail < MARKER_BYTES)
+      throw grainCorrupt(path, host, 'the grain marker is cut off by the end of the file');
     const size = buf.readUInt32LE(8);
     if (size === 0 || size > avail - MARKER_BYTES)
-      throw corrupt(`marker size ${size} is 0 or runs past the grain's ${avail - MARKER_BYTES} bytes`);
+      throw grainCorrupt(
+        path,
+        host,
+        `marker size ${size} is 0 or runs past the grain's ${avail - MARKER_BYTES} bytes`,
+      );
     data = buf.subarray(MARKER_BYTES, MARKER_BYTES + size);
   } else {
-    data = buf.subarray(0, Math.min(avail, s.grainBytes));
+    data = buf.subarray(0, Math.min(avail, grainBytes));
   }
   try {
-    return await inflateLimited(data, s.grainBytes);
+    return await inflateLimited(data, grainBytes);
   } catch (e) {
-    throw corrupt(`the zlib data does not inflate into one grain (${(e as Error).message})`, e);
+    throw grainCorrupt(
+      path,
+      host,
+      `the zlib data does not inflate into one grain (${(e as Error).message})`,
+      e,
+    );
   }
 }
