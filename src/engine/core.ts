@@ -95,7 +95,10 @@ export interface EngineDriver {
  * or none. A path under a FUSE mount is not looked at: stat would reach the
  * mount's server (maybe this very process: never do that), not the image.
  */
-async function fileDrift(nodes: readonly NodeRecord[], table: MountEntry[]): Promise<Map<string, string>> {
+async function fileDrift(
+  nodes: readonly NodeRecord[],
+  table: readonly MountEntry[],
+): Promise<Map<string, string>> {
   const files = nodes.filter((n) => {
     const path = n.options.filename;
     return n.options.driver === 'file' && path && n.fileKey && !fuseMountOn(table, path);

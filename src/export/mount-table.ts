@@ -25,6 +25,8 @@ export type MountOwner = { kind: 'mount' | 'agent'; pid: number };
 
 /** Undoes mountinfo's octal escapes (\040 for space, \011, \012, \134). */
 function unescapeMountField(s: string): string {
+  // Most fields have nothing escaped: the table is parsed several times per agent pass, a thousand lines each.
+  if (!s.includes('\\')) return s;
   return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(Number.parseInt(o, 8)));
 }
 
@@ -52,9 +54,17 @@ export function parseMountInfo(text: string): MountEntry[] {
   return out;
 }
 
-/** Reads and parses this process's mount table. */
-export async function readMountTable(): Promise<MountEntry[]> {
-  return parseMountInfo(await readFile('/proc/self/mountinfo', 'utf8'));
+/** The last table read, by its text: the agent reads it several times per pass, mostly unchanged. */
+let last: { text: string; table: readonly MountEntry[] } | undefined;
+
+/**
+ * Reads and parses this process's mount table. A text identical to the last
+ * one read gives the same (frozen) table, and so the same look-up index.
+ */
+export async function readMountTable(): Promise<readonly MountEntry[]> {
+  const text = await readFile('/proc/self/mountinfo', 'utf8');
+  if (last?.text !== text) last = { text, table: Object.freeze(parseMountInfo(text)) };
+  return last.table;
 }
 
 /** The fsname we give a mount served by `kind` in process `pid`. */
