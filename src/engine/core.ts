@@ -157,6 +157,10 @@ export class StepEngine implements Engine {
       const exports = scope
         ? records.exports.filter((e) => scope.exports.has(e.options.id))
         : records.exports;
+      const held = (this.driver.held?.() ?? []).filter((h) => !scope || scope.exports.has(h.options.id));
+      // Nothing of this engine to look at (an incremental pass about another engine's exports, or
+      // about exports not made yet): no mount table to read, a thousand lines with as many exports.
+      if (nodes.length === 0 && exports.length === 0 && held.length === 0) return { nodes: [], exports: [] };
       const table = await readMountTable();
       const drift = await fileDrift(nodes, table);
       const observed: Observed = { nodes: [], exports: [] };
@@ -173,9 +177,7 @@ export class StepEngine implements Engine {
         else
           observed.exports.push({ options: e.options, state: 'unmounted', reason: 'not in the mount table' });
       }
-      for (const h of this.driver.held?.() ?? [])
-        if (!scope || scope.exports.has(h.options.id))
-          observed.exports.push({ options: h.options, state: 'held', reason: h.reason });
+      for (const h of held) observed.exports.push({ options: h.options, state: 'held', reason: h.reason });
       return observed;
     });
   }

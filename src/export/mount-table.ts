@@ -3,7 +3,8 @@
  * and how our own FUSE mounts are recognized in it: fstype `fuse.blkexport`,
  * source `blkexport:<pid>` (one-shot `mount`) or `blkexport-agent:<pid>`.
  */
-import { readFile, readlink, realpath } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+import { readlink, realpath } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 
 export interface MountEntry {
@@ -62,7 +63,9 @@ let last: { text: string; table: readonly MountEntry[] } | undefined;
  * one read gives the same (frozen) table, and so the same look-up index.
  */
 export async function readMountTable(): Promise<readonly MountEntry[]> {
-  const text = await readFile('/proc/self/mountinfo', 'utf8');
+  // One read(2) loop, not the promise API's: the kernel makes the text up as it is read (its size is
+  // 0), and the promise API reads it in chunks, a round trip through the thread pool each.
+  const text = readFileSync('/proc/self/mountinfo', 'utf8');
   if (last?.text !== text) last = { text, table: Object.freeze(parseMountInfo(text)) };
   return last.table;
 }
