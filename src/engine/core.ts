@@ -11,7 +11,14 @@ import { BlkError } from '../errors.js';
 import type { ExportStats } from '../export/driver.js';
 import { createMountpoint } from '../export/fuse/driver.js';
 import { lazyUnmount } from '../export/fuse/file-fs.js';
-import { fuseMountOn, type MountEntry, readMountTable, topMountAt } from '../export/mount-table.js';
+import {
+  fuseMountOn,
+  type MountEntry,
+  mountTableChanging,
+  readMountTable,
+  recentMountTable,
+  topMountAt,
+} from '../export/mount-table.js';
 import { NodeGraph } from '../manifest/graph.js';
 import type {
   EngineCapabilities,
@@ -54,6 +61,9 @@ export interface HeldExport {
   /** "held since T, mounted by pid N". */
   reason: string;
 }
+
+/** Steps that open, close or reopen nodes only: no mount changes. */
+const NODE_STEPS: ReadonlySet<Step['action']> = new Set(['add-node', 'remove-node', 'reopen-node']);
 
 /** The engine-specific half of each step, as a struct of callbacks. */
 export interface EngineDriver {
@@ -161,7 +171,7 @@ export class StepEngine implements Engine {
       // Nothing of this engine to look at (an incremental pass about another engine's exports, or
       // about exports not made yet): no mount table to read, a thousand lines with as many exports.
       if (nodes.length === 0 && exports.length === 0 && held.length === 0) return { nodes: [], exports: [] };
-      const table = await readMountTable();
+      const table = await recentMountTable();
       const drift = await fileDrift(nodes, table);
       const observed: Observed = { nodes: [], exports: [] };
       for (const n of nodes) {
@@ -202,6 +212,8 @@ export class StepEngine implements Engine {
 
   apply(step: Step): Promise<void> {
     return this.serial(async () => {
+      // Export steps mount, unmount or remount (here or in qemu-storage-daemon): the mount table changes.
+      if (!NODE_STEPS.has(step.action)) mountTableChanging();
       await this.driver.prepare?.();
       switch (step.action) {
         case 'add-node':
@@ -255,7 +267,7 @@ export class StepEngine implements Engine {
     if (this.node(name)) throw new BlkError('STATE', `node '${name}' is already open`);
     const covering =
       n.driver === 'file' && n.filename !== undefined
-        ? fuseMountOn(await readMountTable(), n.filename)
+        ? fuseMountOn(await recentMountTable(), n.filename)
         : undefined;
     const resolved = await this.driver.addNode(n, covering);
     if (n.driver === 'auto' && !n['read-only'] && resolved.driver === 'raw') {

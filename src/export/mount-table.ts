@@ -56,7 +56,27 @@ export function parseMountInfo(text: string): MountEntry[] {
 }
 
 /** The last table read, by its text: the agent reads it several times per pass, mostly unchanged. */
-let last: { text: string; table: readonly MountEntry[] } | undefined;
+let last: { text: string; table: readonly MountEntry[]; at: number; generation: number } | undefined;
+/** Bumped whenever this process may have changed a mount (recentMountTable's tables before are out of date). */
+let generation = 0;
+
+/** This process is about to mount, unmount or remount something: tables read before are out of date. */
+export function mountTableChanging(): void {
+  generation++;
+}
+
+/**
+ * The mount table as read at most `maxAgeMs` ago, provided this process
+ * changed no mount since (mountTableChanging); else read now. With a
+ * thousand mounts a read costs the kernel milliseconds (tens with several
+ * thousand), and one agent pass looks things up in it several times.
+ * Mounts other processes make or remove in between are seen at the next
+ * read, as they would be one moment after any read.
+ */
+export async function recentMountTable(maxAgeMs = 500): Promise<readonly MountEntry[]> {
+  if (last && last.generation === generation && performance.now() - last.at <= maxAgeMs) return last.table;
+  return readMountTable();
+}
 
 /**
  * Reads and parses this process's mount table. A text identical to the last
@@ -65,9 +85,11 @@ let last: { text: string; table: readonly MountEntry[] } | undefined;
 export async function readMountTable(): Promise<readonly MountEntry[]> {
   // One read(2) loop, not the promise API's: the kernel makes the text up as it is read (its size is
   // 0), and the promise API reads it in chunks, a round trip through the thread pool each.
+  const at = performance.now();
   const text = readFileSync('/proc/self/mountinfo', 'utf8');
-  if (last?.text !== text) last = { text, table: Object.freeze(parseMountInfo(text)) };
-  return last.table;
+  const table = last?.text === text ? last.table : Object.freeze(parseMountInfo(text));
+  last = { text, table, at, generation };
+  return table;
 }
 
 /** The fsname we give a mount served by `kind` in process `pid`. */

@@ -9,6 +9,7 @@ import { constants } from 'node:os';
 import { nativeHelper } from '../../block/lock-native.js';
 import type { HostExtent } from '../../block/types.js';
 import { BlkError, Errno } from '../../errors.js';
+import { mountTableChanging } from '../mount-table.js';
 
 /** An error that answers a FUSE request with a specific errno. */
 export class FuseErrno extends BlkError {
@@ -197,6 +198,7 @@ async function unmountNative(mountpoint: string): Promise<number | undefined> {
 
 /** Lazily unmounts a FUSE mount (umount2 with MNT_DETACH as root, fusermount -uz otherwise). */
 export async function lazyUnmount(mountpoint: string): Promise<void> {
+  mountTableChanging();
   const asRoot = process.getuid?.() === 0;
   // As root, the system call itself: a `umount -l` child costs a fork of the whole agent (0.2–0.35 s
   // each with hundreds of exports), and stopping an agent unmounts every export.
@@ -219,6 +221,7 @@ export async function lazyUnmount(mountpoint: string): Promise<void> {
 
 /** Remounts a FUSE mount read-write or read-only (-i: no mount.fuse helper for our subtype). */
 export function remount(mountpoint: string, mode: 'rw' | 'ro'): Promise<void> {
+  mountTableChanging();
   return new Promise((resolve, reject) => {
     execFile('mount', ['-i', '-o', `remount,${mode}`, mountpoint], (err, _out, stderr) => {
       if (err)
