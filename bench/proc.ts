@@ -102,17 +102,18 @@ export async function isMounted(path: string): Promise<boolean> {
   return (await mountPoints()).includes(path);
 }
 
-/** Polls `check` every 50 ms until it returns true; throws a BlkError naming `what` after timeoutMs. */
+/** Polls `check` every `everyMs` (default 50) until it returns true; throws a BlkError naming `what` after timeoutMs. */
 export async function waitUntil(
   check: () => Promise<boolean>,
   timeoutMs: number,
   what: string,
+  everyMs = 50,
 ): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await check())) {
     if (Date.now() > deadline)
       throw new BlkError('MOUNT_FAILED', `timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(50);
+    await sleep(everyMs);
   }
 }
 

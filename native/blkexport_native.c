@@ -8,6 +8,8 @@
  *   holderRequest(path, op, name, mountpoint, meta, fds)
  *                                     -> { ok, text, name, mountpoint, meta, fds }: one request to a holder
  *   closeFd(fd)                       -> 0 or -errno
+ *   lazyUnmount(path)                 -> 0 or -errno   umount2(MNT_DETACH | UMOUNT_NOFOLLOW)
+ *   lazyUnmountAsync(path)            -> Promise of the same, in libuv's thread pool
  *   F_RDLCK, F_WRLCK, F_UNLCK         -> the platform's values
  * Errors are returned as -errno (never thrown) for the lock calls so the caller
  * can tell "unsupported" (EINVAL) from "conflict" (EAGAIN) and build its own message.
@@ -255,6 +257,68 @@ static napi_value lazy_unmount_js(napi_env env, napi_callback_info info) {
   return make_int(env, umount2(path, MNT_DETACH | UMOUNT_NOFOLLOW) == 0 ? 0 : -errno);
 }
 
+/*
+ * lazyUnmountAsync(path) -> Promise of 0 or -errno: lazyUnmount in libuv's
+ * thread pool. A lazy unmount waits for the kernel to retire the mount (an
+ * RCU grace period, milliseconds on a busy machine); stopping an agent
+ * unmounts every export, and one after another on the event loop a
+ * thousand took seconds. Several run at once here.
+ */
+struct unmount_work {
+  napi_async_work work;
+  napi_deferred deferred;
+  char path[4096];
+  int result;
+};
+
+static void unmount_execute(napi_env env, void *data) {
+  (void)env;
+  struct unmount_work *w = data;
+  w->result = umount2(w->path, MNT_DETACH | UMOUNT_NOFOLLOW) == 0 ? 0 : -errno;
+}
+
+static void unmount_complete(napi_env env, napi_status status, void *data) {
+  struct unmount_work *w = data;
+  napi_value r = make_int(env, status == napi_ok ? w->result : -EIO);
+  if (r != NULL) napi_resolve_deferred(env, w->deferred, r);
+  napi_delete_async_work(env, w->work);
+  free(w);
+}
+
+static napi_value lazy_unmount_async_js(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_value promise;
+  napi_value name;
+  size_t len = 0;
+  struct unmount_work *w = calloc(1, sizeof *w);
+  if (w == NULL) {
+    napi_throw_error(env, NULL, "blkexport_native: out of memory");
+    return NULL;
+  }
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1 ||
+      napi_get_value_string_utf8(env, argv[0], w->path, sizeof w->path, &len) != napi_ok ||
+      len >= sizeof w->path - 1) {
+    free(w);
+    napi_throw_type_error(env, NULL, "blkexport_native: lazyUnmountAsync(path): a path shorter than 4095 bytes");
+    return NULL;
+  }
+  if (napi_create_promise(env, &w->deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, "blkexport.lazyUnmount", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, unmount_execute, unmount_complete, w, &w->work) != napi_ok) {
+    free(w);
+    napi_throw_error(env, NULL, "blkexport_native: cannot start an unmount");
+    return NULL;
+  }
+  if (napi_queue_async_work(env, w->work) != napi_ok) {
+    napi_delete_async_work(env, w->work);
+    free(w);
+    napi_throw_error(env, NULL, "blkexport_native: cannot queue an unmount");
+    return NULL;
+  }
+  return promise;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   struct {
     const char *name;
@@ -267,6 +331,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"holderRequest", holder_request_js},
       {"closeFd", close_fd_js},
       {"lazyUnmount", lazy_unmount_js},
+      {"lazyUnmountAsync", lazy_unmount_async_js},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

@@ -58,6 +58,9 @@ export class ManifestsInForce {
   private readonly cache = new ManifestCache();
   private state: ManifestState = EMPTY_MANIFEST_STATE;
   private previous = new Map<string, ManifestFile>();
+  /** The files as read by the last load, and what it found in force. */
+  private lastFresh: readonly ManifestFile[] = [];
+  private lastInForce: ManifestFile[] = [];
   /** Each file's status after the last load (for GET /status). */
   status: ManifestStatus[] = [];
 
@@ -88,7 +91,12 @@ export class ManifestsInForce {
         error: describeError(e),
       });
     }
+    // The same files, each the same object (read and found unchanged): nothing can have changed.
+    // An event that named a file whose content is as before costs its reads, not a host-wide check.
+    if (fresh && fresh.length === this.lastFresh.length && fresh.every((f, i) => f === this.lastFresh[i]))
+      return { inForce: this.lastInForce, changedExports: [], changedVersions: [] };
     if (fresh) {
+      this.lastFresh = fresh;
       const mp = resolveManifests(fresh, this.state, this.hostname);
       this.state = mp.next;
       for (const s of mp.status) this.logNewErrors(s);
@@ -103,6 +111,7 @@ export class ManifestsInForce {
     const changedVersions = [...changed];
     for (const [file, before] of this.previous) if (now.get(file) !== before) changedVersions.push(before);
     this.previous = now;
+    this.lastInForce = inForce;
     return { inForce, changedExports, changedVersions };
   }
 

@@ -7,7 +7,7 @@
 import { realpath } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { isInsideRoot } from '../block/path-policy.js';
-import { fuseMountOn, readMountTable } from '../export/mount-table.js';
+import { fuseMountOn, recentMountTable } from '../export/mount-table.js';
 import { NodeGraph } from '../manifest/graph.js';
 import type { Desired } from '../reconcile/model.js';
 
@@ -59,7 +59,8 @@ export async function refusedByRoots(desired: Desired, roots: readonly string[] 
   // A path a FUSE mount covers is never resolved here: realpath would ask the mount's server (for
   // our own mounts, this process: many at once fill libuv's pool with requests that wait on the
   // pool themselves). The mount table holds it canonical already, so the string is checked as is.
-  const table = await readMountTable();
+  if (paths.size === 0) return out;
+  const table = await recentMountTable();
   const verdicts = new Map(
     await Promise.all(
       [...paths].map(

@@ -30,7 +30,7 @@ async function isLiveAgent(pid: number): Promise<boolean> {
 export async function cleanStaleAgentMounts(held: ReadonlySet<string> = new Set()): Promise<MountEntry[]> {
   const cleaned: MountEntry[] = [];
   // Stacked mounts on one path: unmount the topmost first.
-  const entries = (await readMountTable()).reverse();
+  const entries = [...(await readMountTable())].reverse();
   for (const e of entries) {
     const owner = mountOwner(e);
     if (owner?.kind !== 'agent' || held.has(e.mountpoint)) continue;

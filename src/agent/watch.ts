@@ -5,7 +5,11 @@
  * incremental; a burst that touched anything else than manifest files directly
  * in the directory (a Kubernetes ConfigMap's `..data` symlink swap, a
  * subdirectory, the directory itself, a watch error) asks for a full pass.
- * Other files (editors' swap and backup files) add nothing to a burst.
+ * Other files (editors' swap and backup files) add nothing to a burst. A
+ * burst starts at the inotify event itself (chokidar's raw event, which names
+ * the file), not after chokidar has read the whole directory again; chokidar
+ * runs in a worker thread (watch-thread.ts), so its re-reads of a large
+ * directory never hold up a pass.
  *
  * The directory itself may go away and come back (a sync tool that replaces
  * it, a volume remounted, a bind mount swapped). An inotify watch follows the
@@ -16,12 +20,37 @@
  * it asks for is the agent's business: a missing directory changes nothing).
  */
 import { statSync } from 'node:fs';
-import { basename, dirname, join, resolve } from 'node:path';
-import { type FSWatcher, watch } from 'chokidar';
+import { basename, dirname, extname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Worker } from 'node:worker_threads';
 import { isManifestName } from '../manifest/directory.js';
+import type { WatchMessage } from './watch-thread.js';
 
 export interface ManifestWatcher {
+  /** Settles once the first watch is up: changes from then on are seen. */
+  readonly ready: Promise<void>;
   close(): Promise<void>;
+}
+
+/** One watch of the directory, in its own thread (watch-thread.ts). */
+interface WatchThread {
+  readonly ready: Promise<void>;
+  close(): Promise<void>;
+}
+
+/**
+ * Starts the watch thread on `dir`: its built module, or from the TypeScript
+ * sources (tests, run through tsx) the same module after tsx's loader, which a
+ * worker thread does not inherit.
+ */
+function startThread(dir: string): Worker {
+  const ext = extname(fileURLToPath(import.meta.url));
+  const thread = new URL(`./watch-thread${ext}`, import.meta.url);
+  const workerData = { manifestWatch: dir };
+  if (ext !== '.ts') return new Worker(thread, { workerData });
+  const tsx = import.meta.resolve('tsx/esm/api');
+  const boot = `import(${JSON.stringify(tsx)}).then((m) => { m.register(); return import(${JSON.stringify(thread.href)}); });`;
+  return new Worker(boot, { eval: true, workerData });
 }
 
 export interface WatchOptions {
@@ -41,6 +70,15 @@ export function directoryIdentity(path: string): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** A promise and the function that settles it. */
+function settled(): { promise: Promise<void>; resolve: () => void } {
+  let resolve: () => void = () => undefined;
+  const promise = new Promise<void>((res) => {
+    resolve = res;
+  });
+  return { promise, resolve };
 }
 
 /**
@@ -82,20 +120,33 @@ export function watchManifests(
       onChange(burst === undefined ? undefined : [...burst]);
     }, debounceMs);
   };
-  const start = (): FSWatcher => {
-    const w = watch(dir, {
-      ignoreInitial: true,
-      followSymlinks: true,
-      // Editors' swap and backup files still trigger a rescan; the rescan ignores them.
-      depth: 4,
-    });
-    w.on('all', (_event, path) => {
+  const start = (): WatchThread => {
+    const worker = startThread(dir);
+    const { promise: ready, resolve: up } = settled();
+    let ending = false;
+    worker.on('message', (m: WatchMessage) => {
+      if (m.kind === 'ready') return up();
+      if (m.kind === 'error') return kick(undefined);
       // An event about the directory itself (unlinkDir, a rename away): its watch may be dead from here on.
-      if (typeof path === 'string' && resolve(path) === root) lost = true;
-      kick(path);
+      if (!m.raw && m.path !== undefined && resolve(m.path) === root) lost = true;
+      kick(m.path);
     });
-    w.on('error', () => kick(undefined));
-    return w;
+    // A thread that died watches nothing: the identity check starts another.
+    worker.on('error', () => {
+      lost = true;
+      kick(undefined);
+    });
+    worker.on('exit', () => {
+      up();
+      if (!closed && !ending) lost = true;
+    });
+    return {
+      ready,
+      close: async () => {
+        ending = true;
+        await worker.terminate();
+      },
+    };
   };
   let watcher = start();
 
@@ -116,6 +167,8 @@ export function watchManifests(
       watched = now;
       lost = false;
       await old.close();
+      // A manifest saved before the new watch is up is found by the full pass asked for once it is.
+      await watcher.ready;
       opts.log?.('manifest directory is back; watching it again', { dir });
       kick(undefined);
     } finally {
@@ -126,6 +179,7 @@ export function watchManifests(
   ticker.unref();
 
   return {
+    ready: watcher.ready,
     async close() {
       closed = true;
       clearInterval(ticker);

@@ -32,6 +32,8 @@ export interface NativeHelper {
   closeFd(fd: number): number;
   /** umount2(path, MNT_DETACH | UMOUNT_NOFOLLOW), as `umount -l` (root): 0 or -errno. */
   lazyUnmount(path: string): number;
+  /** lazyUnmount in libuv's thread pool (several at once; the event loop goes on). */
+  lazyUnmountAsync(path: string): Promise<number>;
   readonly F_RDLCK: number;
   readonly F_WRLCK: number;
   readonly F_UNLCK: number;

@@ -11,7 +11,14 @@ import { BlkError } from '../errors.js';
 import type { ExportStats } from '../export/driver.js';
 import { createMountpoint } from '../export/fuse/driver.js';
 import { lazyUnmount } from '../export/fuse/file-fs.js';
-import { fuseMountOn, type MountEntry, readMountTable, topMountAt } from '../export/mount-table.js';
+import {
+  fuseMountOn,
+  type MountEntry,
+  mountTableChanging,
+  readMountTable,
+  recentMountTable,
+  topMountAt,
+} from '../export/mount-table.js';
 import { NodeGraph } from '../manifest/graph.js';
 import { mountpointOf } from '../manifest/types.js';
 import type {
@@ -57,6 +64,9 @@ export interface HeldExport {
   reason: string;
 }
 
+/** Steps that open, close or reopen nodes only: no mount changes. */
+const NODE_STEPS: ReadonlySet<Step['action']> = new Set(['add-node', 'remove-node', 'reopen-node']);
+
 /** The engine-specific half of each step, as a struct of callbacks. */
 export interface EngineDriver {
   readonly name: EngineName;
@@ -101,7 +111,10 @@ export interface EngineDriver {
  * or none. A path under a FUSE mount is not looked at: stat would reach the
  * mount's server (maybe this very process: never do that), not the image.
  */
-async function fileDrift(nodes: readonly NodeRecord[], table: MountEntry[]): Promise<Map<string, string>> {
+async function fileDrift(
+  nodes: readonly NodeRecord[],
+  table: readonly MountEntry[],
+): Promise<Map<string, string>> {
   const files = nodes.filter((n) => {
     const path = n.options.filename;
     return n.options.driver === 'file' && path && n.fileKey && !fuseMountOn(table, path);
@@ -160,7 +173,11 @@ export class StepEngine implements Engine {
       const exports = scope
         ? records.exports.filter((e) => scope.exports.has(e.options.id))
         : records.exports;
-      const table = await readMountTable();
+      const held = (this.driver.held?.() ?? []).filter((h) => !scope || scope.exports.has(h.options.id));
+      // Nothing of this engine to look at (an incremental pass about another engine's exports, or
+      // about exports not made yet): no mount table to read, a thousand lines with as many exports.
+      if (nodes.length === 0 && exports.length === 0 && held.length === 0) return { nodes: [], exports: [] };
+      const table = await recentMountTable();
       const drift = await fileDrift(nodes, table);
       const observed: Observed = { nodes: [], exports: [] };
       for (const n of nodes) {
@@ -171,9 +188,7 @@ export class StepEngine implements Engine {
         observed.nodes.push(o);
       }
       for (const e of exports) observed.exports.push(this.observeExport(e.options, table));
-      for (const h of this.driver.held?.() ?? [])
-        if (!scope || scope.exports.has(h.options.id))
-          observed.exports.push({ options: h.options, state: 'held', reason: h.reason });
+      for (const h of held) observed.exports.push({ options: h.options, state: 'held', reason: h.reason });
       return observed;
     });
   }
@@ -182,7 +197,7 @@ export class StepEngine implements Engine {
    * One export's state: a FUSE export by the mount table, an NBD export by
    * the NBD server's table of exports (`mounted` then means served).
    */
-  private observeExport(e: ExportOptions, table: MountEntry[]): ObservedExport {
+  private observeExport(e: ExportOptions, table: readonly MountEntry[]): ObservedExport {
     if (e.type === 'nbd')
       return this.driver.nbdServed?.(e.id)
         ? { options: e, state: 'mounted' }
@@ -213,6 +228,8 @@ export class StepEngine implements Engine {
 
   apply(step: Step): Promise<void> {
     return this.serial(async () => {
+      // Export steps mount, unmount or remount (here or in qemu-storage-daemon): the mount table changes.
+      if (!NODE_STEPS.has(step.action)) mountTableChanging();
       await this.driver.prepare?.();
       switch (step.action) {
         case 'add-node':
@@ -267,7 +284,7 @@ export class StepEngine implements Engine {
     if (this.node(name)) throw new BlkError('STATE', `node '${name}' is already open`);
     const covering =
       n.driver === 'file' && n.filename !== undefined
-        ? fuseMountOn(await readMountTable(), n.filename)
+        ? fuseMountOn(await recentMountTable(), n.filename)
         : undefined;
     const resolved = await this.driver.addNode(n, covering);
     if (n.driver === 'auto' && !n['read-only'] && resolved.driver === 'raw') {

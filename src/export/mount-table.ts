@@ -3,7 +3,8 @@
  * and how our own FUSE mounts are recognized in it: fstype `fuse.blkexport`,
  * source `blkexport:<pid>` (one-shot `mount`) or `blkexport-agent:<pid>`.
  */
-import { readFile, readlink, realpath } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+import { readlink, realpath } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 
 export interface MountEntry {
@@ -25,6 +26,8 @@ export type MountOwner = { kind: 'mount' | 'agent'; pid: number };
 
 /** Undoes mountinfo's octal escapes (\040 for space, \011, \012, \134). */
 function unescapeMountField(s: string): string {
+  // Most fields have nothing escaped: the table is parsed several times per agent pass, a thousand lines each.
+  if (!s.includes('\\')) return s;
   return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(Number.parseInt(o, 8)));
 }
 
@@ -52,9 +55,41 @@ export function parseMountInfo(text: string): MountEntry[] {
   return out;
 }
 
-/** Reads and parses this process's mount table. */
-export async function readMountTable(): Promise<MountEntry[]> {
-  return parseMountInfo(await readFile('/proc/self/mountinfo', 'utf8'));
+/** The last table read, by its text: the agent reads it several times per pass, mostly unchanged. */
+let last: { text: string; table: readonly MountEntry[]; at: number; generation: number } | undefined;
+/** Bumped whenever this process may have changed a mount (recentMountTable's tables before are out of date). */
+let generation = 0;
+
+/** This process is about to mount, unmount or remount something: tables read before are out of date. */
+export function mountTableChanging(): void {
+  generation++;
+}
+
+/**
+ * The mount table as read at most `maxAgeMs` ago, provided this process
+ * changed no mount since (mountTableChanging); else read now. With a
+ * thousand mounts a read costs the kernel milliseconds (tens with several
+ * thousand), and one agent pass looks things up in it several times.
+ * Mounts other processes make or remove in between are seen at the next
+ * read, as they would be one moment after any read.
+ */
+export async function recentMountTable(maxAgeMs = 500): Promise<readonly MountEntry[]> {
+  if (last && last.generation === generation && performance.now() - last.at <= maxAgeMs) return last.table;
+  return readMountTable();
+}
+
+/**
+ * Reads and parses this process's mount table. A text identical to the last
+ * one read gives the same (frozen) table, and so the same look-up index.
+ */
+export async function readMountTable(): Promise<readonly MountEntry[]> {
+  // One read(2) loop, not the promise API's: the kernel makes the text up as it is read (its size is
+  // 0), and the promise API reads it in chunks, a round trip through the thread pool each.
+  const at = performance.now();
+  const text = readFileSync('/proc/self/mountinfo', 'utf8');
+  const table = last?.text === text ? last.table : Object.freeze(parseMountInfo(text));
+  last = { text, table, at, generation };
+  return table;
 }
 
 /** The fsname we give a mount served by `kind` in process `pid`. */

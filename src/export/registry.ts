@@ -20,6 +20,12 @@ export class ExportRegistry {
   private readonly starting = new Set<string>();
   /** What each live export was last told by setShared (told again only when it changes). */
   private readonly toldShared = new WeakMap<LiveExport, boolean>();
+  /** Each live export's nodes (itself and below) and whether it was counted a writer, as of its start or last reopen. */
+  private readonly nodesOf = new Map<LiveExport, { nodes: BlockNode[]; writer: boolean }>();
+  /** Per node: the live exports that use it, and how many of them can write. */
+  private readonly usersOf = new Map<BlockNode, { exports: Set<LiveExport>; writers: number }>();
+  /** The claim key of each export that made one. */
+  private readonly claimOf = new Map<string, string>();
 
   /** Checks, then starts an export of `node` with `driver`. */
   add<O extends ExportDriverOptions, E extends LiveExport<O>, H>(
@@ -68,14 +74,20 @@ export class ExportRegistry {
       );
     }
     this.starting.add(opts.id);
-    if (claim) this.claims.set(claim.key, opts.id);
+    if (claim) {
+      this.claims.set(claim.key, opts.id);
+      this.claimOf.set(opts.id, claim.key);
+    }
     try {
       const exp = await start();
       this.byId.set(opts.id, exp as unknown as LiveExport);
-      this.refreshSharing();
+      this.refreshSharing(this.index(exp as unknown as LiveExport));
       return exp;
     } catch (e) {
-      if (claim) this.claims.delete(claim.key);
+      if (claim) {
+        this.claims.delete(claim.key);
+        this.claimOf.delete(opts.id);
+      }
       throw e;
     } finally {
       this.starting.delete(opts.id);
@@ -92,8 +104,12 @@ export class ExportRegistry {
         `export '${id}': cannot make an export of read-only node '${exp.node.nodeName}' writable`,
       );
     }
-    await exp.reopen(opts);
-    this.refreshSharing();
+    const before = this.unindex(exp);
+    try {
+      await exp.reopen(opts);
+    } finally {
+      this.refreshSharing([...before, ...this.index(exp)]);
+    }
   }
 
   /** Flushes and stops an export; the caller closes the nodes afterwards. */
@@ -104,33 +120,55 @@ export class ExportRegistry {
       await exp.stop();
     } finally {
       this.byId.delete(id);
-      for (const [key, owner] of this.claims) if (owner === id) this.claims.delete(key);
-      this.refreshSharing();
+      const key = this.claimOf.get(id);
+      if (key !== undefined) this.claims.delete(key);
+      this.claimOf.delete(id);
+      this.refreshSharing(this.unindex(exp));
     }
+  }
+
+  /** Counts a live export as a user of its nodes; returns them. */
+  private index(e: LiveExport): BlockNode[] {
+    const nodes = [...new Set(nodesUnder(e.node))];
+    const writer = e.isWritable;
+    this.nodesOf.set(e, { nodes, writer });
+    for (const n of nodes) {
+      const u = this.usersOf.get(n) ?? { exports: new Set<LiveExport>(), writers: 0 };
+      u.exports.add(e);
+      if (writer) u.writers++;
+      this.usersOf.set(n, u);
+    }
+    return nodes;
+  }
+
+  /** Undoes index(e); returns the nodes it used. */
+  private unindex(e: LiveExport): BlockNode[] {
+    const { nodes, writer } = this.nodesOf.get(e) ?? { nodes: [], writer: false };
+    this.nodesOf.delete(e);
+    for (const n of nodes) {
+      const u = this.usersOf.get(n);
+      if (!u?.exports.delete(e)) continue;
+      if (writer) u.writers--;
+      if (u.exports.size === 0) this.usersOf.delete(n);
+    }
+    return nodes;
   }
 
   /**
    * Exports that share a node while one of them can write are told so (the
    * FUSE export then stops using the binding's read fast path: it would miss
-   * the other's changes). Called after every add, reopen and remove.
+   * the other's changes). Called after every add, reopen and remove with the
+   * nodes it touched: only the exports using one of them can change, so an
+   * add or remove costs its neighbours, not every export of the process.
    */
-  private refreshSharing(): void {
-    // Per node: how many exports use it, how many of them can write. Linear in exports × depth
-    // (the pairwise check was quadratic, and this runs after every add and remove).
-    const all = this.list().map((e) => ({ e, nodes: [...new Set(nodesUnder(e.node))] }));
-    const users = new Map<BlockNode, { all: number; writers: number }>();
-    for (const { e, nodes } of all)
-      for (const n of nodes) {
-        const u = users.get(n) ?? { all: 0, writers: 0 };
-        u.all++;
-        if (e.isWritable) u.writers++;
-        users.set(n, u);
-      }
-    for (const { e, nodes } of all) {
-      const shared = nodes.some((n) => {
-        const u = users.get(n)!;
-        const otherWriters = u.writers - (e.isWritable ? 1 : 0);
-        return u.all > 1 && (e.isWritable || otherWriters > 0);
+  private refreshSharing(touched: readonly BlockNode[]): void {
+    const affected = new Set<LiveExport>();
+    for (const n of touched) for (const e of this.usersOf.get(n)?.exports ?? []) affected.add(e);
+    for (const e of affected) {
+      const shared = (this.nodesOf.get(e)?.nodes ?? []).some((n) => {
+        const u = this.usersOf.get(n);
+        if (!u || u.exports.size < 2) return false;
+        return e.isWritable || u.writers > 0;
       });
       if (this.toldShared.get(e) === shared) continue;
       this.toldShared.set(e, shared);

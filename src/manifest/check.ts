@@ -23,13 +23,18 @@ function describeNode(n: NodeSpec): string {
 /** Problems of one document: duplicates, unresolved references, cycles, writable exports over read-only nodes. */
 export function checkDocument(doc: ManifestDocument): DocumentProblem[] {
   const problems: DocumentProblem[] = [];
-  const nodes = checkNodes(doc, problems);
-  checkExports(doc, nodes, problems);
+  const graph = new NodeGraph(doc.nodes.map((n) => n.options));
+  const nodes = checkNodes(doc, graph, problems);
+  checkExports(doc, graph, nodes, problems);
   return problems;
 }
 
 /** Duplicate node-names, QEMU-only drivers under the native engine, unknown children, cycles; the nodes by name. */
-function checkNodes(doc: ManifestDocument, problems: DocumentProblem[]): Map<string, NodeSpec> {
+function checkNodes(
+  doc: ManifestDocument,
+  graph: NodeGraph,
+  problems: DocumentProblem[],
+): Map<string, NodeSpec> {
   const nodes = new Map<string, NodeSpec>();
   for (const n of doc.nodes) {
     const first = nodes.get(n.options['node-name']);
@@ -63,7 +68,6 @@ function checkNodes(doc: ManifestDocument, problems: DocumentProblem[]): Map<str
         message: `force-share is for read-only nodes (as in QEMU): set read-only: true on "${n.options['node-name']}"`,
       });
   }
-  const graph = new NodeGraph(doc.nodes.map((n) => n.options));
   for (const n of doc.nodes) {
     for (const c of childrenOf(n.options)) {
       if (nodes.has(c.name)) continue;
@@ -87,10 +91,10 @@ function checkNodes(doc: ManifestDocument, problems: DocumentProblem[]): Map<str
 /** Duplicate ids and mountpoints, unknown nodes, writable exports over read-only nodes. */
 function checkExports(
   doc: ManifestDocument,
+  graph: NodeGraph,
   nodes: Map<string, NodeSpec>,
   problems: DocumentProblem[],
 ): void {
-  const graph = new NodeGraph(doc.nodes.map((n) => n.options));
   const writers = new Map<string, ExportSpec>();
   const ids = new Map<string, ExportSpec>();
   const mountpoints = new Map<string, ExportSpec>();

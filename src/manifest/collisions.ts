@@ -13,26 +13,43 @@ type Kind = 'manifest name' | 'node-name' | 'export id' | 'mountpoint' | 'NBD ex
 interface Claim {
   kind: Kind;
   value: string;
+  /** `kind|value`: what two claims collide on. */
+  key: string;
   doc: ManifestDocument;
   source: SourcePos;
   generatedFor?: string;
 }
 
+/**
+ * Each document's claims, made once: the agent checks every manifest of the
+ * host on every pass, and unchanged documents are the same objects then.
+ */
+const claimsByDoc = new WeakMap<ManifestDocument, Claim[]>();
+
 function claimsOf(doc: ManifestDocument): Claim[] {
+  const known = claimsByDoc.get(doc);
+  if (known) return known;
+  const claim = (kind: Kind, value: string, source: SourcePos): Claim => ({
+    kind,
+    value,
+    key: `${kind}|${value}`,
+    doc,
+    source,
+  });
   // Exports first, so a shorthand whose id collides is reported once, not also for its generated nodes.
-  const claims: Claim[] = [{ kind: 'manifest name', value: doc.name, doc, source: doc.source }];
+  const claims: Claim[] = [claim('manifest name', doc.name, doc.source)];
   for (const e of doc.exports) {
-    claims.push({ kind: 'export id', value: e.options.id, doc, source: e.source });
+    claims.push(claim('export id', e.options.id, e.source));
     // One host-level NBD server: its export names are as unique as mountpoints.
-    if (e.options.type === 'fuse')
-      claims.push({ kind: 'mountpoint', value: e.options.mountpoint, doc, source: e.source });
-    else claims.push({ kind: 'NBD export name', value: e.options.name, doc, source: e.source });
+    if (e.options.type === 'fuse') claims.push(claim('mountpoint', e.options.mountpoint, e.source));
+    else claims.push(claim('NBD export name', e.options.name, e.source));
   }
   for (const n of doc.nodes) {
-    const claim: Claim = { kind: 'node-name', value: n.options['node-name'], doc, source: n.source };
-    if (n.generatedFor !== undefined) claim.generatedFor = n.generatedFor;
-    claims.push(claim);
+    const c = claim('node-name', n.options['node-name'], n.source);
+    if (n.generatedFor !== undefined) c.generatedFor = n.generatedFor;
+    claims.push(c);
   }
+  claimsByDoc.set(doc, claims);
   return claims;
 }
 
@@ -88,15 +105,16 @@ function documentCollisions(
 ): BlkError[] {
   const problems: BlkError[] = [];
   const collidingIds = new Set<string>();
+  const overlaps = (c: Claim) => hostsOverlap(c.doc, doc);
   for (const claim of claimsOf(doc)) {
     // A shorthand export whose id collides already says so; its generated node-names would repeat it.
     if (
+      collidingIds.size > 0 &&
       claim.generatedFor !== undefined &&
       collidingIds.has(claim.generatedFor.replace(/^shorthand export /, ''))
     )
       continue;
-    const key = `${claim.kind}|${claim.value}`;
-    const overlaps = (c: Claim) => hostsOverlap(c.doc, doc);
+    const key = claim.key;
     const other = accepted.get(key)?.find(overlaps) ?? staged.get(key)?.find(overlaps);
     if (!other) {
       const list = staged.get(key);

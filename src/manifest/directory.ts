@@ -11,19 +11,27 @@ export function isManifestName(name: string): boolean {
   return !name.startsWith('.') && /\.ya?ml$/.test(name);
 }
 
-/** The manifest files of `dir` (not recursive), sorted by name: the order collisions are decided in. */
+/**
+ * The manifest files of `dir` (not recursive), sorted by name: the order
+ * collisions are decided in. A regular file is known from the directory entry
+ * itself; only symlinks (a ConfigMap's files) and entries of unknown type are
+ * stat-ed: the agent lists the directory on every pass.
+ */
 export function listManifestFiles(dir: string): string[] {
-  return readdirSync(dir)
-    .filter(isManifestName)
-    .sort((a, b) => (a < b ? -1 : a > b ? 1 : 0))
-    .map((name) => join(dir, name))
-    .filter((p) => {
+  return readdirSync(dir, { withFileTypes: true })
+    .filter((d) => isManifestName(d.name))
+    .filter((d) => {
+      if (d.isFile()) return true;
+      if (d.isDirectory()) return false;
       try {
-        return statSync(p).isFile();
+        return statSync(join(dir, d.name)).isFile();
       } catch {
         return false;
       }
-    });
+    })
+    .map((d) => d.name)
+    .sort((a, b) => (a < b ? -1 : a > b ? 1 : 0))
+    .map((name) => join(dir, name));
 }
 
 /** Loads files and directories (each directory's manifests in sorted order) as one set; never throws for a bad path. */

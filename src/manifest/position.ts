@@ -10,10 +10,9 @@ export interface LineCol {
 /** Splits a JSON pointer (`/spec/exports/0`) into its unescaped segments. */
 export function pointerSegments(pointer: string): string[] {
   if (pointer === '') return [];
-  return pointer
-    .slice(1)
-    .split('/')
-    .map((s) => s.replaceAll('~1', '/').replaceAll('~0', '~'));
+  const segments = pointer.slice(1).split('/');
+  if (!pointer.includes('~')) return segments; // nothing escaped: one look-up per export of a large manifest
+  return segments.map((s) => s.replaceAll('~1', '/').replaceAll('~0', '~'));
 }
 
 /** Joins segments into a JSON pointer. */

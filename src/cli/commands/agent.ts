@@ -278,12 +278,14 @@ export async function run(args: string[]): Promise<number> {
     });
   }
 
-  const first = await agent.requestPass('start');
-  log.info('first pass done', { steps: first.steps, failed: first.failed, ms: Math.round(first.durationMs) });
-
+  // The watch is up before the first pass reads the directory: a manifest saved in between is not missed.
   const watcher = watchManifests(dir, (files) => void agent.requestPass('manifest change', files), {
     log: (msg, fields) => log.warn(msg, fields),
   });
+  await watcher.ready;
+  const first = await agent.requestPass('start');
+  log.info('first pass done', { steps: first.steps, failed: first.failed, ms: Math.round(first.durationMs) });
+
   const resync = setInterval(() => void agent.requestPass('resync'), resyncSec * 1000);
 
   return new Promise<number>((resolveExit) => {

@@ -128,9 +128,29 @@ export class ConnectionKeeper {
     this.call('PUT', id, mountpoint, Buffer.from(JSON.stringify(meta)), fds);
   }
 
+  /**
+   * put(), starting a holder first when none answers. Each request is a
+   * synchronous round trip to the holder: asking first whether it runs would
+   * double the requests of every mount.
+   */
+  async putStarting(id: string, mountpoint: string, fds: number[], meta: HeldMeta): Promise<void> {
+    try {
+      this.put(id, mountpoint, fds, meta);
+      return;
+    } catch (e) {
+      if (this.running()) throw e;
+    }
+    await this.ensureRunning();
+    this.put(id, mountpoint, fds, meta);
+  }
+
   /** Closes and forgets the holder's descriptors of export `id` (no-op when no holder runs). */
   drop(id: string): void {
-    if (this.running()) this.call('DROP', id);
+    try {
+      this.call('DROP', id);
+    } catch (e) {
+      if (this.running()) throw e;
+    }
   }
 
   /**

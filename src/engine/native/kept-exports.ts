@@ -49,7 +49,7 @@ async function connectionOf(
 }
 
 /** What the mount table says instead of the kept mount (it was unmounted by someone, maybe mounted over). */
-function whyGone(table: MountEntry[], h: HeldConnection): string {
+function whyGone(table: readonly MountEntry[], h: HeldConnection): string {
   const top = topMountAt(table, h.mountpoint);
   const elsewhere = table.find((m) => m.mountId === h.meta.mountId);
   if (elsewhere) return `mount ${h.meta.mountId} is now on '${elsewhere.mountpoint}'`;
@@ -187,7 +187,6 @@ export class KeptExports {
       return;
     }
     try {
-      await this.keeper.ensureRunning();
       const meta: HeldMeta = {
         version: 1,
         options,
@@ -201,7 +200,7 @@ export class KeptExports {
       };
       if (extra.overlayFile !== undefined) meta.overlayFile = extra.overlayFile;
       const fds = extra.pinFd === undefined ? [conn.fd] : [conn.fd, extra.pinFd];
-      this.keeper.put(options.id, options.mountpoint, fds, meta);
+      await this.keeper.putStarting(options.id, options.mountpoint, fds, meta);
     } catch (e) {
       this.log('warn', 'this export will end with the agent process', {
         export: options.id,

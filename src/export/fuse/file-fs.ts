@@ -9,6 +9,7 @@ import { constants } from 'node:os';
 import { nativeHelper } from '../../block/lock-native.js';
 import type { HostExtent } from '../../block/types.js';
 import { BlkError, Errno } from '../../errors.js';
+import { mountTableChanging } from '../mount-table.js';
 
 /** An error that answers a FUSE request with a specific errno. */
 export class FuseErrno extends BlkError {
@@ -180,26 +181,33 @@ export function toErrno(err: unknown): number {
   return -Errno.EIO;
 }
 
-/** umount2 through the native helper: 0 or -errno; undefined when the helper is not built. */
-function unmountNative(mountpoint: string): number | undefined {
+/**
+ * umount2 through the native helper, in libuv's thread pool (the kernel's
+ * wait for the mount to retire does not hold the event loop, and several
+ * unmounts overlap): 0 or -errno; undefined when the helper is not built.
+ */
+async function unmountNative(mountpoint: string): Promise<number | undefined> {
+  let helper: ReturnType<typeof nativeHelper>;
   try {
-    return nativeHelper().lazyUnmount(mountpoint);
+    helper = nativeHelper();
   } catch {
     return undefined;
   }
+  return helper.lazyUnmountAsync(mountpoint);
 }
 
 /** Lazily unmounts a FUSE mount (umount2 with MNT_DETACH as root, fusermount -uz otherwise). */
-export function lazyUnmount(mountpoint: string): Promise<void> {
+export async function lazyUnmount(mountpoint: string): Promise<void> {
+  mountTableChanging();
   const asRoot = process.getuid?.() === 0;
   // As root, the system call itself: a `umount -l` child costs a fork of the whole agent (0.2–0.35 s
   // each with hundreds of exports), and stopping an agent unmounts every export.
-  const native = asRoot ? unmountNative(mountpoint) : undefined;
-  if (native === 0) return Promise.resolve();
+  const native = asRoot ? await unmountNative(mountpoint) : undefined;
+  if (native === 0) return;
   if (native !== undefined && native !== -Errno.ENOSYS) {
     const name = Object.entries(constants.errno).find(([, v]) => v === -native)?.[0] ?? `errno ${-native}`;
     const why = native === -Errno.EINVAL ? 'not mounted' : name;
-    return Promise.reject(new BlkError('MOUNT_FAILED', `umount2 ${mountpoint} (lazy): ${why}`));
+    throw new BlkError('MOUNT_FAILED', `umount2 ${mountpoint} (lazy): ${why}`);
   }
   const [cmd, args] = asRoot ? ['umount', ['-l', mountpoint]] : ['fusermount', ['-uz', mountpoint]];
   return new Promise((resolve, reject) => {
@@ -213,6 +221,7 @@ export function lazyUnmount(mountpoint: string): Promise<void> {
 
 /** Remounts a FUSE mount read-write or read-only (-i: no mount.fuse helper for our subtype). */
 export function remount(mountpoint: string, mode: 'rw' | 'ro'): Promise<void> {
+  mountTableChanging();
   return new Promise((resolve, reject) => {
     execFile('mount', ['-i', '-o', `remount,${mode}`, mountpoint], (err, _out, stderr) => {
       if (err)

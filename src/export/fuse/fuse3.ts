@@ -10,6 +10,7 @@
 import { createRequire } from 'node:module';
 import type { CompressionAlgorithm, HostExtent } from '../../block/types.js';
 import { BlkError, Errno } from '../../errors.js';
+import { mountTableChanging } from '../mount-table.js';
 import {
   type FastPath,
   type FileFsMount,
@@ -203,6 +204,7 @@ export function mountFileFsFuse3(
   return serve(a, mountpoint, ops, (dispatch) => {
     try {
       const extra = options.passthroughFd === undefined ? {} : { passthroughFd: options.passthroughFd };
+      mountTableChanging();
       return a.mount(mountpoint, optionString(options), dispatch, extra);
     } catch (e) {
       throw new BlkError('MOUNT_FAILED', `FUSE mount on '${mountpoint}' failed (${(e as Error).message})`);
