@@ -49,6 +49,21 @@ export class Transport {
     for (const b of bufs) if (b.length) this.stream.write(b);
   }
 
+  /**
+   * write(), then `sent` once the kernel has the last buffer (or at once when
+   * the connection is closed): until then the socket may still read them.
+   */
+  writeThen(sent: () => void, ...bufs: Buffer[]): void {
+    const last = bufs.findLastIndex((b) => b.length > 0);
+    if (this.closed || last < 0) {
+      this.write(...bufs);
+      sent();
+      return;
+    }
+    this.write(...bufs.slice(0, last));
+    this.stream.write(bufs[last]!, () => sent());
+  }
+
   /** Resolves once the queued bytes are below `limit` (or the stream closed): backpressure. */
   async waitWritable(limit = WRITE_HIGH_WATER): Promise<void> {
     while (!this.closed && this.stream.writableLength > limit) {
