@@ -245,7 +245,7 @@ async function main(argv: string[]): Promise<number> {
       0,
     );
     log(
-      `${workloads.length} workloads, ${runs} fio runs of ≤ ${opts.runtimeS} s ≈ ${Math.ceil((runs * (opts.runtimeS + 2)) / 60)} min, images in ${dir}`,
+      `${workloads.length} workloads, ${nbdRows.length} NBD rows, ${runs} fio runs of ≤ ${opts.runtimeS} s ≈ ${Math.ceil((runs * (opts.runtimeS + 2)) / 60)} min, images in ${dir}`,
     );
     const images = workloads.length || nbdRows.length ? await makeImages(dir, opts.size, log) : undefined;
 
