@@ -27,6 +27,7 @@ import {
   removePair,
 } from './images.js';
 import { describeMachine } from './machine.js';
+import { NBD_ROWS, type NbdOutcome, runNbdRows, selectNbdRows } from './nbd.js';
 import { cpuSeconds, mountPoints, runCommand, unmountIfMounted } from './proc.js';
 import { type Cell, type RowResult, renderReport, SAME_AS_PLAIN } from './report.js';
 import { runScale } from './scale-run.js';
@@ -258,10 +259,17 @@ async function main(argv: string[]): Promise<number> {
   const opts = parseOptions(argv);
   if (!opts) return 0;
   const workloads = opts.agent === 'only' || opts.agent === 'scale' ? [] : selected(opts.only);
-  if (!workloads.length && opts.agent !== 'only' && opts.agent !== 'scale')
+  const nbdRows =
+    opts.agent === 'only' || opts.agent === 'scale'
+      ? []
+      : selectNbdRows(
+          opts.only,
+          [...WORKLOADS, ...FORMAT_WORKLOADS].map((w) => w.id),
+        );
+  if (!workloads.length && !nbdRows.length && opts.agent !== 'only' && opts.agent !== 'scale')
     throw new BlkError(
       'USAGE',
-      `--only matches no workload (${[...WORKLOADS, ...FORMAT_WORKLOADS].map((w) => w.id).join(', ')})`,
+      `--only matches no workload (${[...WORKLOADS, ...FORMAT_WORKLOADS].map((w) => w.id).join(', ')}, ${NBD_ROWS.map((r) => r.id).join(', ')})`,
     );
   await preflight(opts);
 
@@ -279,9 +287,9 @@ async function main(argv: string[]): Promise<number> {
       0,
     );
     log(
-      `${workloads.length} workloads, ${runs} fio runs of ≤ ${opts.runtimeS} s ≈ ${Math.ceil((runs * (opts.runtimeS + 2)) / 60)} min, images in ${dir}`,
+      `${workloads.length} workloads, ${nbdRows.length} NBD rows, ${runs} fio runs of ≤ ${opts.runtimeS} s ≈ ${Math.ceil((runs * (opts.runtimeS + 2)) / 60)} min, images in ${dir}`,
     );
-    const images = workloads.length ? await makeImages(dir, opts.size, log) : undefined;
+    const images = workloads.length || nbdRows.length ? await makeImages(dir, opts.size, log) : undefined;
 
     const rows: RowResult[] = [];
     let done = 0;
@@ -314,6 +322,10 @@ async function main(argv: string[]): Promise<number> {
       }
       rows.push({ workload: w, cells });
     }
+    // The NBD rows (bench/nbd.ts): their own servers and section of the report.
+    const nbd: NbdOutcome | undefined = nbdRows.length
+      ? await runNbdRows(nbdRows, images!, { dir, cleanup, repo: REPO, log, ...opts })
+      : undefined;
 
     let agent: AgentOutcome = { measured: false, reason: 'skipped (--agent skip)' };
     if (opts.agent === 'run' || opts.agent === 'only') {
@@ -340,14 +352,14 @@ async function main(argv: string[]): Promise<number> {
       machine,
     };
     const scale = opts.agent === 'skip' ? undefined : await runScale(opts.agentScale, dir, cleanup, log);
-    const report = renderReport(meta, rows, agent) + (scale?.section ?? '');
+    const report = renderReport(meta, rows, agent) + (nbd ? `\n${nbd.section}` : '') + (scale?.section ?? '');
     await mkdir(opts.outDir, { recursive: true });
     const stamp = started.toISOString().slice(0, 16).replace(':', '').replace('T', '-');
     const base = join(opts.outDir, `${stamp}${opts.quick ? '-quick' : ''}`);
     await writeFile(`${base}.md`, report);
     await writeFile(
       `${base}.json`,
-      `${JSON.stringify({ meta, rows: rows.map((r) => ({ workload: r.workload.id, cells: r.cells })), agent, scale: scale?.json }, null, 2)}\n`,
+      `${JSON.stringify({ meta, rows: rows.map((r) => ({ workload: r.workload.id, cells: r.cells })), agent, nbd: nbd?.rows.map((r) => ({ workload: r.row.id, cells: r.cells })), scale: scale?.json }, null, 2)}\n`,
     );
     console.log(report);
     log(`report written to ${base}.md (raw fio figures in ${base}.json)`);
@@ -357,8 +369,9 @@ async function main(argv: string[]): Promise<number> {
         (id) => opts.servers.includes(id) && r.cells[id].failure && r.cells[id].failure !== SAME_AS_PLAIN,
       ),
     );
-    if (broken.length) {
-      log(`reference columns failed on: ${broken.map((r) => r.workload.id).join(', ')}`);
+    const brokenIds = [...broken.map((r) => r.workload.id), ...(nbd?.referenceFailures ?? [])];
+    if (brokenIds.length) {
+      log(`reference columns failed on: ${brokenIds.join(', ')}`);
       return 1;
     }
     return 0;

@@ -36,6 +36,7 @@ import { zeroIsFast } from './flags.js';
 import type { Negotiated } from './handshake.js';
 import { checkRequest, type RequestContext } from './limits.js';
 import { collectAllocation, collectExtents, descriptorsFor } from './meta.js';
+import { returnReadBuffer, takeReadBuffer } from './read-buffers.js';
 import { Closed, type Transport } from './transport.js';
 import type { NbdLimits } from './types.js';
 import {
@@ -275,26 +276,34 @@ async function read(s: Session, req: Request, offset: number): Promise<void> {
     if (len === 0) t.write(encodeNoneChunk(req.handle));
     else t.write(encodeDataChunkHeader(req.handle, offset, len, true), buf);
   } else {
-    const pieces = await readPieces(node, offset, len);
+    const buf = takeReadBuffer(len);
+    let pieces: Awaited<ReturnType<typeof readPieces>>;
+    try {
+      pieces = await readPieces(node, offset, buf);
+    } catch (e) {
+      returnReadBuffer(buf);
+      throw e;
+    }
     const out: Buffer[] = [];
     pieces.forEach((p, i) => {
       const done = i === pieces.length - 1;
       if (p.data) out.push(encodeDataChunkHeader(req.handle, p.offset, p.data.length, done), p.data);
       else out.push(encodeHoleChunk(req.handle, p.offset, p.length, done));
     });
-    t.write(...out);
+    t.writeThen(() => returnReadBuffer(buf), ...out);
   }
   stats.reads++;
   stats.readBytes += len;
   stats.readLatency.observe((performance.now() - t0) / 1000);
 }
 
-/** The read split into data pieces and zero runs (holes), as the node's allocation says. */
+/** The read into `buf` split into data pieces (views of buf) and zero runs (holes), as the node's allocation says. */
 async function readPieces(
   node: BlockNode,
   offset: number,
-  length: number,
+  buf: Buffer,
 ): Promise<Array<{ offset: number; length: number; data?: Buffer }>> {
+  const length = buf.length;
   const extents = await collectAllocation(node, offset, length, 256);
   const out: Array<{ offset: number; length: number; zero: boolean }> = [];
   let at = offset;
@@ -307,8 +316,6 @@ async function readPieces(
   }
   // The allocation may stop short (descriptor limit): the rest is data.
   if (at < offset + length) out.push({ offset: at, length: offset + length - at, zero: false });
-  // One buffer for the whole request, data pieces are views of it.
-  const buf = Buffer.allocUnsafe(length);
   const pieces: Array<{ offset: number; length: number; data?: Buffer }> = [];
   for (const p of out) {
     if (p.zero) {
