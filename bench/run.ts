@@ -61,6 +61,7 @@ const USAGE = `usage: npm run bench -- [--quick] [--size SIZE] [--runtime SEC] [
   --only       workloads with these ids, or whose id contains one of these strings (ids: ${WORKLOADS.map((w) => w.id).join(', ')})
                format rows, only when asked for (items starting with fmt: 'fmt' is all of them; ids:
                fmt-VARIANT-seq-read, fmt-VARIANT-rand-read-qd16, VARIANT one of ${[...new Set(FORMAT_WORKLOADS.map((w) => w.variant!.name))].join(', ')})
+               NBD rows (in every run with I/O rows; 'nbd' alone is all of them; ids: ${NBD_ROWS.map((r) => r.id).join(', ')})
   --servers    which columns to measure (default all: ${SERVER_IDS.join(',')})
   --dir        where the temporary images and mountpoints go (default: env BENCH_DIR, else the OS temp dir)
   --out        where the report goes (default bench/results)
