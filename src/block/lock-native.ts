@@ -34,6 +34,8 @@ export interface NativeHelper {
   lazyUnmount(path: string): number;
   /** lazyUnmount in libuv's thread pool (several at once; the event loop goes on). */
   lazyUnmountAsync(path: string): Promise<number>;
+  /** The id of the mount on `path` (mountinfo's first field) by statx, without asking a FUSE server; or -errno. */
+  mountIdAsync(path: string): Promise<number>;
   readonly F_RDLCK: number;
   readonly F_WRLCK: number;
   readonly F_UNLCK: number;
