@@ -10,9 +10,10 @@
  * is asserted: a run that checks far fewer fails.
  */
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { describe, test } from 'node:test';
 import { needTools, tempDir } from '../helpers/tools.js';
-import { runPowerLoss, summary } from './crash/powerloss.js';
+import { summary } from './crash/powerloss.js';
+import { runPowerLossInThread } from './crash/powerloss-thread.js';
 import { WORKLOADS } from './crash/workloads.js';
 
 /** States checked per run across the workloads (issue 15's target is ≥ 2000). */
@@ -21,18 +22,22 @@ const SEED = Number(process.env.POWERLOSS_SEED ?? 15);
 
 let total = 0;
 
-for (const w of WORKLOADS) {
-  test(`power loss: ${w.name}`, async (t) => {
-    if (!needTools(t, 'qemu-img', 'qemu-io')) return;
-    const dir = tempDir(t, 'blkexport-powerloss-');
-    const r = await runPowerLoss(dir, w, { seed: SEED, qemuEvery: 6, continueEvery: 12 });
-    t.diagnostic(summary(r));
-    total += r.states;
-    assert.deepEqual(r.failures, [], `seed ${SEED} (POWERLOSS_SEED=${SEED} reproduces)`);
-    assert.ok(r.syncs > 5, `the workload synced only ${r.syncs} times`);
-    for (const f of w.expect ?? []) assert.ok(r.exercised.includes(f), `the workload did not exercise: ${f}`);
-  });
-}
+// Two workloads at a time, each in its own thread (crash/powerloss-thread.ts says why).
+describe('power loss', { concurrency: 2 }, () => {
+  for (const w of WORKLOADS) {
+    test(`power loss: ${w.name}`, async (t) => {
+      if (!needTools(t, 'qemu-img', 'qemu-io')) return;
+      const dir = tempDir(t, 'blkexport-powerloss-');
+      const r = await runPowerLossInThread(dir, w.name, { seed: SEED, qemuEvery: 6, continueEvery: 12 });
+      t.diagnostic(summary(r));
+      total += r.states;
+      assert.deepEqual(r.failures, [], `seed ${SEED} (POWERLOSS_SEED=${SEED} reproduces)`);
+      assert.ok(r.syncs > 5, `the workload synced only ${r.syncs} times`);
+      for (const f of w.expect ?? [])
+        assert.ok(r.exercised.includes(f), `the workload did not exercise: ${f}`);
+    });
+  }
+});
 
 test('power loss: states checked across the workloads', (t) => {
   if (!needTools(t, 'qemu-img', 'qemu-io')) return;
