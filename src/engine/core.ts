@@ -228,28 +228,38 @@ export class StepEngine implements Engine {
 
   apply(step: Step): Promise<void> {
     return this.serial(async () => {
-      // Export steps mount, unmount or remount (here or in qemu-storage-daemon): the mount table changes.
-      if (!NODE_STEPS.has(step.action)) mountTableChanging();
-      await this.driver.prepare?.();
-      switch (step.action) {
-        case 'add-node':
-          return this.addNode(step.node);
-        case 'remove-node':
-          return this.driver.removeNode(step.node);
-        case 'reopen-node':
-          return this.reopenNode(step.node);
-        case 'add-export':
-          return this.addExport(step.export);
-        case 'remove-export':
-          return this.removeExport(step.export);
-        case 'reopen-export':
-          return this.reopenExport(step.export);
-        case 'repair-export':
-          return this.repairExport(step.export);
-        case 'adopt-export':
-          return this.adoptExport(step.export);
+      // Export steps mount, unmount or remount (here or in qemu-storage-daemon): the mount table changes,
+      // before and after the step (a table read while QSD was still mounting must not serve afterwards).
+      const mounts = !NODE_STEPS.has(step.action);
+      if (mounts) mountTableChanging();
+      try {
+        await this.applyStep(step);
+      } finally {
+        if (mounts) mountTableChanging();
       }
     });
+  }
+
+  private async applyStep(step: Step): Promise<void> {
+    await this.driver.prepare?.();
+    switch (step.action) {
+      case 'add-node':
+        return this.addNode(step.node);
+      case 'remove-node':
+        return this.driver.removeNode(step.node);
+      case 'reopen-node':
+        return this.reopenNode(step.node);
+      case 'add-export':
+        return this.addExport(step.export);
+      case 'remove-export':
+        return this.removeExport(step.export);
+      case 'reopen-export':
+        return this.reopenExport(step.export);
+      case 'repair-export':
+        return this.repairExport(step.export);
+      case 'adopt-export':
+        return this.adoptExport(step.export);
+    }
   }
 
   handover(): Promise<void> {
